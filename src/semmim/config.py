@@ -1,0 +1,298 @@
+"""Typed run configuration: YAML files merged onto dataclass defaults, plus ``key=value`` overrides.
+
+Every run is described by one :class:`Config`. A YAML file may set any subset of its keys; unknown
+keys, wrong types and impossible values are errors that name the key, raised before any work starts.
+The fully resolved config is written into every run directory.
+
+Examples:
+    >>> cfg = load_config(None, ["model.embed_dim=192", "trainer.max_steps=3"])
+    >>> cfg.model.embed_dim, cfg.trainer.max_steps
+    (192, 3)
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key and what is allowed."""
+
+
+@dataclass
+class MethodConfig:
+    name: str = "mae"
+    """Registered method: ``semmim list`` shows them."""
+    mask_ratio: float = 0.75
+    masking: str | None = None
+    """Registered masker: random | block | semantic; ``None`` = the method's default."""
+    norm_pix_loss: bool = True
+    """MAE: normalise each target patch by its own mean and variance."""
+    loss: str | None = None
+    """Override the method's default loss (a registered loss name)."""
+    block_min_patches: int = 16
+    block_min_aspect: float = 0.3
+
+
+@dataclass
+class ModelConfig:
+    """The student ViT encoder (timm-compatible)."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_path: float = 0.0
+    layer_scale_init: float | None = None
+    timm_name: str = "vit_base_patch16_224"
+    """timm architecture the exported state dict loads into (with the size kwargs above)."""
+
+
+@dataclass
+class DecoderConfig:
+    name: str | None = None
+    """Registered decoder (mae | prompting); ``None`` = the method's default."""
+    embed_dim: int = 512
+    depth: int = 8
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class TeacherConfig:
+    """A frozen teacher that provides feature targets (and attention for semantic masking)."""
+
+    name: str | None = None
+    """Registered teacher: open_clip | hf_clip | timm | none."""
+    model: str | None = None
+    """open_clip/timm architecture name, or a Hugging Face hub name / local directory."""
+    pretrained: str | None = None
+    """open_clip pretrained tag (e.g. ``openai``) or checkpoint file; ``true`` for timm hub weights."""
+    path: str | None = None
+    """Local weights file (or semmim run directory) to load into the teacher."""
+    image_size: int | None = None
+    """Teacher input size; ``None`` = the teacher's own default."""
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    ln_target: bool = False
+    """Normalise each teacher token with a LayerNorm without affine parameters."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for the teacher's model factory (e.g. timm ``img_size``)."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "imagefolder"
+    """Registered dataset: imagefolder | fashion_mnist | synthetic."""
+    root: str | None = None
+    split: str = "train"
+    batch_size: int = 64
+    """Per-device batch size."""
+    num_workers: int = 8
+    pin_memory: bool = True
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    hflip: bool = True
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    max_bad_fraction: float = 0.01
+    """Stop with an error once more than this fraction of images failed to decode."""
+    limit: int | None = None
+    """Use only the first N samples (quick runs)."""
+    download: bool = False
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 1.5e-4
+    """Learning rate for an effective batch of 256: lr = base_lr * effective_batch / 256."""
+    lr: float | None = None
+    """Absolute learning rate; overrides base_lr scaling when set."""
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_epochs: float = 40.0
+    warmup_steps: int | None = None
+    """Overrides warmup_epochs when set."""
+    clip_grad: float | None = None
+    effective_batch: int | None = None
+    """Target global batch; gradient accumulation is derived from it when set."""
+    accumulate: int = 1
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 400
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (overrides max_epochs)."""
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "auto"
+    """auto = bf16-mixed on GPU, 32-true on CPU."""
+    seed: int = 0
+    log_every_n_steps: int = 10
+    ckpt_every_n_steps: int = 1000
+    compile: bool = False
+    progress_bar: bool = True
+    max_nonfinite_steps: int = 0
+    """Allowed non-finite losses in a row before the run stops (0 = stop at the first)."""
+
+
+@dataclass
+class Config:
+    method: MethodConfig = field(default_factory=MethodConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def _suggest(key: str, node: Any) -> str:
+    try:
+        names = list(node.keys())
+    except Exception:
+        return ""
+    close = difflib.get_close_matches(key.split(".")[-1], names, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return f" Allowed keys here: {', '.join(sorted(names))}.{hint}"
+
+
+def _parent(schema: DictConfig, full_key: str) -> Any:
+    node: Any = schema
+    for part in full_key.split(".")[:-1]:
+        try:
+            node = node[part]
+        except Exception:
+            return schema
+    return node
+
+
+def _merge(schema: DictConfig, other: DictConfig | dict[str, Any], where: str) -> DictConfig:
+    try:
+        merged = OmegaConf.merge(schema, other)
+        assert isinstance(merged, DictConfig)
+        return merged
+    except (ConfigKeyError, ConfigAttributeError) as e:
+        key = str(getattr(e, "full_key", "") or getattr(e, "key", ""))
+        raise ConfigError(f"{where}: unknown config key '{key}'.{_suggest(key, _parent(schema, key))}") from None
+    except ValidationError as e:
+        key = str(getattr(e, "full_key", ""))
+        raise ConfigError(f"{where}: bad value for '{key}': {str(e.msg).splitlines()[0]}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"a.b=3"`` -> ``("a.b", 3)``; the value is parsed as YAML (``null``, lists, numbers)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. trainer.max_steps=3)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node[p] = {}
+        node = node[p]
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Build a :class:`Config` from defaults, an optional YAML file and ``key=value`` overrides.
+
+    Raises:
+        ConfigError: unknown key, wrong type or impossible value (the message names the key).
+        FileNotFoundError: the YAML file does not exist.
+    """
+    cfg = OmegaConf.structured(Config)
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(data).__name__}")
+        data.pop("defaults", None)
+        cfg = _merge(cfg, data, str(p))
+    for text in overrides:
+        key, value = parse_override(text)
+        cfg = _merge(cfg, _nest(key, value), f"override '{text}'")
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, Config)
+    validate(obj)
+    return obj
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible combinations before any work starts."""
+    m = cfg.model
+    if not 0.0 < cfg.method.mask_ratio < 1.0:
+        raise ConfigError(f"method.mask_ratio must lie in (0, 1), got {cfg.method.mask_ratio}")
+    if m.img_size % m.patch_size != 0:
+        raise ConfigError(
+            f"model.patch_size={m.patch_size} does not divide model.img_size={m.img_size}; "
+            f"choose a patch size among {[p for p in range(1, m.img_size + 1) if m.img_size % p == 0]}"
+        )
+    if m.embed_dim % m.num_heads != 0:
+        raise ConfigError(f"model.embed_dim={m.embed_dim} is not divisible by model.num_heads={m.num_heads}")
+    d = cfg.decoder
+    if d.embed_dim % d.num_heads != 0:
+        raise ConfigError(f"decoder.embed_dim={d.embed_dim} is not divisible by decoder.num_heads={d.num_heads}")
+    if cfg.data.batch_size < 1:
+        raise ConfigError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
+    if len(cfg.data.mean) != m.in_chans or len(cfg.data.std) != m.in_chans:
+        raise ConfigError(
+            f"data.mean/data.std need model.in_chans={m.in_chans} values, got {len(cfg.data.mean)}/{len(cfg.data.std)}"
+        )
+    if len(cfg.data.crop_scale) != 2 or not 0 < cfg.data.crop_scale[0] <= cfg.data.crop_scale[1] <= 1:
+        raise ConfigError(f"data.crop_scale must be [low, high] with 0 < low <= high <= 1, got {cfg.data.crop_scale}")
+    if cfg.trainer.max_steps is not None and cfg.trainer.max_steps < 1:
+        raise ConfigError(f"trainer.max_steps must be >= 1, got {cfg.trainer.max_steps}")
+    if cfg.optim.accumulate < 1:
+        raise ConfigError(f"optim.accumulate must be >= 1, got {cfg.optim.accumulate}")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas must have two values, got {cfg.optim.betas}")
+    if cfg.trainer.precision not in ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"):
+        raise ConfigError(
+            f"trainer.precision='{cfg.trainer.precision}' is not one of auto, 32-true, bf16-mixed, 16-mixed, bf16-true"
+        )
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    out = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    assert isinstance(out, dict)
+    return out  # type: ignore[return-value]

@@ -1,0 +1,338 @@
+"""The pretraining engine: Lightning Fabric runs ``method(batch)["loss"]`` on 1..N devices.
+
+Fabric gives distributed launch (DDP on one or many nodes, torchrun and SLURM environments are
+detected), mixed precision and checkpoint I/O; the loop itself is ours so that every step is
+reproducible: everything random in optimizer step ``s`` (masks, drop path, augmentation) is a
+function of ``(seed, rank, s)`` and the data order of ``(seed, epoch)``, which makes ``--resume``
+continue exactly where a run stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from semmim.config import Config, ConfigError, to_dict, to_yaml
+from semmim.engine.metrics import MetricsWriter
+from semmim.engine.optim import build_adamw, cosine_lr
+from semmim.export import ENCODER_FILE, save_encoder
+
+CKPT_DIR = "checkpoints"
+LAST_CKPT = "last.ckpt"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/Inf more often in a row than ``trainer.max_nonfinite_steps`` allows."""
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    steps: int
+    final_loss: float
+    encoder_path: Path | None
+    images_per_s: float
+    elapsed_s: float
+
+
+def step_seed(seed: int, rank: int, micro_step: int) -> int:
+    """A 63-bit seed for one micro-batch, a pure function of (seed, rank, micro_step)."""
+    return int(np.random.SeedSequence([seed, rank, micro_step]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def check_writable(out_dir: Path) -> None:
+    """Fail before training if the output folder cannot be created or written."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write_test"
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"cannot write to the output folder {out_dir}: {e.strerror or e}") from None
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    if precision != "auto":
+        return precision
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return "bf16-mixed" if on_gpu else "32-true"
+
+
+def _save_atomic(fabric: Any, path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fabric.save(tmp, state)
+    fabric.barrier()
+    if fabric.global_rank == 0:
+        os.replace(tmp, path)
+    fabric.barrier()
+
+
+def pretrain(
+    cfg: Config,
+    out_dir: str | os.PathLike[str],
+    resume: bool = False,
+    teacher: nn.Module | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> RunResult:
+    """Pretrain ``cfg.method.name`` and write the run directory.
+
+    ``out_dir`` receives ``config.yaml`` (resolved), ``checkpoints/last.ckpt`` (every
+    ``trainer.ckpt_every_n_steps`` optimizer steps and at the end), ``metrics.jsonl`` /
+    ``metrics.csv``, TensorBoard events under ``tensorboard/`` and, at the end,
+    ``encoder.safetensors`` (timm-compatible).
+
+    Args:
+        cfg: the run configuration.
+        out_dir: run directory.
+        resume: continue from ``out_dir/checkpoints/last.ckpt`` (model, optimizer, step, data position).
+        teacher: a :class:`semmim.teachers.Teacher` overriding ``cfg.teacher`` (Python use).
+        on_step: called as ``on_step(step, loss)`` after every optimizer step on rank 0.
+    """
+    import lightning as L
+    from lightning.fabric.loggers import TensorBoardLogger
+
+    from semmim.data import ResumableSampler, build_dataset, build_loader
+    from semmim.methods import build_method
+
+    out = Path(out_dir)
+    ckpt_path = out / CKPT_DIR / LAST_CKPT
+    if resume and not ckpt_path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+    check_writable(out)
+    (out / CKPT_DIR).mkdir(exist_ok=True)
+
+    t = cfg.trainer
+    precision = resolve_precision(t.precision, t.accelerator)
+    fabric = L.Fabric(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=precision,  # type: ignore[arg-type]
+        loggers=[TensorBoardLogger(root_dir=str(out), name="tensorboard", version="")],
+    )
+    fabric.launch()
+    rank, world = fabric.global_rank, fabric.world_size
+    is_main = rank == 0
+    fabric.seed_everything(t.seed, verbose=False)
+
+    # ---------------------------------------------------------------- data
+    dataset = build_dataset(cfg.data, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans, train=True, seed=t.seed)
+    sampler = ResumableSampler(len(dataset), shuffle=True, seed=t.seed, rank=rank, world_size=world, drop_last=True)
+    loader = build_loader(
+        dataset,
+        batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.num_workers,
+        pin_memory=cfg.data.pin_memory and fabric.device.type == "cuda",
+        sampler=sampler,
+        drop_last=True,
+    )
+    accumulate = cfg.optim.accumulate
+    if cfg.optim.effective_batch:
+        accumulate = max(1, math.ceil(cfg.optim.effective_batch / (cfg.data.batch_size * world)))
+    batches_per_epoch = sampler.shard_size // cfg.data.batch_size
+    steps_per_epoch = batches_per_epoch // accumulate
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f"the dataset has {len(dataset)} images: {world} device(s) x data.batch_size={cfg.data.batch_size} "
+            f"x {accumulate} accumulation step(s) is more than one epoch holds; lower data.batch_size"
+        )
+    total_steps = t.max_steps if t.max_steps is not None else t.max_epochs * steps_per_epoch
+    warmup = cfg.optim.warmup_steps
+    if warmup is None:
+        warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
+    warmup = min(warmup, total_steps)
+    eff_batch = cfg.data.batch_size * world * accumulate
+    peak_lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.base_lr * eff_batch / 256
+
+    # ---------------------------------------------------------------- model
+    method = build_method(cfg, teacher=teacher)
+    optimizer = build_adamw(
+        method,
+        lr=peak_lr,
+        weight_decay=cfg.optim.weight_decay,
+        betas=(cfg.optim.betas[0], cfg.optim.betas[1]),
+        eps=cfg.optim.eps,
+        fused=fabric.device.type == "cuda",
+    )
+    module: nn.Module = torch.compile(method) if t.compile else method  # type: ignore[assignment]
+    model, optimizer = fabric.setup(module, optimizer)
+    loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False)  # type: ignore[assignment]
+
+    step, epoch, batch_in_epoch = 0, 0, 0
+    if resume:
+        state = {"model": model, "optimizer": optimizer}
+        rest = fabric.load(ckpt_path, state)
+        step, epoch, batch_in_epoch = int(rest["step"]), int(rest["epoch"]), int(rest["batch_in_epoch"])
+    elif is_main:
+        (out / "config.yaml").write_text(to_yaml(cfg))
+
+    n_params = sum(p.numel() for p in method.parameters() if p.requires_grad)
+    if is_main:
+        print(
+            f"[semmim] {cfg.method.name}: {n_params / 1e6:.2f}M trainable parameters | {len(dataset)} images | "
+            f"{world} device(s) x batch {cfg.data.batch_size} x accumulate {accumulate} "
+            f"= effective batch {eff_batch} | "
+            f"lr {peak_lr:.3g} (base_lr {cfg.optim.base_lr:g} x {eff_batch}/256) | {total_steps} steps, "
+            f"warmup {warmup} | precision {precision} | device {fabric.device}"
+            + (f" | resuming at step {step}" if resume else ""),
+            flush=True,
+        )
+    writer = MetricsWriter(out, enabled=is_main, resume_step=step if resume else None)
+
+    def save_checkpoint() -> None:
+        state = {
+            "model": model,
+            "optimizer": optimizer,
+            "step": step,
+            "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch,
+            "config": to_dict(cfg),
+        }
+        _save_atomic(fabric, ckpt_path, state)
+
+    bar = None
+    if is_main and t.progress_bar:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, desc=cfg.method.name, dynamic_ncols=True, mininterval=1.0)
+
+    nonfinite_in_row = 0
+    window_imgs, window_compute, window_wait = 0, 0.0, 0.0
+    t_start = time.perf_counter()
+    window_start = t_start
+    last_loss = float("nan")
+    running = torch.zeros((), device=fabric.device)
+    model.train()
+    while step < total_steps:
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        sampler.set_start(batch_in_epoch * cfg.data.batch_size)
+        iterator = iter(loader)
+        running.zero_()
+        while batch_in_epoch < steps_per_epoch * accumulate and step < total_steps:
+            t0 = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                break
+            t1 = time.perf_counter()
+            micro = batch_in_epoch % accumulate
+            torch.manual_seed(step_seed(t.seed, rank, step * accumulate + micro))
+            last_micro = micro == accumulate - 1
+            with fabric.no_backward_sync(model, enabled=not last_micro):
+                loss = model(batch)["loss"]
+                fabric.backward(loss / accumulate)
+            running += loss.detach() / accumulate
+            batch_in_epoch += 1
+            window_imgs += int(batch["image"].shape[0]) * world
+            if not last_micro:
+                window_wait += t1 - t0
+                window_compute += time.perf_counter() - t1
+                continue
+            loss_value = float(running.item())
+            running.zero_()
+            if not math.isfinite(loss_value):
+                optimizer.zero_grad(set_to_none=True)
+                nonfinite_in_row += 1
+                msg = (
+                    f"non-finite loss ({loss_value}) at step {step} (epoch {epoch}, batch {batch_in_epoch}) "
+                    f"of method '{cfg.method.name}'"
+                )
+                if nonfinite_in_row > t.max_nonfinite_steps:
+                    if bar is not None:
+                        bar.close()
+                    good = f"; the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else ""
+                    raise NonFiniteLossError(
+                        f"{msg}: stopping after {nonfinite_in_row} in a row (trainer.max_nonfinite_steps="
+                        f"{t.max_nonfinite_steps}){good}. Lower the learning rate or check the data."
+                    )
+                if is_main:
+                    print(f"[semmim] warning: {msg}; step skipped", flush=True)
+                continue
+            nonfinite_in_row = 0
+            lr = cosine_lr(step, total_steps, warmup, peak_lr, cfg.optim.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+            if cfg.optim.clip_grad:
+                fabric.clip_gradients(model, optimizer, max_norm=cfg.optim.clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            last_loss = loss_value
+            t2 = time.perf_counter()
+            window_wait += t1 - t0
+            window_compute += t2 - t1
+            if on_step is not None and is_main:
+                on_step(step, loss_value)
+            if bar is not None:
+                bar.update(1)
+            if step % t.log_every_n_steps == 0 or step == total_steps:
+                now = time.perf_counter()
+                ips = window_imgs / max(now - window_start, 1e-9)
+                wait_frac = window_wait / max(window_wait + window_compute, 1e-9)
+                row = {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": loss_value,
+                    "lr": lr,
+                    "images_per_s": ips,
+                    "data_wait_frac": wait_frac,
+                    "elapsed_s": now - t_start,
+                }
+                writer.write(row)
+                fabric.log_dict({"train/loss": loss_value, "train/lr": lr, "train/images_per_s": ips}, step=step)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}", refresh=False)
+                window_imgs, window_compute, window_wait, window_start = 0, 0.0, 0.0, now
+            if step % t.ckpt_every_n_steps == 0 and step < total_steps:
+                save_checkpoint()
+        if batch_in_epoch >= steps_per_epoch * accumulate:
+            epoch += 1
+            batch_in_epoch = 0
+    if bar is not None:
+        bar.close()
+    save_checkpoint()
+    elapsed = time.perf_counter() - t_start
+    encoder_path = None
+    if is_main:
+        encoder = method.encoder
+        encoder_path = save_encoder(
+            out / ENCODER_FILE,
+            encoder.timm_state_dict(),
+            encoder.timm_name,
+            encoder.timm_kwargs(),
+            extra={
+                "method": cfg.method.name,
+                "steps": str(step),
+                "mean": json.dumps(list(cfg.data.mean)),
+                "std": json.dumps(list(cfg.data.std)),
+            },
+        )
+    fabric.barrier()
+    for logger in fabric.loggers:
+        logger.finalize("success")
+    images_per_s = 0.0
+    rows = [r for r in _safe_rows(out) if r.get("images_per_s")]
+    if rows:
+        images_per_s = float(np.median([r["images_per_s"] for r in rows]))
+    return RunResult(out, step, last_loss, encoder_path, images_per_s, elapsed)
+
+
+def _safe_rows(out: Path) -> list[dict[str, Any]]:
+    from semmim.engine.metrics import read_metrics
+
+    try:
+        return read_metrics(out)
+    except (OSError, ValueError):
+        return []

@@ -1,0 +1,74 @@
+"""Reconstruction losses: (pred, target, mask) -> scalar.
+
+Shapes: ``pred`` and ``target`` are (N, L, D) (or (N, 1 + L, D) for losses over all tokens);
+``mask`` is (N, L) bool with True = masked.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from semmim.registry import LOSSES
+
+
+def _check(pred: Tensor, target: Tensor, name: str) -> None:
+    if pred.shape != target.shape:
+        raise ValueError(f"{name}: prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
+
+
+def _masked_mean(per_token: Tensor, mask: Tensor | None) -> Tensor:
+    if mask is None:
+        return per_token.mean()
+    if mask.shape != per_token.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match per-token loss {tuple(per_token.shape)}")
+    w = mask.to(per_token.dtype)
+    return (per_token * w).sum() / w.sum().clamp_min(1.0)
+
+
+def masked_mse(pred: Tensor, target: Tensor, mask: Tensor | None) -> Tensor:
+    """MAE's loss: mean squared error per token, averaged over the masked tokens only.
+
+    Examples:
+        >>> p, t = torch.zeros(1, 2, 3), torch.ones(1, 2, 3)
+        >>> float(masked_mse(p, t, torch.tensor([[True, False]])))
+        1.0
+    """
+    _check(pred, target, "mse")
+    per_token = (pred.float() - target.float()).pow(2).mean(dim=-1)
+    return _masked_mean(per_token, mask)
+
+
+def cosine_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+    """MILAN's loss: ``2 - 2 * cos(pred, target)`` per token, averaged over the given tokens.
+
+    MILAN (arXiv:2208.06049, Eq. 2 and its code) averages over *all* tokens, CLS included: pass
+    ``mask=None``. A (N, L) mask restricts the average to masked tokens.
+    """
+    _check(pred, target, "cosine")
+    cos = F.cosine_similarity(pred.float(), target.float(), dim=-1, eps=1e-6)
+    return _masked_mean(2.0 - 2.0 * cos, mask)
+
+
+@LOSSES.register("mse")
+class MaskedMSE(nn.Module):
+    """MSE over masked tokens (MAE)."""
+
+    def forward(self, pred: Tensor, target: Tensor, mask: Tensor | None) -> Tensor:
+        return masked_mse(pred, target, mask)
+
+
+@LOSSES.register("cosine")
+class CosineLoss(nn.Module):
+    """2 - 2*cos over all tokens (MILAN), or over masked tokens with ``masked_only=True``."""
+
+    def __init__(self, masked_only: bool = False) -> None:
+        super().__init__()
+        self.masked_only = masked_only
+
+    def forward(self, pred: Tensor, target: Tensor, mask: Tensor | None) -> Tensor:
+        if not self.masked_only or mask is None:
+            return cosine_loss(pred, target, None)
+        if pred.shape[1] == mask.shape[1] + 1:  # drop CLS when restricting to masked patches
+            pred, target = pred[:, 1:], target[:, 1:]
+        return cosine_loss(pred, target, mask)

@@ -1,0 +1,20 @@
+"""Methods: compositions of masker, encoder, decoder, target and loss."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from semmim.config import Config
+from semmim.methods.base import Method
+from semmim.methods.mae import MAE
+from semmim.methods.milan import MILAN
+from semmim.registry import METHODS
+
+
+def build_method(cfg: Config, teacher: nn.Module | None = None) -> Method:
+    """Build the method ``cfg.method.name`` from a config (a Python teacher overrides ``cfg.teacher``)."""
+    method_cls = METHODS.get(cfg.method.name)
+    return method_cls.from_config(cfg, teacher=teacher)
+
+
+__all__ = ["MAE", "MILAN", "Method", "build_method"]

@@ -1,0 +1,165 @@
+"""What every method shares: input normalisation, the frozen-teacher bookkeeping, building parts.
+
+A method is an ``nn.Module`` whose ``forward(batch)`` returns ``{"loss": scalar, ...logs}``; the
+engine knows nothing else. ``batch["image"]`` is (N, C, H, W) float in [0, 1]; each method
+normalises on the device (the student with ``data.mean/std``, a teacher with its own statistics).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from semmim.config import Config, ConfigError
+from semmim.models.vit import ViTEncoder
+from semmim.registry import DECODERS, LOSSES, MASKERS, TEACHERS
+
+
+class Method(nn.Module):
+    """Base class of all methods.
+
+    Frozen teacher weights are not part of the method's ``state_dict`` (checkpoints stay small and
+    a teacher is rebuilt from its source on resume); loading tolerates their absence.
+
+    Args:
+        encoder: the student encoder (what gets exported).
+        mean, std: per-channel statistics the student's input is normalised with.
+    """
+
+    frozen_prefixes: tuple[str, ...] = ("target.teacher.",)
+    default_masking = "random"
+    default_loss = "mse"
+    default_decoder = "mae"
+
+    def __init__(self, encoder: ViTEncoder, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.encoder = encoder
+        c = encoder.in_chans
+        if len(mean) != c or len(std) != c:
+            raise ValueError(f"mean/std need {c} values (one per input channel), got {len(mean)}/{len(std)}")
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, c, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, c, 1, 1), persistent=False)
+        self._register_state_dict_hook(Method._drop_frozen)
+        self.register_load_state_dict_post_hook(Method._ignore_missing_frozen)
+
+    # -------------------------------------------------------------- state dict without teachers
+    @staticmethod
+    def _drop_frozen(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+        assert isinstance(module, Method)
+        for key in list(state):
+            rel = key[len(prefix) :]
+            if rel.startswith(module.frozen_prefixes):
+                del state[key]
+
+    @staticmethod
+    def _ignore_missing_frozen(module: nn.Module, incompatible: Any) -> None:
+        assert isinstance(module, Method)
+        incompatible.missing_keys[:] = [
+            k for k in incompatible.missing_keys if not any(p in k for p in module.frozen_prefixes)
+        ]
+
+    # -------------------------------------------------------------- helpers
+    def normalize(self, images: Tensor) -> Tensor:
+        """(N, C, H, W) in [0, 1] -> student input normalised with data.mean/std."""
+        if images.dim() != 4 or images.shape[1] != self.encoder.in_chans:
+            raise ValueError(f"expected images of shape (N, {self.encoder.in_chans}, H, W), got {tuple(images.shape)}")
+        mean: Tensor = self.pixel_mean  # type: ignore[assignment]
+        std: Tensor = self.pixel_std  # type: ignore[assignment]
+        return (images - mean) / std
+
+    @staticmethod
+    def images_of(batch: Mapping[str, Any] | Tensor) -> Tensor:
+        if isinstance(batch, Tensor):
+            return batch
+        if "image" not in batch:
+            raise KeyError(f"a batch must hold 'image' (N, C, H, W); got keys {sorted(batch)}")
+        return batch["image"]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.encoder.grid_size
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, cfg: Config, teacher: nn.Module | None = None) -> Method:  # pragma: no cover
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------ builders shared by methods
+def build_encoder(cfg: Config, mask_token: bool = False) -> ViTEncoder:
+    m = cfg.model
+    return ViTEncoder(
+        img_size=m.img_size,
+        patch_size=m.patch_size,
+        in_chans=m.in_chans,
+        embed_dim=m.embed_dim,
+        depth=m.depth,
+        num_heads=m.num_heads,
+        mlp_ratio=m.mlp_ratio,
+        qkv_bias=m.qkv_bias,
+        drop_path=m.drop_path,
+        layer_scale_init=m.layer_scale_init,
+        mask_token=mask_token,
+        timm_name=m.timm_name,
+    )
+
+
+def build_masker(cfg: Config, default: str) -> Any:
+    name = cfg.method.masking or default
+    masker_cls = MASKERS.get(name)
+    kwargs: dict[str, Any] = {"mask_ratio": cfg.method.mask_ratio}
+    if name == "block":
+        kwargs.update(min_patches=cfg.method.block_min_patches, min_aspect=cfg.method.block_min_aspect)
+    return masker_cls(**kwargs)
+
+
+def build_decoder(cfg: Config, encoder: ViTEncoder, out_dim: int, default: str) -> nn.Module:
+    d = cfg.decoder
+    return DECODERS.build(
+        d.name or default,
+        grid_size=encoder.grid_size,
+        encoder_dim=encoder.embed_dim,
+        out_dim=out_dim,
+        embed_dim=d.embed_dim,
+        depth=d.depth,
+        num_heads=d.num_heads,
+        mlp_ratio=d.mlp_ratio,
+    )
+
+
+def build_loss(cfg: Config, default: str) -> nn.Module:
+    return LOSSES.build(cfg.method.loss or default)
+
+
+def build_teacher(cfg: Config, teacher: nn.Module | None = None) -> nn.Module:
+    """The teacher passed from Python, or the one ``cfg.teacher`` describes."""
+    from semmim.teachers.base import Teacher
+
+    if teacher is not None:
+        if not isinstance(teacher, Teacher):
+            raise TypeError(
+                "a teacher passed from Python must be a semmim.teachers.Teacher; wrap a plain nn.Module "
+                "with semmim.teachers.ModuleTeacher(module, embed_dim=..., image_size=..., mean=..., std=...)"
+            )
+        return teacher
+    t = cfg.teacher
+    if not t.name or t.name == "none":
+        raise ConfigError(
+            f"method '{cfg.method.name}' needs a teacher: set teacher.name (one of {', '.join(TEACHERS.names())}) "
+            "and teacher.model / teacher.pretrained / teacher.path"
+        )
+    return TEACHERS.build(
+        t.name,
+        model=t.model,
+        pretrained=t.pretrained,
+        path=t.path,
+        image_size=t.image_size,
+        mean=t.mean,
+        std=t.std,
+        **dict(t.kwargs),
+    )

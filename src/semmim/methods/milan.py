@@ -1,0 +1,80 @@
+"""MILAN: masked image pretraining on language-assisted representation.
+
+Hou et al. 2022, "MILAN: Masked Image Pretraining on Language Assisted Representation",
+arXiv:2208.06049. The student (an MAE-style visible-only encoder) predicts the frozen CLIP image
+encoder's features of *all* tokens through the prompting decoder; semantic-aware masking keeps the
+patches the teacher's CLS token attends to visible more often; the loss is 2 - 2*cos over all tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+from semmim.config import Config, ConfigError
+from semmim.methods.base import Method, build_decoder, build_encoder, build_loss, build_masker, build_teacher
+from semmim.models.vit import ViTEncoder
+from semmim.registry import METHODS
+from semmim.targets.features import TeacherFeatureTarget
+
+
+@METHODS.register("milan")
+class MILAN(Method):
+    """Visible-only ViT + prompting decoder + teacher-feature target + cosine loss.
+
+    Args:
+        encoder: visible-only ViT.
+        decoder: prompting (or MAE) decoder predicting D_teacher per token.
+        masker: semantic (teacher CLS attention) or random.
+        target: :class:`TeacherFeatureTarget` around a frozen teacher.
+        loss: (pred, target, mask) -> scalar; default 2 - 2*cos over all tokens.
+        mean, std: student input normalisation.
+    """
+
+    def __init__(
+        self,
+        encoder: ViTEncoder,
+        decoder: nn.Module,
+        masker: Any,
+        target: TeacherFeatureTarget,
+        loss: nn.Module,
+        mean: list[float],
+        std: list[float],
+    ) -> None:
+        super().__init__(encoder, mean, std)
+        if not getattr(masker, "uniform_count", True):
+            raise ConfigError(
+                f"MILAN's visible-only encoder needs the same visible count per image; {masker!r} varies it. "
+                "Use method.masking=semantic or random."
+            )
+        self.decoder = decoder
+        self.masker = masker
+        self.target = target
+        self.loss_fn = loss
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        imgs = self.images_of(batch)
+        need_attn = bool(getattr(self.masker, "needs_scores", False))
+        teacher_out = self.target(imgs, self.grid, need_attn=need_attn)  # one teacher pass: targets + attention
+        x = self.normalize(imgs)
+        mask = self.masker(x.shape[0], self.grid, device=x.device, scores=teacher_out.cls_attn)
+        latent = self.encoder.forward_visible(x, mask.ids_keep)
+        pred = self.decoder(latent, mask)  # (N, 1 + L, D_teacher)
+        loss = self.loss_fn(pred, teacher_out.tokens.to(pred.dtype), mask.mask)
+        return {"loss": loss, "pred": pred.detach(), "mask": mask.mask}
+
+    @classmethod
+    def from_config(cls, cfg: Config, teacher: nn.Module | None = None) -> MILAN:
+        encoder = build_encoder(cfg)
+        target = TeacherFeatureTarget(build_teacher(cfg, teacher), ln_target=cfg.teacher.ln_target)  # type: ignore[arg-type]
+        return cls(
+            encoder=encoder,
+            decoder=build_decoder(cfg, encoder, target.out_dim, default="prompting"),
+            masker=build_masker(cfg, default="semantic"),
+            target=target,
+            loss=build_loss(cfg, default="cosine"),
+            mean=list(cfg.data.mean),
+            std=list(cfg.data.std),
+        )
