@@ -190,3 +190,17 @@ def test_eval_knn_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert rc == 0
     metrics = json.loads((tmp_path / "knn" / "metrics.json").read_text())
     assert 0 <= metrics["top1"] <= 100 and metrics["n_test"] == 100
+
+
+def test_demo_quick(tmp_path: Path) -> None:
+    """Every stage of `make demo` (teacher, MAE, MILAN, kNN, report) for a few steps."""
+    from semmim.demo import run_demo
+
+    results = run_demo(tmp_path / "demo", quick=True)
+    names = [r["name"] for r in results["rows"]]
+    assert names[:3] == ["random init", "mae", "milan"]
+    for r in results["rows"]:
+        assert 0 <= r["top1_cls"] <= 100 and 0 <= r["top1_mean"] <= 100
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "| mae |" in report and "| milan |" in report
+    assert (tmp_path / "demo" / "milan" / "encoder.safetensors").is_file()

@@ -44,9 +44,9 @@ def shipped_configs() -> list[str]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    import semmim  # noqa: F401  (fills the registries)
-    from semmim.registry import ALL_REGISTRIES
+    from semmim.registry import ALL_REGISTRIES, load_builtins
 
+    load_builtins()
     for kind, reg in ALL_REGISTRIES.items():
         print(f"{kind}:")
         for name in reg.names():
@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--test-limit", type=int, default=None, help="use the first N test images")
     k.add_argument("--k", type=int, default=20)
     k.add_argument("--temperature", type=float, default=0.07)
-    k.add_argument("--pool", choices=["cls", "mean"], default="cls")
+    k.add_argument("--pool", choices=["cls", "mean", "both"], default="cls", help="CLS token, mean of patches, or both")
     k.add_argument("--batch-size", type=int, default=256)
     k.add_argument("--num-workers", type=int, default=2)
     k.add_argument("--out", default=None, help="write metrics.json here")

@@ -15,10 +15,35 @@ library code::
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+
+
+# modules whose import registers semmim's built-in parts; loaded on first registry lookup so that
+# `import semmim` and `semmim --help` stay fast
+BUILTIN_MODULES = (
+    "semmim.masking",
+    "semmim.models",
+    "semmim.targets",
+    "semmim.teachers",
+    "semmim.losses",
+    "semmim.methods",
+    "semmim.data",
+)
+_builtins_loaded = False
+
+
+def load_builtins() -> None:
+    """Import every built-in part so the registries are complete (idempotent)."""
+    global _builtins_loaded
+    if _builtins_loaded:
+        return
+    _builtins_loaded = True
+    for name in BUILTIN_MODULES:
+        importlib.import_module(name)
 
 
 class RegistryError(KeyError):
@@ -66,6 +91,8 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         """Look a name up; an unknown name raises :class:`RegistryError` naming the choices."""
+        if name not in self._items:
+            load_builtins()
         try:
             return self._items[name]
         except KeyError:
@@ -81,18 +108,22 @@ class Registry(Generic[T]):
         return factory(**{k: v for k, v in kwargs.items() if v is not None})
 
     def names(self) -> list[str]:
+        load_builtins()
         return sorted(self._items)
 
     def describe(self, name: str) -> str:
         return self._help.get(name, "")
 
     def __contains__(self, name: object) -> bool:
+        if name not in self._items:
+            load_builtins()
         return name in self._items
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
     def __len__(self) -> int:
+        load_builtins()
         return len(self._items)
 
     def __repr__(self) -> str:

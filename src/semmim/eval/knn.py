@@ -23,34 +23,37 @@ def extract_features(
     std: list[float],
     pool: str = "cls",
     device: torch.device | str = "cpu",
-) -> tuple[Tensor, Tensor]:
+) -> tuple[dict[str, Tensor], Tensor]:
     """Frozen features of every image of ``loader``.
 
     Args:
         encoder: any module with ``forward_features`` giving (N, 1 + L, D) tokens (timm ViTs, semmim encoders).
         loader: yields dicts with "image" (N, C, H, W) in [0, 1] and "label" (N,).
         mean, std: the input normalisation the encoder was trained with.
-        pool: "cls" (token 0) or "mean" (mean of the patch tokens).
+        pool: "cls" (token 0), "mean" (mean of the patch tokens) or "both" (one pass, both poolings).
 
     Returns:
-        features (num_images, D) float32 and labels (num_images,) int64.
+        {pool: features (num_images, D) float32} and labels (num_images,) int64.
     """
-    if pool not in ("cls", "mean"):
-        raise ValueError(f"pool must be 'cls' or 'mean', got '{pool}'")
+    if pool not in ("cls", "mean", "both"):
+        raise ValueError(f"pool must be 'cls', 'mean' or 'both', got '{pool}'")
+    pools = ("cls", "mean") if pool == "both" else (pool,)
     was_training = encoder.training
     encoder.eval().to(device)
     m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
     s = torch.tensor(std, device=device).view(1, -1, 1, 1)
-    feats, labels = [], []
+    feats: dict[str, list[Tensor]] = {p: [] for p in pools}
+    labels = []
     for batch in loader:
         x = (batch["image"].to(device) - m) / s
         tokens = encoder.forward_features(x)  # type: ignore[operator]
         if tokens.dim() != 3:
             raise ValueError(f"forward_features must return (N, T, D) tokens, got {tuple(tokens.shape)}")
-        feats.append((tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(1)).float().cpu())
+        for p in pools:
+            feats[p].append((tokens[:, 0] if p == "cls" else tokens[:, 1:].mean(1)).float().cpu())
         labels.append(batch["label"].long().cpu())
     encoder.train(was_training)
-    return torch.cat(feats), torch.cat(labels)
+    return {p: torch.cat(f) for p, f in feats.items()}, torch.cat(labels)
 
 
 @torch.no_grad()

@@ -100,6 +100,12 @@ def knn_eval(
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     f_train, y_train = extract_features(model, _loader(splits["train"], batch_size, num_workers), m, s, pool, dev)
     f_test, y_test = extract_features(model, _loader(splits["test"], batch_size, num_workers), m, s, pool, dev)
-    out: dict[str, Any] = knn_classify(f_train, y_train, f_test, y_test, k=k, temperature=temperature)
+    out: dict[str, Any] = {}
+    for p in f_train:
+        res = knn_classify(f_train[p], y_train, f_test[p], y_test, k=k, temperature=temperature)
+        if not out:  # the first pooling gives the headline numbers
+            out.update(res)
+        if len(f_train) > 1:
+            out.update({f"top1_{p}": res["top1"], f"top5_{p}": res["top5"]})
     out.update({"protocol": "knn", "pool": pool, "temperature": temperature, "n_train": len(splits["train"])})
     return out
