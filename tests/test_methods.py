@@ -21,7 +21,9 @@ def _batch(cfg, n: int = 4) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("name", METHODS.names())
 def test_method_forward_backward(name: str, tiny_teacher_dir) -> None:
-    cfg = load_config(None, tiny_overrides(f"method.name={name}", *teacher_overrides(tiny_teacher_dir)))
+    cfg = load_config(
+        None, tiny_overrides(f"method.name={name}", "method.num_classes=10", *teacher_overrides(tiny_teacher_dir))
+    )
     torch.manual_seed(0)
     method = build_method(cfg)
     out = method(_batch(cfg))

@@ -87,6 +87,16 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _emit_metrics(metrics: dict[str, object], out: str | None) -> int:
+    """Print an evaluation's metrics and write them to OUT/metrics.json when asked."""
+    text = json.dumps(metrics, indent=2)
+    print(text)
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "metrics.json").write_text(text + "\n")
+    return 0
+
+
 def cmd_eval_knn(args: argparse.Namespace) -> int:
     from semmim.eval.protocols import knn_eval
 
@@ -102,12 +112,22 @@ def cmd_eval_knn(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         num_workers=args.num_workers,
     )
-    text = json.dumps(metrics, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "metrics.json").write_text(text + "\n")
-    return 0
+    return _emit_metrics(metrics, args.out)
+
+
+def cmd_eval_classify(args: argparse.Namespace) -> int:
+    from semmim.eval.classify import classify_eval
+
+    metrics = classify_eval(
+        args.model,
+        data=args.data,
+        root=args.root,
+        split=args.split,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+    )
+    return _emit_metrics(metrics, args.out)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -157,6 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--num-workers", type=int, default=2)
     k.add_argument("--out", default=None, help="write metrics.json here")
     k.set_defaults(func=cmd_eval_knn)
+    c = esub.add_parser("classify", help="top-1/top-5 of an exported classifier (supmim's classifier.safetensors)")
+    c.add_argument("--model", required=True, help="run directory or classifier.safetensors")
+    c.add_argument("--data", default="fashion_mnist", help="dataset name (fashion_mnist | imagefolder)")
+    c.add_argument("--root", default=None, help="dataset root (imagefolder: the validation folder)")
+    c.add_argument("--split", default="test")
+    c.add_argument("--limit", type=int, default=None, help="use the first N images")
+    c.add_argument("--batch-size", type=int, default=256)
+    c.add_argument("--num-workers", type=int, default=2)
+    c.add_argument("--out", default=None, help="write metrics.json here")
+    c.set_defaults(func=cmd_eval_classify)
 
     p = sub.add_parser(
         "demo",

@@ -31,7 +31,8 @@ class ConfigError(ValueError):
 class MethodConfig:
     name: str = "mae"
     """Registered method: ``semmim list`` shows them."""
-    mask_ratio: float = 0.75
+    mask_ratio: float | None = None
+    """Fraction of patches masked; None = the method's default (0.75; 0.4 for MaskDistill)."""
     masking: str | None = None
     """Registered masker: random | block | semantic; ``None`` = the method's default."""
     norm_pix_loss: bool = True
@@ -40,6 +41,19 @@ class MethodConfig:
     """Override the method's default loss (a registered loss name)."""
     block_min_patches: int = 16
     block_min_aspect: float = 0.3
+    smooth_l1_beta: float = 2.0
+    """MaskDistill: threshold of the smooth-L1 loss (targets are LayerNorm-normalised, unit variance)."""
+    target: str | None = None
+    """supmim: what the MIM branch reconstructs (pixels | teacher_features); None = method default."""
+    num_classes: int | None = None
+    """supmim: classes of the classifier; None = taken from the dataset."""
+    mim_weight: float = 1.0
+    """supmim: total loss = cross-entropy + mim_weight * MIM loss (0 = supervised only)."""
+    label_smoothing: float = 0.1
+    mixup: float = 0.0
+    """supmim: mixup alpha (0 = off), applied on the device with timm's Mixup."""
+    cutmix: float = 0.0
+    """supmim: cutmix alpha (0 = off)."""
 
 
 @dataclass
@@ -86,8 +100,9 @@ class TeacherConfig:
     """Teacher input size; ``None`` = the teacher's own default."""
     mean: list[float] | None = None
     std: list[float] | None = None
-    ln_target: bool = False
-    """Normalise each teacher token with a LayerNorm without affine parameters."""
+    ln_target: bool | None = None
+    """Normalise each teacher token with a LayerNorm without affine parameters (None = method default:
+    on for MaskDistill, off for MILAN)."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for the teacher's model factory (e.g. timm ``img_size``)."""
 
@@ -104,6 +119,8 @@ class DataConfig:
     pin_memory: bool = True
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
     hflip: bool = True
+    rand_augment: str | None = None
+    """timm RandAugment spec for supervised recipes, e.g. ``rand-m9-mstd0.5-inc1`` (None = off)."""
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     max_bad_fraction: float = 0.01
@@ -256,7 +273,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 def validate(cfg: Config) -> None:
     """Reject impossible combinations before any work starts."""
     m = cfg.model
-    if not 0.0 < cfg.method.mask_ratio < 1.0:
+    if cfg.method.mask_ratio is not None and not 0.0 < cfg.method.mask_ratio < 1.0:
         raise ConfigError(f"method.mask_ratio must lie in (0, 1), got {cfg.method.mask_ratio}")
     if m.img_size % m.patch_size != 0:
         raise ConfigError(

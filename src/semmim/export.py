@@ -25,16 +25,21 @@ from safetensors.torch import save_file
 ENCODER_FILE = "encoder.safetensors"
 
 
-def resolve_encoder_file(path: str | os.PathLike[str]) -> Path:
-    """A run directory or a ``.safetensors`` file -> the encoder file; a clear error if missing."""
+def resolve_run_file(path: str | os.PathLike[str], filename: str = ENCODER_FILE) -> Path:
+    """A run directory or a ``.safetensors`` file -> the weights file; a clear error if missing."""
     p = Path(path)
     if p.is_dir():
-        p = p / ENCODER_FILE
+        p = p / filename
     if not p.is_file():
         raise FileNotFoundError(
-            f"encoder weights not found: {p} (give a semmim run directory holding {ENCODER_FILE}, or the file itself)"
+            f"weights not found: {p} (give a semmim run directory holding {filename}, or the file itself)"
         )
     return p
+
+
+def resolve_encoder_file(path: str | os.PathLike[str]) -> Path:
+    """A run directory or ``encoder.safetensors`` -> the encoder file."""
+    return resolve_run_file(path, ENCODER_FILE)
 
 
 def save_encoder(

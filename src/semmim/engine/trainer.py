@@ -25,7 +25,6 @@ from torch import nn
 from semmim.config import Config, ConfigError, to_dict, to_yaml
 from semmim.engine.metrics import MetricsWriter
 from semmim.engine.optim import build_adamw, cosine_lr
-from semmim.export import ENCODER_FILE, save_encoder
 
 CKPT_DIR = "checkpoints"
 LAST_CKPT = "last.ckpt"
@@ -156,6 +155,20 @@ def pretrain(
     peak_lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.base_lr * eff_batch / 256
 
     # ---------------------------------------------------------------- model
+    from semmim.registry import METHODS
+
+    if getattr(METHODS.get(cfg.method.name), "needs_labels", False):
+        classes = list(getattr(dataset, "classes", []) or [])
+        if not classes:
+            raise ConfigError(
+                f"method '{cfg.method.name}' trains a classifier and needs labelled images, but the dataset "
+                f"'{cfg.data.name}' (root {cfg.data.root}) has no classes: use an image folder with one "
+                "subfolder per class (root/<class>/<image>) or data.name=fashion_mnist"
+            )
+        if cfg.method.num_classes is None:
+            cfg.method.num_classes = len(classes)
+        elif cfg.method.num_classes < len(classes):
+            raise ConfigError(f"method.num_classes={cfg.method.num_classes} < {len(classes)} classes in the data")
     method = build_method(cfg, teacher=teacher)
     optimizer = build_adamw(
         method,
@@ -231,7 +244,8 @@ def pretrain(
             torch.manual_seed(step_seed(t.seed, rank, step * accumulate + micro))
             last_micro = micro == accumulate - 1
             with fabric.no_backward_sync(model, enabled=not last_micro):
-                loss = model(batch)["loss"]
+                outputs = model(batch)
+                loss = outputs["loss"]
                 fabric.backward(loss / accumulate)
             running += loss.detach() / accumulate
             batch_in_epoch += 1
@@ -281,7 +295,13 @@ def pretrain(
                 now = time.perf_counter()
                 ips = window_imgs / max(now - window_start, 1e-9)
                 wait_frac = window_wait / max(window_wait + window_compute, 1e-9)
+                extras = {
+                    k: float(v.detach().float().item())
+                    for k, v in outputs.items()
+                    if k != "loss" and isinstance(v, torch.Tensor) and v.dim() == 0
+                }
                 row = {
+                    **extras,
                     "step": step,
                     "epoch": epoch,
                     "loss": loss_value,
@@ -291,7 +311,9 @@ def pretrain(
                     "elapsed_s": now - t_start,
                 }
                 writer.write(row)
-                fabric.log_dict({"train/loss": loss_value, "train/lr": lr, "train/images_per_s": ips}, step=step)
+                scalars = {"train/loss": loss_value, "train/lr": lr, "train/images_per_s": ips}
+                scalars.update({f"train/{k}": v for k, v in extras.items()})
+                fabric.log_dict(scalars, step=step)
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}", refresh=False)
                 window_imgs, window_compute, window_wait, window_start = 0, 0.0, 0.0, now
@@ -306,13 +328,9 @@ def pretrain(
     elapsed = time.perf_counter() - t_start
     encoder_path = None
     if is_main:
-        encoder = method.encoder
-        encoder_path = save_encoder(
-            out / ENCODER_FILE,
-            encoder.timm_state_dict(),
-            encoder.timm_name,
-            encoder.timm_kwargs(),
-            extra={
+        encoder_path = method.export(
+            out,
+            {
                 "method": cfg.method.name,
                 "steps": str(step),
                 "mean": json.dumps(list(cfg.data.mean)),

@@ -1,5 +1,12 @@
 """Losses: prediction vs target over (masked) tokens."""
 
-from semmim.losses.reconstruction import CosineLoss, MaskedMSE, cosine_loss, masked_mse
+from semmim.losses.reconstruction import (
+    CosineLoss,
+    MaskedMSE,
+    MaskedSmoothL1,
+    cosine_loss,
+    masked_mse,
+    masked_smooth_l1,
+)
 
-__all__ = ["CosineLoss", "MaskedMSE", "cosine_loss", "masked_mse"]
+__all__ = ["CosineLoss", "MaskedMSE", "MaskedSmoothL1", "cosine_loss", "masked_mse", "masked_smooth_l1"]

@@ -72,3 +72,26 @@ class CosineLoss(nn.Module):
         if pred.shape[1] == mask.shape[1] + 1:  # drop CLS when restricting to masked patches
             pred, target = pred[:, 1:], target[:, 1:]
         return cosine_loss(pred, target, mask)
+
+
+def masked_smooth_l1(pred: Tensor, target: Tensor, mask: Tensor | None, beta: float = 2.0) -> Tensor:
+    """Smooth-L1 (Huber with threshold ``beta``) per element, averaged over the masked tokens.
+
+    Per element: ``0.5 * e**2 / beta`` if ``|e| < beta`` else ``|e| - 0.5 * beta``; per token the
+    mean over the feature width; then the mean over masked tokens (MaskDistill, arXiv:2210.10615).
+    """
+    _check(pred, target, "smooth_l1")
+    per_token = F.smooth_l1_loss(pred.float(), target.float(), reduction="none", beta=beta).mean(dim=-1)
+    return _masked_mean(per_token, mask)
+
+
+@LOSSES.register("smooth_l1")
+class MaskedSmoothL1(nn.Module):
+    """Smooth-L1 over masked tokens (MaskDistill); ``beta`` defaults to 2.0 for unit-variance targets."""
+
+    def __init__(self, beta: float = 2.0) -> None:
+        super().__init__()
+        self.beta = beta
+
+    def forward(self, pred: Tensor, target: Tensor, mask: Tensor | None) -> Tensor:
+        return masked_smooth_l1(pred, target, mask, self.beta)

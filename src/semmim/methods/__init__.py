@@ -7,7 +7,9 @@ from torch import nn
 from semmim.config import Config
 from semmim.methods.base import Method
 from semmim.methods.mae import MAE
+from semmim.methods.maskdistill import MaskDistill
 from semmim.methods.milan import MILAN
+from semmim.methods.supmim import SupervisedMIM
 from semmim.registry import METHODS
 
 
@@ -17,4 +19,4 @@ def build_method(cfg: Config, teacher: nn.Module | None = None) -> Method:
     return method_cls.from_config(cfg, teacher=teacher)
 
 
-__all__ = ["MAE", "MILAN", "Method", "build_method"]
+__all__ = ["MAE", "MILAN", "MaskDistill", "Method", "SupervisedMIM", "build_method"]

@@ -8,6 +8,7 @@ normalises on the device (the student with ``data.mean/std``, a teacher with its
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -82,6 +83,21 @@ class Method(nn.Module):
     def grid(self) -> tuple[int, int]:
         return self.encoder.grid_size
 
+    needs_labels = False
+    """True for methods that train on labels (the engine then checks the dataset has classes)."""
+
+    def export(self, out_dir: Path, extra: dict[str, str]) -> Path:
+        """Write ``encoder.safetensors`` (timm-compatible) into ``out_dir``; methods may add files."""
+        from semmim.export import ENCODER_FILE, save_encoder
+
+        return save_encoder(
+            out_dir / ENCODER_FILE,
+            self.encoder.timm_state_dict(),
+            self.encoder.timm_name,
+            self.encoder.timm_kwargs(),
+            extra=extra,
+        )
+
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -109,10 +125,11 @@ def build_encoder(cfg: Config, mask_token: bool = False) -> ViTEncoder:
     )
 
 
-def build_masker(cfg: Config, default: str) -> Any:
+def build_masker(cfg: Config, default: str, default_ratio: float = 0.75) -> Any:
     name = cfg.method.masking or default
     masker_cls = MASKERS.get(name)
-    kwargs: dict[str, Any] = {"mask_ratio": cfg.method.mask_ratio}
+    ratio = cfg.method.mask_ratio if cfg.method.mask_ratio is not None else default_ratio
+    kwargs: dict[str, Any] = {"mask_ratio": ratio}
     if name == "block":
         kwargs.update(min_patches=cfg.method.block_min_patches, min_aspect=cfg.method.block_min_aspect)
     return masker_cls(**kwargs)
@@ -133,7 +150,10 @@ def build_decoder(cfg: Config, encoder: ViTEncoder, out_dim: int, default: str) 
 
 
 def build_loss(cfg: Config, default: str) -> nn.Module:
-    return LOSSES.build(cfg.method.loss or default)
+    name = cfg.method.loss or default
+    if name == "smooth_l1":
+        return LOSSES.build(name, beta=cfg.method.smooth_l1_beta)
+    return LOSSES.build(name)
 
 
 def build_teacher(cfg: Config, teacher: nn.Module | None = None) -> nn.Module:

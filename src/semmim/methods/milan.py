@@ -68,7 +68,7 @@ class MILAN(Method):
     @classmethod
     def from_config(cls, cfg: Config, teacher: nn.Module | None = None) -> MILAN:
         encoder = build_encoder(cfg)
-        target = TeacherFeatureTarget(build_teacher(cfg, teacher), ln_target=cfg.teacher.ln_target)  # type: ignore[arg-type]
+        target = TeacherFeatureTarget(build_teacher(cfg, teacher), ln_target=bool(cfg.teacher.ln_target))  # type: ignore[arg-type]
         return cls(
             encoder=encoder,
             decoder=build_decoder(cfg, encoder, target.out_dim, default="prompting"),

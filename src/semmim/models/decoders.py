@@ -192,3 +192,26 @@ class PromptingDecoder(_DecoderBase):
     def forward(self, latent: Tensor, mask: MaskOutput) -> Tensor:
         """Predict every position: (N, 1 + L_keep, D_enc) -> (N, 1 + L, out_dim)."""
         return self.pred(self.norm(self.forward_tokens(latent, mask)))
+
+
+@DECODERS.register("linear")
+class LinearHead(nn.Module):
+    """A single linear layer on every encoder token (MaskDistill's head on the mask-token encoder).
+
+    Args:
+        grid_size: unused (kept for a uniform decoder interface).
+        encoder_dim: width of the encoder tokens.
+        out_dim: width of each prediction.
+    """
+
+    def __init__(self, grid_size: tuple[int, int], encoder_dim: int, out_dim: int, **unused: object) -> None:
+        super().__init__()
+        self.grid_size = grid_size
+        self.out_dim = out_dim
+        self.proj = nn.Linear(encoder_dim, out_dim)
+        nn.init.trunc_normal_(self.proj.weight, std=0.02)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, tokens: Tensor, mask: MaskOutput | None = None) -> Tensor:
+        """(N, T, D_enc) -> (N, T, out_dim)."""
+        return self.proj(tokens)

@@ -2,7 +2,7 @@
 
 Semantic MIM methods regress the student's tokens onto the tokens of a frozen, pretrained
 "teacher" (MILAN: Hou et al. 2022, "MILAN: Masked Image Pretraining on Language Assisted
-Representation", arXiv:2208.06049; MaskDistill: Peng et al. 2022, arXiv:2208.06366; RILS: Yang et
+Representation", arXiv:2208.06049; MaskDistill: Peng et al. 2022, arXiv:2210.10615; RILS: Yang et
 al. 2023, arXiv:2301.06958). MILAN additionally uses the attention of the teacher's CLS token to the
 patch tokens in its last block to decide which patches to keep visible (semantic-aware masking).
 

@@ -1,0 +1,157 @@
+"""MaskDistill (block masking, LayerNorm targets, smooth-L1 on masked patches) and supervised + MIM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from semmim.cli import main
+from semmim.config import ConfigError, load_config
+from semmim.engine import pretrain
+from semmim.engine.metrics import read_metrics
+from semmim.eval.classify import load_classifier
+from semmim.export import read_timm_config
+from semmim.losses import MaskedSmoothL1, masked_smooth_l1
+from semmim.methods import MaskDistill, SupervisedMIM, build_method
+from semmim.registry import DECODERS, LOSSES, METHODS
+from semmim.targets import TeacherFeatureTarget
+from tests.conftest import teacher_overrides, tiny_overrides
+
+
+def test_registered() -> None:
+    assert {"maskdistill", "supmim"} <= set(METHODS.names())
+    assert "smooth_l1" in LOSSES and "linear" in DECODERS
+
+
+def test_smooth_l1_hand_computation_masked_only() -> None:
+    pred = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [9.0, 9.0]]])
+    target = torch.tensor([[[1.0, 3.0], [0.5, 0.5], [0.0, 0.0]]])
+    mask = torch.tensor([[True, True, False]])  # token 2 is visible: its huge error must not count
+    beta = 2.0
+    # token 0: e = 1 -> 0.5*1/2 = 0.25; e = 3 -> 3 - 1 = 2 -> mean 1.125
+    # token 1: e = 0.5 -> 0.5*0.25/2 = 0.0625 (both) -> 0.0625
+    expected = (1.125 + 0.0625) / 2
+    assert masked_smooth_l1(pred, target, mask, beta).item() == pytest.approx(expected)
+    assert MaskedSmoothL1(beta)(pred, target, mask).item() == pytest.approx(expected)
+    # with beta=1 torch's default definition holds
+    ref = F.smooth_l1_loss(pred[:, :2], target[:, :2], beta=1.0)
+    assert masked_smooth_l1(pred, target, mask, 1.0).item() == pytest.approx(ref.item())
+
+
+def test_smooth_l1_gradient_only_on_masked_tokens() -> None:
+    pred = torch.randn(2, 5, 4, requires_grad=True)
+    mask = torch.rand(2, 5) > 0.5
+    mask[0, 0] = True
+    masked_smooth_l1(pred, torch.randn(2, 5, 4), mask).backward()
+    assert torch.all(pred.grad[~mask] == 0) and pred.grad[mask].abs().sum() > 0
+
+
+def test_layernorm_target_zero_mean_unit_variance(tiny_teacher_dir: Path) -> None:
+    cfg = load_config(None, tiny_overrides("method.name=maskdistill", *teacher_overrides(tiny_teacher_dir)))
+    method = build_method(cfg)
+    assert isinstance(method, MaskDistill) and isinstance(method.target, TeacherFeatureTarget)
+    assert method.target.ln_target  # MaskDistill's default
+    tokens = method.target(torch.rand(3, 3, 16, 16), method.grid).tokens
+    torch.testing.assert_close(tokens.mean(-1), torch.zeros(tokens.shape[:2]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(tokens.var(-1, unbiased=False), torch.ones(tokens.shape[:2]), atol=1e-3, rtol=0)
+
+
+def test_maskdistill_uses_mask_tokens_block_masks_and_masked_loss(tiny_teacher_dir: Path) -> None:
+    over = tiny_overrides(
+        "method.name=maskdistill",
+        "model.img_size=32",
+        "model.layer_scale_init=0.1",
+        *teacher_overrides(tiny_teacher_dir),
+    )
+    method = build_method(load_config(None, over))
+    assert method.encoder.mask_token is not None
+    assert type(method.masker).__name__ == "BlockMasker" and type(method.head).__name__ == "LinearHead"
+    torch.manual_seed(0)
+    out = method({"image": torch.rand(4, 3, 32, 32)})
+    assert out["pred"].shape[1] == 64  # every patch predicted, loss only where masked
+    ratio = out["mask"].float().mean().item()
+    assert 0.15 < ratio <= 0.4
+    # loss equals smooth-L1 over the masked patches of the LayerNorm-normalised teacher tokens
+    assert torch.isfinite(out["loss"])
+
+
+def test_supmim_classifier_equals_plain_timm_vit(tmp_path: Path) -> None:
+    cfg = load_config(None, tiny_overrides("method.name=supmim", "method.num_classes=7"))
+    method = build_method(cfg)
+    assert isinstance(method, SupervisedMIM)
+    method.eval()
+    method.export(tmp_path, {"mean": "[0.5, 0.5, 0.5]", "std": "[0.25, 0.25, 0.25]"})
+    name, kwargs = read_timm_config(tmp_path / "classifier.safetensors")
+    vit = timm.create_model(name, pretrained=False, num_classes=7, **kwargs)
+    vit.load_state_dict(load_file(str(tmp_path / "classifier.safetensors")), strict=True)
+    vit.eval()
+    images = torch.rand(5, 3, 16, 16)
+    torch.testing.assert_close(method.classify(images), vit((images - 0.5) / 0.25), atol=1e-5, rtol=1e-5)
+    loaded, mean, std = load_classifier(tmp_path)
+    assert mean == [0.5, 0.5, 0.5] and std == [0.25, 0.25, 0.25]
+    torch.testing.assert_close(loaded((images - 0.5) / 0.25), vit((images - 0.5) / 0.25))
+
+
+def test_supmim_losses_and_weight_zero() -> None:
+    batch = {"image": torch.rand(4, 3, 16, 16), "label": torch.tensor([0, 1, 2, 1])}
+    with_mim = build_method(load_config(None, tiny_overrides("method.name=supmim", "method.num_classes=3")))
+    out = with_mim(batch)
+    assert out["loss"].item() == pytest.approx(out["ce"].item() + out["mim"].item(), rel=1e-5)
+    sup = build_method(
+        load_config(None, tiny_overrides("method.name=supmim", "method.num_classes=3", "method.mim_weight=0"))
+    )
+    out0 = sup(batch)
+    assert "mim" not in out0 and out0["loss"].item() == pytest.approx(out0["ce"].item())
+
+
+def test_supmim_mixup_cutmix() -> None:
+    cfg = load_config(
+        None, tiny_overrides("method.name=supmim", "method.num_classes=3", "method.mixup=0.8", "method.cutmix=1.0")
+    )
+    method = build_method(cfg).train()
+    out = method({"image": torch.rand(4, 3, 16, 16), "label": torch.tensor([0, 1, 2, 1])})
+    assert torch.isfinite(out["loss"])
+
+
+def test_supmim_rejects_unlabelled_batches() -> None:
+    method = build_method(load_config(None, tiny_overrides("method.name=supmim", "method.num_classes=3")))
+    with pytest.raises(ValueError, match="unlabelled"):
+        method({"image": torch.rand(2, 3, 16, 16), "label": torch.tensor([-1, 0])})
+
+
+def test_supmim_on_a_label_free_folder_is_a_clear_error(tmp_path: Path) -> None:
+    from PIL import Image
+
+    root = tmp_path / "flat"
+    root.mkdir()
+    for i in range(20):
+        Image.new("RGB", (16, 16), (i * 10, 0, 0)).save(root / f"{i}.png")
+    cfg = load_config(
+        None, tiny_overrides("method.name=supmim", "data.name=imagefolder", f"data.root={root}", "data.limit=null")
+    )
+    with pytest.raises(ConfigError, match="needs labelled images"):
+        pretrain(cfg, tmp_path / "run")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["maskdistill", "supmim"])
+def test_cli_three_steps_and_timm_loads(method: str, tmp_path: Path, tiny_teacher_dir: Path) -> None:
+    out = tmp_path / method
+    extra = teacher_overrides(tiny_teacher_dir) if method == "maskdistill" else []
+    assert main(["pretrain", "--config", f"demo/{method}", "--out", str(out), *tiny_overrides(*extra)]) == 0
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    name, kwargs = read_timm_config(out)
+    model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    res = model.load_state_dict(load_file(str(out / "encoder.safetensors")), strict=True)
+    assert not res.missing_keys and not res.unexpected_keys
+    if method == "supmim":
+        rows = read_metrics(out)
+        assert "ce" in rows[-1] and "mim" in rows[-1]
+        assert load_config(out / "config.yaml").method.num_classes == 10  # taken from the dataset
+        classifier, _, _ = load_classifier(out)
+        assert classifier(torch.rand(2, 3, 16, 16)).shape == (2, 10)
