@@ -155,3 +155,26 @@ def test_cli_three_steps_and_timm_loads(method: str, tmp_path: Path, tiny_teache
         assert load_config(out / "config.yaml").method.num_classes == 10  # taken from the dataset
         classifier, _, _ = load_classifier(out)
         assert classifier(torch.rand(2, 3, 16, 16)).shape == (2, 10)
+
+
+def test_supmim_with_teacher_feature_target(tiny_teacher_dir: Path) -> None:
+    over = tiny_overrides(
+        "method.name=supmim",
+        "method.num_classes=3",
+        "method.target=teacher_features",
+        *teacher_overrides(tiny_teacher_dir),
+    )
+    method = build_method(load_config(None, over))
+    assert isinstance(method.target, TeacherFeatureTarget)
+    out = method({"image": torch.rand(4, 3, 16, 16), "label": torch.tensor([0, 1, 2, 1])})
+    assert torch.isfinite(out["loss"]) and out["mim"] > 0
+
+
+def test_rand_augment_transform_from_config() -> None:
+    from semmim.data import build_dataset
+
+    cfg = load_config(None, tiny_overrides("data.rand_augment=rand-m9-mstd0.5-inc1"))
+    ds = build_dataset(cfg.data, img_size=16, in_chans=3, train=True, seed=0)
+    assert "RandAugment" in repr(ds.transform)
+    x = ds[0]["image"]
+    assert x.shape == (3, 16, 16) and float(x.min()) >= 0 and float(x.max()) <= 1

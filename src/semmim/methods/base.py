@@ -173,13 +173,22 @@ def build_teacher(cfg: Config, teacher: nn.Module | None = None) -> nn.Module:
             f"method '{cfg.method.name}' needs a teacher: set teacher.name (one of {', '.join(TEACHERS.names())}) "
             "and teacher.model / teacher.pretrained / teacher.path"
         )
-    return TEACHERS.build(
-        t.name,
-        model=t.model,
-        pretrained=t.pretrained,
-        path=t.path,
-        image_size=t.image_size,
-        mean=t.mean,
-        std=t.std,
-        **dict(t.kwargs),
-    )
+    try:
+        return TEACHERS.build(
+            t.name,
+            model=t.model,
+            pretrained=t.pretrained,
+            path=t.path,
+            image_size=t.image_size,
+            mean=t.mean,
+            std=t.std,
+            **dict(t.kwargs),
+        )
+    except FileNotFoundError as e:
+        hint = ""
+        if t.path and "runs/demo/teacher" in str(t.path):
+            hint = " The demo configs use the teacher that `make demo` trains into runs/demo/teacher."
+        raise FileNotFoundError(
+            f"teacher '{t.name}': {e}. Point teacher.path (or teacher.pretrained) at an existing file or run "
+            f"directory.{hint}"
+        ) from None
