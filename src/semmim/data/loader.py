@@ -1,0 +1,180 @@
+"""Build datasets and data loaders from a :class:`semmim.config.DataConfig`."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from semmim.config import DataConfig
+from semmim.data.datasets import SeededDataset, SubsetDataset
+from semmim.data.transforms import eval_transform, pretrain_transform
+from semmim.registry import DATASETS
+
+__all__ = ["DEFAULT_SYNTHETIC_SIZE", "build_dataset", "build_loader", "describe"]
+
+DEFAULT_SYNTHETIC_SIZE = 1024
+"""Size of the ``synthetic`` dataset when ``data.limit`` is not set."""
+
+
+def _filtered(factory: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Keep only the keyword arguments ``factory`` accepts (all of them if it takes ``**kwargs``)."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def _imagefolder_root(cfg: DataConfig) -> str:
+    if cfg.root is None:
+        raise ValueError("data.root is not set; point it at an image folder with data.root=PATH")
+    root = Path(cfg.root).expanduser()
+    # ImageNet layout: root/train and root/val hold the class folders.
+    if cfg.split and (root / cfg.split).is_dir():
+        return str(root / cfg.split)
+    return str(root)
+
+
+def build_dataset(
+    cfg: DataConfig, *, img_size: int, in_chans: int, train: bool = True, seed: int = 0
+) -> SeededDataset:
+    """The dataset named by ``cfg.name``, limited to ``cfg.limit`` samples, with seeded augmentation.
+
+    ``imagefolder`` reads ``cfg.root`` (or ``cfg.root/cfg.split`` when that folder exists);
+    ``fashion_mnist`` uses ``cfg.root``, ``cfg.split`` and ``cfg.download``; ``synthetic`` has
+    ``cfg.limit`` (default :data:`DEFAULT_SYNTHETIC_SIZE`) samples. Other registered datasets get
+    the subset of ``root, split, img_size, in_chans, download, max_bad_fraction`` they accept.
+
+    Args:
+        cfg: the data section of the run config.
+        img_size: output height and width.
+        in_chans: 1 or 3 image channels.
+        train: pretraining augmentation (random resized crop + flip) if true, else the eval transform.
+        seed: base seed of the augmentation.
+
+    Returns:
+        A :class:`SeededDataset` whose items are ``{"image": (in_chans, img_size, img_size) in [0, 1],
+        "label": int, "index": int}``.
+    """
+    name = cfg.name
+    factory = DATASETS.get(name)
+    kwargs: dict[str, Any]
+    if name == "imagefolder":
+        kwargs = {
+            "root": _imagefolder_root(cfg),
+            "max_bad_fraction": cfg.max_bad_fraction,
+            "in_chans": in_chans,
+        }
+    elif name == "fashion_mnist":
+        kwargs = {"root": cfg.root, "split": cfg.split, "in_chans": in_chans, "download": cfg.download}
+    elif name == "synthetic":
+        size = cfg.limit if cfg.limit is not None else DEFAULT_SYNTHETIC_SIZE
+        kwargs = {"size": size, "img_size": img_size, "in_chans": in_chans, "seed": seed}
+    else:
+        candidates = {
+            "root": cfg.root,
+            "split": cfg.split,
+            "img_size": img_size,
+            "in_chans": in_chans,
+            "download": cfg.download,
+            "max_bad_fraction": cfg.max_bad_fraction,
+        }
+        kwargs = _filtered(factory, candidates)
+    dataset = DATASETS.build(name, **kwargs)
+    if not hasattr(dataset, "load"):
+        raise TypeError(
+            f"dataset '{name}' ({type(dataset).__name__}) has no load(i) -> (PIL.Image, label) method; "
+            f"derive it from semmim.data.ImageDataset"
+        )
+    if cfg.limit is not None:
+        if cfg.limit < 1:
+            raise ValueError(f"data.limit must be >= 1, got {cfg.limit}")
+        if cfg.limit < len(dataset):
+            dataset = SubsetDataset(dataset, range(cfg.limit))
+    if train:
+        transform = pretrain_transform(
+            img_size, crop_scale=tuple(cfg.crop_scale), hflip=cfg.hflip, rand_augment=cfg.rand_augment
+        )
+    else:
+        transform = eval_transform(img_size)
+    return SeededDataset(dataset, seed=seed, transform=transform)
+
+
+def build_loader(
+    dataset: Dataset[Any],
+    *,
+    batch_size: int,
+    num_workers: int,
+    pin_memory: bool,
+    sampler: Sampler[int] | None,
+    drop_last: bool = True,
+) -> DataLoader[Any]:
+    """A DataLoader over ``dataset`` in ``sampler``'s order.
+
+    Workers are not persistent, so :meth:`SeededDataset.set_epoch` called in the main process
+    reaches them every epoch. Memory pinning is only requested when CUDA is available.
+
+    Args:
+        dataset: usually a :class:`SeededDataset`.
+        batch_size: samples per batch.
+        num_workers: worker processes (0 loads in the main process).
+        pin_memory: pin batches for faster host-to-device copies.
+        sampler: index order (e.g. :class:`semmim.data.ResumableSampler`); ``None`` = sequential.
+        drop_last: drop the last incomplete batch.
+
+    Returns:
+        A DataLoader yielding ``{"image": (N, C, H, W), "label": (N,), "index": (N,)}``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=bool(pin_memory) and torch.cuda.is_available(),
+        drop_last=drop_last,
+        persistent_workers=False,
+    )
+
+
+def _unwrap(dataset: Any) -> Any:
+    while isinstance(dataset, (SeededDataset, SubsetDataset)):
+        dataset = dataset.dataset
+    return dataset
+
+
+def describe(dataset: Any) -> str:
+    """One line about a dataset: name, root, split, size and classes.
+
+    Examples:
+        >>> from semmim.data import SyntheticDataset
+        >>> describe(SyntheticDataset(16, img_size=8, num_classes=2))
+        'synthetic: 16 images, 2 classes (class_0, class_1)'
+    """
+    inner = _unwrap(dataset)
+    name = getattr(inner, "name", None) or type(inner).__name__
+    where = []
+    if getattr(inner, "root", None):
+        where.append(f"root={inner.root}")
+    if getattr(inner, "split", None):
+        where.append(f"split={inner.split}")
+    head = f"{name} ({', '.join(where)})" if where else name
+    size = f"{len(dataset)} images"
+    if len(dataset) != len(inner):
+        size += f" (first {len(dataset)} of {len(inner)})"
+    classes = list(getattr(inner, "classes", []) or [])
+    if classes:
+        shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+        cls = f"{len(classes)} classes ({shown})"
+    else:
+        cls = "unlabelled"
+    return f"{head}: {size}, {cls}"
