@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[clip,dev]"
+	$(BIN)/python -m pip install -q -e ".[clip,text,dev]"
 	@touch $(STAMP)
 
 setup: $(STAMP)

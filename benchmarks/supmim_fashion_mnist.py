@@ -39,6 +39,11 @@ def main() -> None:
     for seed in args.seeds:
         for weight in (0.0, args.mim_weight):
             name = f"{'supmim' if weight else 'supervised'}_seed{seed}"
+            done = out / name / "run.json"
+            if done.is_file():  # finished earlier: reuse (delete the folder to run it again)
+                runs.append(json.loads(done.read_text()))
+                print(json.dumps(runs[-1]), flush=True)
+                continue
             cfg = load_config(
                 resolve_config("demo/supmim"),
                 [
@@ -65,6 +70,7 @@ def main() -> None:
                     "images_per_s": result.images_per_s,
                 }
             )
+            done.write_text(json.dumps(runs[-1]))
             print(json.dumps(runs[-1]), flush=True)
 
     def summary(weight: float, key: str) -> tuple[float, float]:

@@ -16,13 +16,17 @@ def _batch(cfg, n: int = 4) -> dict[str, torch.Tensor]:
     return {
         "image": torch.rand(n, m.in_chans, m.img_size, m.img_size),
         "label": torch.zeros(n, dtype=torch.long),
+        "caption": [f"a photo of a class_{i % 2}." for i in range(n)],
     }
 
 
 @pytest.mark.parametrize("name", METHODS.names())
 def test_method_forward_backward(name: str, tiny_teacher_dir) -> None:
     cfg = load_config(
-        None, tiny_overrides(f"method.name={name}", "method.num_classes=10", *teacher_overrides(tiny_teacher_dir))
+        None,
+        tiny_overrides(
+            f"method.name={name}", "method.num_classes=10", "method.embed_dim=16", *teacher_overrides(tiny_teacher_dir)
+        ),
     )
     torch.manual_seed(0)
     method = build_method(cfg)

@@ -130,6 +130,21 @@ def cmd_eval_classify(args: argparse.Namespace) -> int:
     return _emit_metrics(metrics, args.out)
 
 
+def cmd_eval_zeroshot(args: argparse.Namespace) -> int:
+    from semmim.eval.zeroshot import zeroshot_eval
+
+    metrics = zeroshot_eval(
+        args.model,
+        data=args.data,
+        root=args.root,
+        split=args.split,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+    )
+    return _emit_metrics(metrics, args.out)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from semmim.demo import run_demo
 
@@ -187,12 +202,30 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--num-workers", type=int, default=2)
     c.add_argument("--out", default=None, help="write metrics.json here")
     c.set_defaults(func=cmd_eval_classify)
+    z = esub.add_parser("zeroshot", help="zero-shot top-1 of a language-aligned run (clip, rils) with class prompts")
+    z.add_argument("--model", required=True, help="run directory of a clip or rils run")
+    z.add_argument("--data", default="fashion_mnist", help="labelled dataset (fashion_mnist | imagefolder)")
+    z.add_argument("--root", default=None)
+    z.add_argument("--split", default="test")
+    z.add_argument("--limit", type=int, default=None, help="use the first N images")
+    z.add_argument("--batch-size", type=int, default=256)
+    z.add_argument("--num-workers", type=int, default=2)
+    z.add_argument("--out", default=None, help="write metrics.json here")
+    z.set_defaults(func=cmd_eval_zeroshot)
+
+    try:
+        from semmim.data.shards import add_data_parser
+    except ImportError:  # pragma: no cover - the shards module is optional at import time
+        pass
+    else:
+        add_data_parser(sub)
 
     p = sub.add_parser(
         "demo",
-        help="the offline demo: teacher, MAE and MILAN on Fashion-MNIST, compared by kNN",
-        description="Trains a small teacher, then MAE and MILAN on Fashion-MNIST (offline), compares kNN top-1 "
-        "against a random encoder and writes DIR/report.md.",
+        help="the offline demo: a language-aligned teacher, MAE, MILAN and RILS on Fashion-MNIST",
+        description="Trains a small language-aligned teacher (clip with a locked MiniLM text tower), then MAE, "
+        "MILAN and RILS on Fashion-MNIST (offline); compares kNN top-1 against a random encoder and zero-shot "
+        "top-1, and writes DIR/report.md.",
     )
     p.add_argument("--out", default="runs/demo", help="demo folder")
     p.add_argument("--quick", action="store_true", help="a few steps of each stage (a smoke test)")

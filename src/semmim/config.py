@@ -54,6 +54,21 @@ class MethodConfig:
     """supmim: mixup alpha (0 = off), applied on the device with timm's Mixup."""
     cutmix: float = 0.0
     """supmim: cutmix alpha (0 = off)."""
+    embed_dim: int = 256
+    """clip/rils: width of the joint image-text embedding space."""
+    init_temperature: float = 0.07
+    """clip/rils: initial softmax temperature of the contrastive loss (learnable, as in CLIP)."""
+    pool: str | None = None
+    """clip/rils: image embedding from the CLS token ("cls") or the mean of patch tokens ("mean");
+    None = the method's default (clip: cls; rils: mean, its global average pooling)."""
+    teacher_temperature: float = 0.04
+    """rils: temperature of the unmasked pass's patch-to-caption distribution."""
+    student_temperature: float = 0.1
+    """rils: temperature of the masked pass's patch-to-caption distribution."""
+    kl_weight: float = 0.5
+    """rils: loss = InfoNCE + kl_weight * KL(teacher || student)."""
+    gate_correct: bool = True
+    """rils: use only samples whose image-to-text retrieval was correct for the KL term."""
 
 
 @dataclass
@@ -108,6 +123,20 @@ class TeacherConfig:
 
 
 @dataclass
+class TextConfig:
+    """The text tower of language-aligned methods (clip, rils)."""
+
+    name: str = "minilm"
+    """Registered text encoder: minilm | hf | open_clip."""
+    model: str | None = None
+    pretrained: str | None = None
+    path: str | None = None
+    max_length: int = 64
+    locked: bool = True
+    """Freeze the text tower (LiT, Zhai et al. 2022): its embeddings are cached per caption."""
+
+
+@dataclass
 class DataConfig:
     name: str = "imagefolder"
     """Registered dataset: imagefolder | fashion_mnist | synthetic."""
@@ -128,6 +157,13 @@ class DataConfig:
     limit: int | None = None
     """Use only the first N samples (quick runs)."""
     download: bool = False
+    captions: str | None = None
+    """Give every image a caption: "templates" = class-name templates for a labelled dataset."""
+    manifest_image_key: str = "image"
+    manifest_caption_key: str = "caption"
+    num_samples: int | None = None
+    """Samples in a WebDataset stream (needed to size epochs); None = count the shards."""
+    shuffle_buffer: int = 1000
 
 
 @dataclass
@@ -175,6 +211,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

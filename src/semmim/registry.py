@@ -32,6 +32,7 @@ BUILTIN_MODULES = (
     "semmim.losses",
     "semmim.methods",
     "semmim.data",
+    "semmim.text",
 )
 _builtins_loaded = False
 
@@ -138,6 +139,7 @@ TARGETS: Registry[Any] = Registry("target")
 TEACHERS: Registry[Any] = Registry("teacher")
 LOSSES: Registry[Any] = Registry("loss")
 DATASETS: Registry[Any] = Registry("dataset")
+TEXT_ENCODERS: Registry[Any] = Registry("text encoder")
 
 ALL_REGISTRIES: dict[str, Registry[Any]] = {
     "methods": METHODS,
@@ -148,4 +150,5 @@ ALL_REGISTRIES: dict[str, Registry[Any]] = {
     "teachers": TEACHERS,
     "losses": LOSSES,
     "datasets": DATASETS,
+    "text_encoders": TEXT_ENCODERS,
 }

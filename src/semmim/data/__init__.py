@@ -1,7 +1,8 @@
 """The input pipeline: datasets, transforms, a resumable sampler and loader builders.
 
-Importing this package registers the ``imagefolder``, ``fashion_mnist`` and ``synthetic`` datasets
-in :data:`semmim.registry.DATASETS`.
+Importing this package registers the ``imagefolder``, ``fashion_mnist``, ``synthetic``, ``manifest``
+(image–caption pairs listed in a CSV / JSONL file) and ``webdataset`` (tar shards, streamed) datasets
+in :data:`semmim.registry.DATASETS`. Items of datasets with captions also have ``"caption": str``.
 
 Every item is ``{"image": FloatTensor (C, H, W) in [0, 1], "label": int (-1 = unlabelled),
 "index": int}``; a batch is ``{"image": (N, C, H, W), "label": (N,), "index": (N,)}``. Images are not
@@ -16,6 +17,16 @@ Examples:
     torch.Size([4, 3, 32, 32])
 """
 
+from semmim.data.captions import (
+    TEMPLATES,
+    CaptionSubset,
+    ClassCaptions,
+    ManifestDataset,
+    caption_class_name,
+    class_prompts,
+    has_captions,
+    subset_keeping_captions,
+)
 from semmim.data.datasets import (
     IMG_EXTENSIONS,
     ImageDataset,
@@ -30,27 +41,51 @@ from semmim.data.datasets import (
 from semmim.data.fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST, IdxFormatError, read_idx
 from semmim.data.loader import build_dataset, build_loader, describe
 from semmim.data.sampler import ResumableSampler
+from semmim.data.shards import (
+    ShardStream,
+    add_data_parser,
+    cmd_data_shards,
+    count_shard_samples,
+    expand_urls,
+    read_shard_manifest,
+    write_shards,
+)
 from semmim.data.transforms import Clamp01, eval_transform, pretrain_transform
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
     "IMG_EXTENSIONS",
+    "TEMPLATES",
+    "CaptionSubset",
     "Clamp01",
+    "ClassCaptions",
     "FashionMNIST",
     "IdxFormatError",
     "ImageDataset",
     "ImageFolderDataset",
+    "ManifestDataset",
     "ResumableSampler",
     "SeededDataset",
+    "ShardStream",
     "SubsetDataset",
     "SyntheticDataset",
+    "add_data_parser",
     "build_dataset",
     "build_loader",
+    "caption_class_name",
+    "class_prompts",
+    "cmd_data_shards",
+    "count_shard_samples",
     "decode_image",
     "describe",
     "eval_transform",
+    "expand_urls",
+    "has_captions",
     "pil_to_tensor01",
     "pretrain_transform",
     "read_idx",
+    "read_shard_manifest",
     "sample_seed",
+    "subset_keeping_captions",
+    "write_shards",
 ]

@@ -181,9 +181,7 @@ def decode_image(path: str | os.PathLike[str], mode: str = "RGB") -> Image.Image
         return out.convert(mode) if out.mode != mode else out.copy()
 
 
-@DATASETS.register(
-    "imagefolder", help="Images in root/<class>/<img> (labelled) or a flat folder (unlabelled)"
-)
+@DATASETS.register("imagefolder", help="Images in root/<class>/<img> (labelled) or a flat folder (unlabelled)")
 class ImageFolderDataset(ImageDataset):
     """Images from a folder: ``root/<class>/<img>`` (labelled) or ``root/<img>`` (unlabelled).
 
@@ -285,9 +283,7 @@ class ImageFolderDataset(ImageDataset):
         path = self.samples[index][0]
         self._bad_index.add(index)
         self.bad_files.append(path)
-        warnings.warn(
-            f"skipping unreadable image {path}: {type(err).__name__}: {err}", RuntimeWarning, stacklevel=3
-        )
+        warnings.warn(f"skipping unreadable image {path}: {type(err).__name__}: {err}", RuntimeWarning, stacklevel=3)
         if len(self.bad_files) > self.max_bad_files:
             shown = ", ".join(self.bad_files[:5]) + (", ..." if len(self.bad_files) > 5 else "")
             raise RuntimeError(
@@ -348,9 +344,7 @@ class SyntheticDataset(ImageDataset):
     ) -> None:
         super().__init__(transform)
         if size < 0 or img_size < 1 or num_classes < 0:
-            raise ValueError(
-                f"bad synthetic dataset: size={size}, img_size={img_size}, num_classes={num_classes}"
-            )
+            raise ValueError(f"bad synthetic dataset: size={size}, img_size={img_size}, num_classes={num_classes}")
         self.size = int(size)
         self.img_size = int(img_size)
         self.in_chans = int(in_chans)
@@ -358,9 +352,7 @@ class SyntheticDataset(ImageDataset):
         self.num_classes = int(num_classes)
         self.seed = int(seed)
         self.classes = [f"class_{k}" for k in range(self.num_classes)]
-        palette = np.random.default_rng([self.seed, 2**31 - 1]).integers(
-            0, 256, (max(1, num_classes), in_chans)
-        )
+        palette = np.random.default_rng([self.seed, 2**31 - 1]).integers(0, 256, (max(1, num_classes), in_chans))
         self._palette = palette.astype(np.float64)
 
     def __len__(self) -> int:
@@ -392,9 +384,7 @@ class SubsetDataset(ImageDataset):
         transform: defaults to ``dataset.transform``.
     """
 
-    def __init__(
-        self, dataset: ImageDataset, indices: Sequence[int], transform: Transform | None = None
-    ) -> None:
+    def __init__(self, dataset: ImageDataset, indices: Sequence[int], transform: Transform | None = None) -> None:
         super().__init__(transform if transform is not None else dataset.transform)
         self.dataset = dataset
         self.indices = list(indices)
@@ -450,9 +440,7 @@ class SeededDataset(Dataset[Sample]):
         seed_numpy: bool = False,
     ) -> None:
         if not hasattr(dataset, "load"):
-            raise TypeError(
-                f"SeededDataset needs a dataset with a load(i) method, got {type(dataset).__name__}"
-            )
+            raise TypeError(f"SeededDataset needs a dataset with a load(i) method, got {type(dataset).__name__}")
         self.dataset = dataset
         self.seed = int(seed)
         self.transform = transform if transform is not None else getattr(dataset, "transform", None)
@@ -460,7 +448,11 @@ class SeededDataset(Dataset[Sample]):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (also forwarded to the wrapped dataset when it has ``set_epoch``)."""
         self.epoch = int(epoch)
+        inner = getattr(self.dataset, "set_epoch", None)
+        if callable(inner):
+            inner(self.epoch)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -470,7 +462,10 @@ class SeededDataset(Dataset[Sample]):
         return list(getattr(self.dataset, "classes", []))
 
     def __getitem__(self, index: int) -> Sample:
-        """Returns ``{"image": (C, H, W) float tensor in [0, 1], "label": int, "index": int}``."""
+        """Returns ``{"image": (C, H, W) float tensor in [0, 1], "label": int, "index": int}``.
+
+        When the wrapped dataset has ``caption(i) -> str``, the item also has ``"caption": str``.
+        """
         index = _check_index(index, len(self))
         img, label = self.dataset.load(index)
         s = sample_seed(self.seed, self.epoch, index)
@@ -489,4 +484,8 @@ class SeededDataset(Dataset[Sample]):
                 random.setstate(py_state)
                 if np_state is not None:
                     np.random.set_state(np_state)
-        return {"image": image, "label": int(label), "index": index}
+        item: Sample = {"image": image, "label": int(label), "index": index}
+        caption = getattr(self.dataset, "caption", None)
+        if callable(caption):
+            item["caption"] = str(caption(index))
+        return item

@@ -79,9 +79,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     try:
         raw = gzip.decompress(p.read_bytes()) if p.name.endswith(".gz") else p.read_bytes()
     except (OSError, EOFError, zlib.error) as err:
-        raise IdxFormatError(
-            f"{p}: cannot decompress ({err}); the file is truncated or corrupt, delete it"
-        ) from err
+        raise IdxFormatError(f"{p}: cannot decompress ({err}); the file is truncated or corrupt, delete it") from err
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise IdxFormatError(f"{p}: not an idx file (bad magic number {raw[:4].hex() or 'empty'})")
     code, ndim = raw[2], raw[3]
@@ -152,9 +150,7 @@ def _not_found(root: str | os.PathLike[str] | None, split: str) -> FileNotFoundE
     )
 
 
-@DATASETS.register(
-    "fashion_mnist", help="Fashion-MNIST 28x28 grayscale from idx files (Debian package or download)"
-)
+@DATASETS.register("fashion_mnist", help="Fashion-MNIST 28x28 grayscale from idx files (Debian package or download)")
 class FashionMNIST(ImageDataset):
     """Fashion-MNIST: 60,000 train / 10,000 test grayscale 28x28 images in 10 classes.
 
@@ -204,13 +200,10 @@ class FashionMNIST(ImageDataset):
         images_file, labels_file = files
         images, labels = read_idx(images_file), read_idx(labels_file)
         if images.ndim != 3 or images.dtype != np.uint8:
-            raise IdxFormatError(
-                f"{images_file}: expected uint8 images (N, H, W), got {images.dtype} {images.shape}"
-            )
+            raise IdxFormatError(f"{images_file}: expected uint8 images (N, H, W), got {images.dtype} {images.shape}")
         if labels.ndim != 1 or len(labels) != len(images):
             raise IdxFormatError(
-                f"{labels_file}: expected {len(images)} labels to match {images_file}, "
-                f"got shape {labels.shape}"
+                f"{labels_file}: expected {len(images)} labels to match {images_file}, got shape {labels.shape}"
             )
         if labels.size and (labels.min() < 0 or labels.max() >= len(FASHION_MNIST_CLASSES)):
             raise IdxFormatError(f"{labels_file}: labels outside 0..{len(FASHION_MNIST_CLASSES) - 1}")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -10,14 +12,19 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from semmim.config import DataConfig
+from semmim.data.captions import ClassCaptions, subset_keeping_captions
 from semmim.data.datasets import SeededDataset, SubsetDataset
+from semmim.data.shards import ShardStream
 from semmim.data.transforms import eval_transform, pretrain_transform
 from semmim.registry import DATASETS
 
-__all__ = ["DEFAULT_SYNTHETIC_SIZE", "build_dataset", "build_loader", "describe"]
+__all__ = ["CAPTION_SOURCES", "DEFAULT_SYNTHETIC_SIZE", "build_dataset", "build_loader", "describe"]
 
 DEFAULT_SYNTHETIC_SIZE = 1024
 """Size of the ``synthetic`` dataset when ``data.limit`` is not set."""
+
+CAPTION_SOURCES = ("templates",)
+"""Values of ``data.captions`` (besides ``None``): ``templates`` = class-name templates."""
 
 
 def _filtered(factory: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -41,15 +48,66 @@ def _imagefolder_root(cfg: DataConfig) -> str:
     return str(root)
 
 
+def _rank_world() -> tuple[int, int]:
+    """This process's rank and the world size: from torch.distributed, else $RANK / $WORLD_SIZE, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    try:
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    except ValueError:
+        return 0, 1
+
+
+def _build_shard_stream(cfg: DataConfig, transform: Any, *, in_chans: int, train: bool, seed: int) -> ShardStream:
+    if cfg.root is None:
+        raise ValueError(
+            "data.root is not set; for data.name=webdataset point it at the shards: a folder, a brace pattern "
+            "such as data/shard-{000000..000099}.tar, or patterns joined by '::'"
+        )
+    if getattr(cfg, "captions", None) == "templates":
+        raise ValueError(
+            "data.captions=templates does not apply to data.name=webdataset: the captions are the shards' .txt "
+            "files; write template captions into the shards with `semmim data shards --captions templates`"
+        )
+    if cfg.limit is not None:
+        warnings.warn("data.limit is ignored for data.name=webdataset (use fewer shards)", UserWarning, stacklevel=3)
+    rank, world = _rank_world()
+    return ShardStream(
+        cfg.root,
+        transform=transform,
+        seed=seed,
+        shuffle_buffer=int(getattr(cfg, "shuffle_buffer", 1000)),
+        rank=rank,
+        world_size=world,
+        num_samples=getattr(cfg, "num_samples", None),
+        shuffle=train,
+        in_chans=in_chans,
+        batch_size=cfg.batch_size,
+        drop_last=train,
+    )
+
+
 def build_dataset(
     cfg: DataConfig, *, img_size: int, in_chans: int, train: bool = True, seed: int = 0
-) -> SeededDataset:
+) -> SeededDataset | ShardStream:
     """The dataset named by ``cfg.name``, limited to ``cfg.limit`` samples, with seeded augmentation.
 
     ``imagefolder`` reads ``cfg.root`` (or ``cfg.root/cfg.split`` when that folder exists);
     ``fashion_mnist`` uses ``cfg.root``, ``cfg.split`` and ``cfg.download``; ``synthetic`` has
-    ``cfg.limit`` (default :data:`DEFAULT_SYNTHETIC_SIZE`) samples. Other registered datasets get
-    the subset of ``root, split, img_size, in_chans, download, max_bad_fraction`` they accept.
+    ``cfg.limit`` (default :data:`DEFAULT_SYNTHETIC_SIZE`) samples; ``manifest`` reads the CSV / JSONL
+    file ``cfg.root`` with the columns ``cfg.manifest_image_key`` and ``cfg.manifest_caption_key``.
+    Other registered datasets get the subset of ``root, split, img_size, in_chans, download,
+    max_bad_fraction`` they accept.
+
+    ``cfg.captions == "templates"`` captions a labelled dataset with class-name templates
+    (:class:`semmim.data.ClassCaptions`); items of a dataset with captions have ``"caption": str``.
+
+    ``webdataset`` is different: it returns a :class:`semmim.data.ShardStream` (an ``IterableDataset``,
+    use it without a sampler) over the shards ``cfg.root``, split over the ranks of an initialised
+    ``torch.distributed`` group, with ``cfg.shuffle_buffer`` and ``cfg.num_samples``; samples and
+    shards are shuffled only when ``train``. Resume it with ``set_epoch(e); set_start(samples)``.
 
     Args:
         cfg: the data section of the run config.
@@ -60,12 +118,34 @@ def build_dataset(
 
     Returns:
         A :class:`SeededDataset` whose items are ``{"image": (in_chans, img_size, img_size) in [0, 1],
-        "label": int, "index": int}``.
+        "label": int, "index": int}`` (+ ``"caption": str``), or for ``webdataset`` a :class:`ShardStream`
+        with the same items.
     """
     name = cfg.name
+    captions = getattr(cfg, "captions", None)
+    if captions is not None and captions not in CAPTION_SOURCES:
+        raise ValueError(f"data.captions must be one of {', '.join(CAPTION_SOURCES)} or null, got {captions!r}")
+    if train:
+        transform = pretrain_transform(
+            img_size, crop_scale=tuple(cfg.crop_scale), hflip=cfg.hflip, rand_augment=cfg.rand_augment
+        )
+    else:
+        transform = eval_transform(img_size)
+    if name == "webdataset":
+        return _build_shard_stream(cfg, transform, in_chans=in_chans, train=train, seed=seed)
     factory = DATASETS.get(name)
     kwargs: dict[str, Any]
-    if name == "imagefolder":
+    if name == "manifest":
+        if cfg.root is None:
+            raise ValueError("data.root is not set; for data.name=manifest point it at the manifest (.csv / .jsonl)")
+        kwargs = {
+            "path": cfg.root,
+            "image_key": getattr(cfg, "manifest_image_key", "image"),
+            "caption_key": getattr(cfg, "manifest_caption_key", "caption"),
+            "in_chans": in_chans,
+            "max_bad_fraction": cfg.max_bad_fraction,
+        }
+    elif name == "imagefolder":
         kwargs = {
             "root": _imagefolder_root(cfg),
             "max_bad_fraction": cfg.max_bad_fraction,
@@ -96,13 +176,14 @@ def build_dataset(
         if cfg.limit < 1:
             raise ValueError(f"data.limit must be >= 1, got {cfg.limit}")
         if cfg.limit < len(dataset):
-            dataset = SubsetDataset(dataset, range(cfg.limit))
-    if train:
-        transform = pretrain_transform(
-            img_size, crop_scale=tuple(cfg.crop_scale), hflip=cfg.hflip, rand_augment=cfg.rand_augment
-        )
-    else:
-        transform = eval_transform(img_size)
+            dataset = subset_keeping_captions(dataset, range(cfg.limit))
+    if captions == "templates":
+        if not list(getattr(dataset, "classes", []) or []):
+            raise ValueError(
+                f"data.captions=templates needs a labelled dataset with class names, but '{name}' has none "
+                f"(unlabelled data); use a dataset with classes or leave data.captions unset"
+            )
+        dataset = ClassCaptions(dataset, seed=seed)
     return SeededDataset(dataset, seed=seed, transform=transform)
 
 

@@ -48,9 +48,7 @@ def pretrain_transform(
     low, high = (float(s) for s in crop_scale)
     if not 0.0 < low <= high <= 1.0:
         raise ValueError(f"crop_scale must be (low, high) with 0 < low <= high <= 1, got {tuple(crop_scale)}")
-    ops: list[Any] = [
-        T.RandomResizedCrop(img_size, scale=(low, high), interpolation=InterpolationMode.BICUBIC)
-    ]
+    ops: list[Any] = [T.RandomResizedCrop(img_size, scale=(low, high), interpolation=InterpolationMode.BICUBIC)]
     if hflip:
         ops.append(T.RandomHorizontalFlip())
     if rand_augment:

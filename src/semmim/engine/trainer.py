@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import IterableDataset
 
 from semmim.config import Config, ConfigError, to_dict, to_yaml
 from semmim.engine.metrics import MetricsWriter
@@ -127,7 +128,22 @@ def pretrain(
 
     # ---------------------------------------------------------------- data
     dataset = build_dataset(cfg.data, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans, train=True, seed=t.seed)
-    sampler = ResumableSampler(len(dataset), shuffle=True, seed=t.seed, rank=rank, world_size=world, drop_last=True)
+    streaming = isinstance(dataset, IterableDataset)
+    sampler: ResumableSampler | None = None
+    stream: Any = dataset
+    if streaming:  # WebDataset shards: the stream splits shards by rank and worker itself
+        num_samples = cfg.data.num_samples or stream.num_samples or sum(stream.shard_counts().values())
+        if not num_samples:
+            raise ConfigError(
+                "data.num_samples is needed to size the epochs of a WebDataset stream (the shards' manifest.json "
+                "records it when semmim wrote them)"
+            )
+        stream.rank, stream.world_size, stream.num_samples = rank, world, int(num_samples)
+        stream.batch_size, stream.drop_last = cfg.data.batch_size, True
+        shard_size = int(num_samples) // world
+    else:
+        sampler = ResumableSampler(len(dataset), shuffle=True, seed=t.seed, rank=rank, world_size=world, drop_last=True)
+        shard_size = sampler.shard_size
     loader = build_loader(
         dataset,
         batch_size=cfg.data.batch_size,
@@ -139,11 +155,11 @@ def pretrain(
     accumulate = cfg.optim.accumulate
     if cfg.optim.effective_batch:
         accumulate = max(1, math.ceil(cfg.optim.effective_batch / (cfg.data.batch_size * world)))
-    batches_per_epoch = sampler.shard_size // cfg.data.batch_size
+    batches_per_epoch = shard_size // cfg.data.batch_size
     steps_per_epoch = batches_per_epoch // accumulate
     if steps_per_epoch < 1:
         raise ConfigError(
-            f"the dataset has {len(dataset)} images: {world} device(s) x data.batch_size={cfg.data.batch_size} "
+            f"the dataset has {shard_size * world} images: {world} device(s) x data.batch_size={cfg.data.batch_size} "
             f"x {accumulate} accumulation step(s) is more than one epoch holds; lower data.batch_size"
         )
     total_steps = t.max_steps if t.max_steps is not None else t.max_epochs * steps_per_epoch
@@ -190,10 +206,15 @@ def pretrain(
     elif is_main:
         (out / "config.yaml").write_text(to_yaml(cfg))
 
+    if getattr(method, "needs_captions", False) and not streaming and "caption" not in stream[0]:
+        raise ConfigError(
+            f"method '{cfg.method.name}' needs captions, but dataset '{cfg.data.name}' gives none: set "
+            "data.captions=templates for a labelled dataset, or use data.name=manifest / webdataset"
+        )
     n_params = sum(p.numel() for p in method.parameters() if p.requires_grad)
     if is_main:
         print(
-            f"[semmim] {cfg.method.name}: {n_params / 1e6:.2f}M trainable parameters | {len(dataset)} images | "
+            f"[semmim] {cfg.method.name}: {n_params / 1e6:.2f}M trainable parameters | {shard_size * world} images | "
             f"{world} device(s) x batch {cfg.data.batch_size} x accumulate {accumulate} "
             f"= effective batch {eff_batch} | "
             f"lr {peak_lr:.3g} (base_lr {cfg.optim.base_lr:g} x {eff_batch}/256) | {total_steps} steps, "
@@ -228,9 +249,12 @@ def pretrain(
     running = torch.zeros((), device=fabric.device)
     model.train()
     while step < total_steps:
-        sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
-        sampler.set_start(batch_in_epoch * cfg.data.batch_size)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+            sampler.set_start(batch_in_epoch * cfg.data.batch_size)
+        else:
+            stream.set_start(batch_in_epoch * cfg.data.batch_size)
         iterator = iter(loader)
         running.zero_()
         while batch_in_epoch < steps_per_epoch * accumulate and step < total_steps:

@@ -1,5 +1,6 @@
-"""Losses: prediction vs target over (masked) tokens."""
+"""Losses: prediction vs target over (masked) tokens; image-text contrastive losses."""
 
+from semmim.losses.contrastive import InfoNCE, gather_with_grad, info_nce, patch_text_kl
 from semmim.losses.reconstruction import (
     CosineLoss,
     MaskedMSE,
@@ -9,4 +10,15 @@ from semmim.losses.reconstruction import (
     masked_smooth_l1,
 )
 
-__all__ = ["CosineLoss", "MaskedMSE", "MaskedSmoothL1", "cosine_loss", "masked_mse", "masked_smooth_l1"]
+__all__ = [
+    "CosineLoss",
+    "InfoNCE",
+    "MaskedMSE",
+    "MaskedSmoothL1",
+    "cosine_loss",
+    "gather_with_grad",
+    "info_nce",
+    "masked_mse",
+    "masked_smooth_l1",
+    "patch_text_kl",
+]

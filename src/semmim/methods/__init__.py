@@ -6,9 +6,11 @@ from torch import nn
 
 from semmim.config import Config
 from semmim.methods.base import Method
+from semmim.methods.clip import CLIP
 from semmim.methods.mae import MAE
 from semmim.methods.maskdistill import MaskDistill
 from semmim.methods.milan import MILAN
+from semmim.methods.rils import RILS
 from semmim.methods.supmim import SupervisedMIM
 from semmim.registry import METHODS
 
@@ -19,4 +21,4 @@ def build_method(cfg: Config, teacher: nn.Module | None = None) -> Method:
     return method_cls.from_config(cfg, teacher=teacher)
 
 
-__all__ = ["MAE", "MILAN", "MaskDistill", "Method", "SupervisedMIM", "build_method"]
+__all__ = ["CLIP", "MAE", "MILAN", "RILS", "MaskDistill", "Method", "SupervisedMIM", "build_method"]

@@ -115,6 +115,7 @@ class TimmTeacher(Teacher):
         has_cls = getattr(model, "has_class_token", None)
         self.has_class_token = bool(getattr(model, "cls_token", None) is not None if has_cls is None else has_cls)
         self.attn_unsupported = _attn_unsupported_reason(model) if self.is_vit else "it is not a ViT"
+        self.token_proj: nn.Linear | None = None
         grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
         if grid is not None:
             self.native_grid = to_hw(grid)
@@ -184,7 +185,21 @@ class TimmTeacher(Teacher):
             if captured.value is None:
                 raise RuntimeError(f"{self.name}: the last block was not run")
             attn = self._cls_attention(captured.value)
-        return torch.cat([glob, patches], dim=1), attn, grid
+        tokens = torch.cat([glob, patches], dim=1)
+        if self.token_proj is not None:
+            tokens = self.token_proj(tokens)
+        return tokens, attn, grid
+
+    def set_projection(self, weight: Tensor) -> None:
+        """Project every token with ``weight`` (E, D), e.g. a semmim ``clip`` run's image projection, so
+        the targets live in the language-aligned space (as CLIP's ``proj`` for MILAN)."""
+        if weight.dim() != 2 or weight.shape[1] != self.embed_dim:
+            raise ValueError(f"projection of shape {tuple(weight.shape)} does not take {self.embed_dim}-d tokens")
+        proj = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        proj.weight.data.copy_(weight)
+        self.token_proj = proj
+        self.embed_dim = int(weight.shape[0])
+        self.freeze()
 
 
 def _clean_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -310,12 +325,47 @@ def build_timm_teacher(
         if path is not None:
             raise ValueError(f"timm teacher: give the weights once (pretrained={pretrained!r}, path={path!r})")
         path = file
+    projection = None
     if path is not None:
         net, label = _load_from_path(model, path, kwargs)
+        exported_norm = _export_normalization(path)
+        if exported_norm is not None:  # a semmim export records the input statistics it was trained with
+            mean = mean if mean is not None else exported_norm[0]
+            std = std if std is not None else exported_norm[1]
+        projection = _export_projection(path)
     else:
         if model is None:
             raise ValueError("timm teacher: give model= (a timm architecture) or path= (weights / semmim export)")
         name = f"{model}.{tag}" if tag else model
         net = timm.create_model(name, pretrained=hub, num_classes=0, **kwargs)
         label = f"timm {name}" + (" (pretrained)" if hub else "")
-    return TimmTeacher(net, image_size=image_size, mean=mean, std=std, name=label)
+    teacher = TimmTeacher(net, image_size=image_size, mean=mean, std=std, name=label)
+    if projection is not None:
+        teacher.set_projection(projection)
+        teacher.name += " + image projection"
+    return teacher
+
+
+PROJECTION_FILE = "image_projection.safetensors"
+
+
+def _export_normalization(path: str) -> tuple[list[float], list[float]] | None:
+    from semmim.export import read_normalization
+
+    p = Path(path).expanduser()
+    try:
+        return read_normalization(p) if (p.is_dir() or p.suffix == ".safetensors") else None
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _export_projection(path: str) -> Tensor | None:
+    """The image projection a semmim ``clip`` run writes next to its encoder, if any."""
+    from safetensors.torch import load_file
+
+    p = Path(path).expanduser()
+    folder = p if p.is_dir() else p.parent
+    f = folder / PROJECTION_FILE
+    if not f.is_file():
+        return None
+    return load_file(str(f))["weight"]

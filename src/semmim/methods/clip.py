@@ -1,0 +1,159 @@
+"""CLIP-style image-text alignment, optionally with a locked text tower (LiT).
+
+Radford et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision",
+arXiv:2103.00020; Zhai et al. 2022, "LiT: Zero-Shot Transfer with Locked-image text Tuning",
+arXiv:2111.07991 (here the *text* tower is the locked one). A ``clip`` run's image tower is a
+language-aligned teacher: its run directory holds ``encoder.safetensors`` and
+``image_projection.safetensors``, and ``teacher.name=timm teacher.path=RUN_DIR`` gives MILAN and
+MaskDistill targets in the joint image-text space (all tokens projected, as CLIP's ``proj``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from semmim.config import Config, ConfigError
+from semmim.losses.contrastive import InfoNCE
+from semmim.methods.base import Method, build_encoder
+from semmim.models.vit import ViTEncoder
+from semmim.registry import METHODS, TEXT_ENCODERS
+
+PROJECTION_FILE = "image_projection.safetensors"
+CLIP_FILE = "clip.safetensors"
+
+
+def build_text_tower(cfg: Config) -> Any:
+    t = cfg.text
+    return TEXT_ENCODERS.build(t.name, model=t.model, pretrained=t.pretrained, path=t.path, max_length=t.max_length)
+
+
+def captions_of(batch: Mapping[str, Any], method: str) -> list[str]:
+    captions = batch.get("caption") if isinstance(batch, Mapping) else None
+    if captions is None:
+        raise KeyError(
+            f"method '{method}' needs captions: use data.captions=templates with a labelled dataset, a manifest "
+            "(data.name=manifest) or WebDataset shards (data.name=webdataset)"
+        )
+    return list(captions)
+
+
+class ImageTextModel(Method):
+    """Shared parts of the language-aligned methods: image/text towers, projections, temperature.
+
+    Args:
+        encoder: image ViT.
+        text_encoder: a :class:`semmim.text.TextEncoder`.
+        embed_dim: width E of the joint space.
+        init_temperature: initial temperature of the contrastive loss (learnable).
+        locked_text: freeze the text tower; its embeddings are then cached per caption.
+        pool: image embedding from "cls" or "mean" of the patch tokens.
+        mean, std: image input normalisation.
+    """
+
+    needs_captions = True
+
+    def __init__(
+        self,
+        encoder: ViTEncoder,
+        text_encoder: nn.Module,
+        embed_dim: int,
+        init_temperature: float,
+        locked_text: bool,
+        pool: str,
+        mean: list[float],
+        std: list[float],
+    ) -> None:
+        super().__init__(encoder, mean, std)
+        if pool not in ("cls", "mean"):
+            raise ConfigError(f"method.pool must be 'cls' or 'mean', got '{pool}'")
+        self.pool = pool
+        self.text_encoder = text_encoder
+        self.locked_text = locked_text
+        if locked_text:
+            text_encoder.lock()  # type: ignore[operator]
+            self.frozen_prefixes = (*Method.frozen_prefixes, "text_encoder.")
+        self.image_proj = nn.Linear(encoder.embed_dim, embed_dim, bias=False)
+        self.text_proj = nn.Linear(int(text_encoder.embed_dim), embed_dim, bias=False)  # type: ignore[arg-type]
+        nn.init.normal_(self.image_proj.weight, std=encoder.embed_dim**-0.5)
+        nn.init.normal_(self.text_proj.weight, std=int(text_encoder.embed_dim) ** -0.5)  # type: ignore[arg-type]
+        self.contrastive = InfoNCE(init_temperature)
+        self._text_cache: dict[str, Tensor] = {}
+
+    # ------------------------------------------------------------------ towers
+    def text_features(self, captions: Sequence[str], device: torch.device) -> Tensor:
+        """(M,) captions -> (M, D_text) text-tower features (cached per caption when locked)."""
+        if not self.locked_text:
+            return self.text_encoder(list(captions)).float()
+        missing = sorted({c for c in captions if c not in self._text_cache})
+        if missing:
+            feats = self.text_encoder.encode(missing)  # type: ignore[operator]
+            self._text_cache.update({c: f.float().cpu() for c, f in zip(missing, feats, strict=True)})
+        return torch.stack([self._text_cache[c] for c in captions]).to(device)
+
+    def embed_text(self, captions: Sequence[str], device: torch.device) -> Tensor:
+        """(M,) captions -> (M, E) joint-space text embeddings (not normalised)."""
+        return self.text_proj(self.text_features(captions, device))
+
+    def pool_tokens(self, tokens: Tensor) -> Tensor:
+        """(N, 1 + L, D) -> (N, D)."""
+        return tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(1)
+
+    def embed_image(self, images: Tensor) -> Tensor:
+        """(N, C, H, W) in [0, 1] -> (N, E) joint-space image embeddings (not normalised)."""
+        return self.image_proj(self.pool_tokens(self.encoder.forward_features(self.normalize(images))))
+
+    @torch.no_grad()
+    def zero_shot_weights(self, prompts: Sequence[Sequence[str]], device: torch.device) -> Tensor:
+        """Per-class prompts -> (K, E) normalised class embeddings (mean over each class's prompts)."""
+        weights = []
+        for class_prompts in prompts:
+            emb = F.normalize(self.embed_text(class_prompts, device), dim=-1).mean(0)
+            weights.append(F.normalize(emb, dim=-1))
+        return torch.stack(weights)
+
+    # ------------------------------------------------------------------ export
+    def export(self, out_dir: Path, extra: dict[str, str]) -> Path:
+        """encoder.safetensors + image_projection.safetensors (teacher use) + clip.safetensors (zero-shot)."""
+        path = super().export(out_dir, extra)
+        save_file({"weight": self.image_proj.weight.detach().cpu().contiguous()}, str(out_dir / PROJECTION_FILE))
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(out_dir / CLIP_FILE), metadata={"format": "pt", "producer": "semmim"})
+        return path
+
+
+@METHODS.register("clip")
+class CLIP(ImageTextModel):
+    """Symmetric InfoNCE between pooled image tokens and caption embeddings (learnable temperature)."""
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        imgs = self.images_of(batch)
+        captions = captions_of(batch, "clip")
+        image = self.embed_image(imgs)
+        text = self.embed_text(captions, imgs.device)
+        loss = self.contrastive(image, text)
+        with torch.no_grad():
+            sims = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
+            hit = [captions[j] == captions[i] for i, j in enumerate(sims.argmax(1).tolist())]
+            acc = torch.tensor(sum(hit) / len(hit), device=imgs.device)
+        return {"loss": loss, "i2t_acc": acc, "temperature": 1.0 / self.contrastive.scale.detach()}
+
+    @classmethod
+    def from_config(cls, cfg: Config, teacher: nn.Module | None = None) -> CLIP:
+        m = cfg.method
+        return cls(
+            encoder=build_encoder(cfg),
+            text_encoder=build_text_tower(cfg),
+            embed_dim=m.embed_dim,
+            init_temperature=m.init_temperature,
+            locked_text=cfg.text.locked,
+            pool=m.pool or "cls",
+            mean=list(cfg.data.mean),
+            std=list(cfg.data.std),
+        )

@@ -1,0 +1,147 @@
+"""RILS: masked visual reconstruction in language semantic space.
+
+Yang et al. 2023, "RILS: Masked Visual Reconstruction in Language Semantic Space", arXiv:2301.06958.
+Caption embeddings of the batch act as prototypes: every patch becomes a distribution over the
+captions. The unmasked image gives (i) the image embedding for an image-text contrastive loss and
+(ii) per-patch target distributions softmax(patch·text / 0.04); the masked image, through an
+MAE-style visible-only encoder and a 1-block decoder of encoder width, predicts log-softmax(pred·text
+/ 0.1) for the masked patches. loss = InfoNCE + 0.5 * KL(target || prediction), the KL taken over the
+masked patches of the samples whose image-to-text retrieval was correct.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from semmim.config import Config, ConfigError
+from semmim.losses.contrastive import gather_with_grad, patch_text_kl, world_info
+from semmim.methods.base import build_encoder, build_masker
+from semmim.methods.clip import ImageTextModel, build_text_tower, captions_of
+from semmim.models.vit import ViTEncoder
+from semmim.registry import DECODERS, METHODS
+
+
+def gather_captions(captions: list[str]) -> list[str]:
+    """All ranks' captions in rank order (strings, no gradient)."""
+    _, world = world_info()
+    if world == 1:
+        return captions
+    out: list[list[str] | None] = [None] * world
+    dist.all_gather_object(out, captions)
+    return [c for part in out for c in (part or [])]
+
+
+def retrieval_correct(image: Tensor, text: Tensor, captions: list[str], all_captions: list[str]) -> Tensor:
+    """(N,) 1.0 where the caption retrieved for image i (over ``text``'s rows) reads as image i's caption.
+
+    Comparing caption strings rather than indices counts a retrieval as correct when another image
+    has the identical caption (common with class-name templates).
+    """
+    sims = F.normalize(image.float(), dim=-1) @ F.normalize(text.float(), dim=-1).T
+    best = sims.argmax(dim=1).tolist()
+    return torch.tensor([float(all_captions[j] == captions[i]) for i, j in enumerate(best)], device=image.device)
+
+
+@METHODS.register("rils")
+class RILS(ImageTextModel):
+    """Contrastive image-text loss + KL between masked and unmasked patch-caption distributions.
+
+    Args: see :class:`semmim.methods.clip.ImageTextModel`, plus
+        decoder: 1-block MAE decoder of encoder width predicting E per token.
+        masker: uniform-count masker (random 75%).
+        student_temperature, teacher_temperature: 0.1 and 0.04 in the paper.
+        kl_weight: 0.5 in the paper.
+        gate_correct: restrict the KL to samples with correct image-to-text retrieval.
+    """
+
+    def __init__(
+        self,
+        encoder: ViTEncoder,
+        text_encoder: nn.Module,
+        decoder: nn.Module,
+        masker: Any,
+        embed_dim: int,
+        init_temperature: float,
+        locked_text: bool,
+        student_temperature: float,
+        teacher_temperature: float,
+        kl_weight: float,
+        gate_correct: bool,
+        mean: list[float],
+        std: list[float],
+        pool: str = "mean",
+    ) -> None:
+        super().__init__(encoder, text_encoder, embed_dim, init_temperature, locked_text, pool, mean, std)
+        if not getattr(masker, "uniform_count", True):
+            raise ConfigError(f"RILS uses the visible-only encoder; {masker!r} varies the visible count")
+        self.decoder = decoder
+        self.masker = masker
+        self.student_temperature = student_temperature
+        self.teacher_temperature = teacher_temperature
+        self.kl_weight = kl_weight
+        self.gate_correct = gate_correct
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        imgs = self.images_of(batch)
+        captions = captions_of(batch, "rils")
+        x = self.normalize(imgs)
+        full = self.encoder.forward_features(x)  # unmasked pass (N, 1 + L, D)
+        image = self.image_proj(self.pool_tokens(full))
+        text = self.embed_text(captions, imgs.device)
+        contrastive = self.contrastive(image, text)
+        # the batch's (all ranks') captions are the prototypes; unique strings, no gradient
+        all_captions = gather_captions(captions)
+        all_text = gather_with_grad(text).detach()
+        keep: dict[str, int] = {}
+        for i, c in enumerate(all_captions):
+            keep.setdefault(c, i)
+        prototypes = all_text[list(keep.values())]
+        gate = retrieval_correct(image, all_text, captions, all_captions) if self.gate_correct else None
+        mask = self.masker(x.shape[0], self.grid, device=x.device)
+        latent = self.encoder.forward_visible(x, mask.ids_keep)
+        pred = self.decoder(latent, mask)[:, 1:]  # (N, L, E)
+        teacher_patches = self.image_proj(full[:, 1:]).detach()
+        kl = patch_text_kl(
+            pred, teacher_patches, prototypes, mask.mask, self.student_temperature, self.teacher_temperature, gate
+        )
+        out = {"loss": contrastive + self.kl_weight * kl, "info_nce": contrastive.detach(), "kl": kl.detach()}
+        if gate is not None:
+            out["gate_frac"] = gate.mean()
+        return out
+
+    @classmethod
+    def from_config(cls, cfg: Config, teacher: nn.Module | None = None) -> RILS:
+        m = cfg.method
+        encoder = build_encoder(cfg)
+        decoder = DECODERS.build(
+            cfg.decoder.name or "mae",
+            grid_size=encoder.grid_size,
+            encoder_dim=encoder.embed_dim,
+            out_dim=m.embed_dim,
+            embed_dim=encoder.embed_dim,  # "a 1-block decoder of encoder width"
+            depth=cfg.decoder.depth,
+            num_heads=cfg.model.num_heads,
+            mlp_ratio=cfg.decoder.mlp_ratio,
+        )
+        return cls(
+            encoder=encoder,
+            text_encoder=build_text_tower(cfg),
+            decoder=decoder,
+            masker=build_masker(cfg, default="random"),
+            embed_dim=m.embed_dim,
+            init_temperature=m.init_temperature,
+            locked_text=cfg.text.locked,
+            student_temperature=m.student_temperature,
+            teacher_temperature=m.teacher_temperature,
+            kl_weight=m.kl_weight,
+            gate_correct=m.gate_correct,
+            mean=list(cfg.data.mean),
+            std=list(cfg.data.std),
+            pool=m.pool or "mean",
+        )
