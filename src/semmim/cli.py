@@ -14,6 +14,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from semmim.config import ConfigError
 
@@ -115,10 +116,9 @@ def cmd_eval_knn(args: argparse.Namespace) -> int:
     return _emit_metrics(metrics, args.out)
 
 
-def cmd_eval_classify(args: argparse.Namespace) -> int:
-    from semmim.eval.classify import classify_eval
-
-    metrics = classify_eval(
+def _eval_on_split(args: argparse.Namespace, evaluate: Any) -> int:
+    """Run a protocol taking (model, data, root, split, limit, batch_size, num_workers) and report it."""
+    metrics = evaluate(
         args.model,
         data=args.data,
         root=args.root,
@@ -128,21 +128,29 @@ def cmd_eval_classify(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
     )
     return _emit_metrics(metrics, args.out)
+
+
+def cmd_eval_classify(args: argparse.Namespace) -> int:
+    from semmim.eval.classify import classify_eval
+
+    return _eval_on_split(args, classify_eval)
 
 
 def cmd_eval_zeroshot(args: argparse.Namespace) -> int:
     from semmim.eval.zeroshot import zeroshot_eval
 
-    metrics = zeroshot_eval(
-        args.model,
-        data=args.data,
-        root=args.root,
-        split=args.split,
-        limit=args.limit,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-    )
-    return _emit_metrics(metrics, args.out)
+    return _eval_on_split(args, zeroshot_eval)
+
+
+def _add_split_eval_args(p: argparse.ArgumentParser, model_help: str) -> None:
+    p.add_argument("--model", required=True, help=model_help)
+    p.add_argument("--data", default="fashion_mnist", help="labelled dataset (fashion_mnist | imagefolder)")
+    p.add_argument("--root", default=None, help="dataset root (imagefolder: the evaluation folder)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=int, default=None, help="use the first N images")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--out", default=None, help="write metrics.json here")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -193,32 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--out", default=None, help="write metrics.json here")
     k.set_defaults(func=cmd_eval_knn)
     c = esub.add_parser("classify", help="top-1/top-5 of an exported classifier (supmim's classifier.safetensors)")
-    c.add_argument("--model", required=True, help="run directory or classifier.safetensors")
-    c.add_argument("--data", default="fashion_mnist", help="dataset name (fashion_mnist | imagefolder)")
-    c.add_argument("--root", default=None, help="dataset root (imagefolder: the validation folder)")
-    c.add_argument("--split", default="test")
-    c.add_argument("--limit", type=int, default=None, help="use the first N images")
-    c.add_argument("--batch-size", type=int, default=256)
-    c.add_argument("--num-workers", type=int, default=2)
-    c.add_argument("--out", default=None, help="write metrics.json here")
+    _add_split_eval_args(c, "run directory or classifier.safetensors")
     c.set_defaults(func=cmd_eval_classify)
     z = esub.add_parser("zeroshot", help="zero-shot top-1 of a language-aligned run (clip, rils) with class prompts")
-    z.add_argument("--model", required=True, help="run directory of a clip or rils run")
-    z.add_argument("--data", default="fashion_mnist", help="labelled dataset (fashion_mnist | imagefolder)")
-    z.add_argument("--root", default=None)
-    z.add_argument("--split", default="test")
-    z.add_argument("--limit", type=int, default=None, help="use the first N images")
-    z.add_argument("--batch-size", type=int, default=256)
-    z.add_argument("--num-workers", type=int, default=2)
-    z.add_argument("--out", default=None, help="write metrics.json here")
+    _add_split_eval_args(z, "run directory of a clip or rils run")
     z.set_defaults(func=cmd_eval_zeroshot)
 
-    try:
-        from semmim.data.shards import add_data_parser
-    except ImportError:  # pragma: no cover - the shards module is optional at import time
-        pass
-    else:
-        add_data_parser(sub)
+    from semmim.data_cli import add_data_parser
+
+    add_data_parser(sub)
 
     p = sub.add_parser(
         "demo",

@@ -27,7 +27,7 @@ from semmim.eval.zeroshot import zeroshot_eval
 
 # full demo: stages sized for ~2 CPU cores (about 13 minutes); quick: a smoke test of every stage
 BUDGET = {
-    "full": {"teacher_steps": 300, "steps": 200, "knn_train": 10000, "knn_test": 2000, "zs_test": 2000},
+    "full": {"teacher_steps": 250, "steps": 160, "knn_train": 10000, "knn_test": 2000, "zs_test": 2000},
     "quick": {"teacher_steps": 5, "steps": 5, "knn_train": 500, "knn_test": 200, "zs_test": 200},
 }
 
