@@ -38,12 +38,12 @@ from PIL import Image
 from semmim.data.datasets import (
     ImageDataset,
     Sample,
+    SkipsBadFiles,
     SubsetDataset,
     Transform,
     _apply,
     _check_index,
     _mode_for,
-    decode_image,
     sample_seed,
 )
 from semmim.registry import DATASETS
@@ -227,7 +227,7 @@ def _parse_labels(path: Path, raw: list[tuple[int, Any]]) -> tuple[list[int], li
 
 
 @DATASETS.register("manifest", help="Images and captions listed in a CSV / TSV / JSONL manifest (data.root = the file)")
-class ManifestDataset(ImageDataset):
+class ManifestDataset(SkipsBadFiles, ImageDataset):
     """Image–caption pairs listed in a manifest file.
 
     The manifest is a CSV (or TSV) file with a header row, or a JSONL file with one object per line.
@@ -349,22 +349,11 @@ class ManifestDataset(ImageDataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    @property
-    def max_bad_files(self) -> int:
-        """How many missing or undecodable files are tolerated."""
-        return max(1, int(self.max_bad_fraction * self.total_rows))
+    def _bad_total(self) -> int:
+        return self.total_rows
 
-    def _mark_bad(self, index: int, err: BaseException) -> None:
-        path = self.samples[index][0]
-        self._bad_index.add(index)
-        self.bad_files.append(path)
-        warnings.warn(f"skipping unreadable image {path}: {type(err).__name__}: {err}", RuntimeWarning, stacklevel=3)
-        if len(self.bad_files) > self.max_bad_files:
-            shown = ", ".join(self.bad_files[:5]) + (", ..." if len(self.bad_files) > 5 else "")
-            raise RuntimeError(
-                f"{len(self.bad_files)} of {self.total_rows} images of {self.path} are missing or failed to decode, "
-                f"more than data.max_bad_fraction={self.max_bad_fraction} allows ({self.max_bad_files}): {shown}"
-            )
+    def _source(self) -> str:
+        return str(self.path)
 
     def _resolve(self, index: int) -> int:
         """The sample served for ``index``: itself, or the next one not known to be broken."""
@@ -381,15 +370,8 @@ class ManifestDataset(ImageDataset):
         Returns:
             ``(image, label)``: a PIL image in mode "RGB" (or "L") and the label or ``-1``.
         """
-        index = _check_index(index, len(self))
-        for _ in range(len(self)):
-            j = self._resolve(index)
-            path, label = self.samples[j]
-            try:
-                return decode_image(path, self.mode), label
-            except Exception as err:  # PIL raises many types for corrupt data; all mean "bad file"
-                self._mark_bad(j, err)
-        raise RuntimeError(f"no image of {self.path} could be decoded")
+        image, label, _ = self.decode_first_good(_check_index(index, len(self)))
+        return image, label
 
     def caption(self, index: int) -> str:
         """The caption of sample ``index`` (of the sample :meth:`load` served for it)."""

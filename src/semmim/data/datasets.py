@@ -181,8 +181,63 @@ def decode_image(path: str | os.PathLike[str], mode: str = "RGB") -> Image.Image
         return out.convert(mode) if out.mode != mode else out.copy()
 
 
+class SkipsBadFiles:
+    """Decoding of image files listed in ``samples`` that skips and counts broken files.
+
+    A broken file is warned about once, remembered, and replaced by the next decodable sample; more
+    than ``max_bad_files`` of them stop the run with a ``RuntimeError`` listing some. Used by the file
+    datasets (image folders, manifests).
+    """
+
+    samples: list[tuple[str, int]]
+    bad_files: list[str]
+    _bad_index: set[int]
+    max_bad_fraction: float
+    mode: str
+
+    def _bad_total(self) -> int:
+        """The number of files the tolerated fraction refers to."""
+        return len(self.samples)
+
+    def _source(self) -> str:
+        """Where the files come from, for messages."""
+        return str(getattr(self, "root", ""))
+
+    @property
+    def max_bad_files(self) -> int:
+        """How many undecodable files are tolerated before a ``RuntimeError``."""
+        return max(1, int(self.max_bad_fraction * self._bad_total()))
+
+    def _mark_bad(self, index: int, err: BaseException) -> None:
+        path = self.samples[index][0]
+        self._bad_index.add(index)
+        self.bad_files.append(path)
+        warnings.warn(f"skipping unreadable image {path}: {type(err).__name__}: {err}", RuntimeWarning, stacklevel=4)
+        if len(self.bad_files) > self.max_bad_files:
+            shown = ", ".join(self.bad_files[:5]) + (", ..." if len(self.bad_files) > 5 else "")
+            raise RuntimeError(
+                f"{len(self.bad_files)} of {self._bad_total()} images of {self._source()} are missing or failed to "
+                f"decode, more than data.max_bad_fraction={self.max_bad_fraction} allows ({self.max_bad_files}): "
+                f"{shown}"
+            )
+
+    def decode_first_good(self, index: int) -> tuple[Image.Image, int, int]:
+        """Decode sample ``index`` or the next decodable one: ``(image, label, index served)``."""
+        n = len(self.samples)
+        for step in range(n):
+            j = (index + step) % n
+            if j in self._bad_index:
+                continue
+            path, label = self.samples[j]
+            try:
+                return decode_image(path, self.mode), label, j
+            except Exception as err:  # PIL raises many types for corrupt data; all mean "bad file"
+                self._mark_bad(j, err)
+        raise RuntimeError(f"no image of {self._source()} could be decoded")
+
+
 @DATASETS.register("imagefolder", help="Images in root/<class>/<img> (labelled) or a flat folder (unlabelled)")
-class ImageFolderDataset(ImageDataset):
+class ImageFolderDataset(SkipsBadFiles, ImageDataset):
     """Images from a folder: ``root/<class>/<img>`` (labelled) or ``root/<img>`` (unlabelled).
 
     Class names are the sorted names of the subfolders of ``root`` that contain images; labels are
@@ -274,41 +329,14 @@ class ImageFolderDataset(ImageDataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    @property
-    def max_bad_files(self) -> int:
-        """How many undecodable files are tolerated before a ``RuntimeError``."""
-        return max(1, int(self.max_bad_fraction * len(self)))
-
-    def _mark_bad(self, index: int, err: BaseException) -> None:
-        path = self.samples[index][0]
-        self._bad_index.add(index)
-        self.bad_files.append(path)
-        warnings.warn(f"skipping unreadable image {path}: {type(err).__name__}: {err}", RuntimeWarning, stacklevel=3)
-        if len(self.bad_files) > self.max_bad_files:
-            shown = ", ".join(self.bad_files[:5]) + (", ..." if len(self.bad_files) > 5 else "")
-            raise RuntimeError(
-                f"{len(self.bad_files)} of {len(self)} images in {self.root} failed to decode, more than "
-                f"data.max_bad_fraction={self.max_bad_fraction} allows ({self.max_bad_files}): {shown}"
-            )
-
     def load(self, index: int) -> tuple[Image.Image, int]:
         """Decode sample ``index``, or the next decodable one if it is broken.
 
         Returns:
             ``(image, label)``: a PIL image in mode "RGB" (or "L") and the class index or ``-1``.
         """
-        n = len(self)
-        index = _check_index(index, n)
-        for step in range(n):
-            j = (index + step) % n
-            if j in self._bad_index:
-                continue
-            path, label = self.samples[j]
-            try:
-                return decode_image(path, self.mode), label
-            except Exception as err:  # PIL raises many types for corrupt data; all mean "bad file"
-                self._mark_bad(j, err)
-        raise RuntimeError(f"no image in {self.root} could be decoded")
+        image, label, _ = self.decode_first_good(_check_index(index, len(self)))
+        return image, label
 
 
 # --------------------------------------------------------------------------------------------------
