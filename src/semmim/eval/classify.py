@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from semmim.config import DataConfig
+from semmim.eval.accuracy import topk_accuracy
 from semmim.export import read_metadata, read_normalization, read_timm_config, resolve_run_file
 
 CLASSIFIER_FILE = "classifier.safetensors"
@@ -64,13 +65,4 @@ def classify_eval(
     net.eval().to(dev)
     m = torch.tensor(mean, device=dev).view(1, -1, 1, 1)
     s = torch.tensor(std, device=dev).view(1, -1, 1, 1)
-    top1 = top5 = n = 0
-    for batch in loader:
-        logits = net((batch["image"].to(dev) - m) / s)
-        y = batch["label"].to(dev)
-        k = min(5, logits.shape[1])
-        pred = logits.topk(k, dim=1).indices
-        top1 += int((pred[:, 0] == y).sum())
-        top5 += int((pred == y[:, None]).any(1).sum())
-        n += len(y)
-    return {"protocol": "classify", "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "n_test": n}
+    return {"protocol": "classify", **topk_accuracy(lambda x: net((x - m) / s), loader, dev)}

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from semmim.config import DataConfig, load_config
+from semmim.eval.accuracy import topk_accuracy
 from semmim.export import resolve_run_file
 
 
@@ -65,13 +66,5 @@ def zeroshot_eval(
     loader = build_loader(
         dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=False, sampler=None, drop_last=False
     )
-    top1 = top5 = n = 0
-    for batch in loader:
-        image = F.normalize(model.embed_image(batch["image"].to(dev)), dim=-1)
-        logits = image @ weights.T
-        y = batch["label"].to(dev)
-        pred = logits.topk(min(5, len(classes)), dim=1).indices
-        top1 += int((pred[:, 0] == y).sum())
-        top5 += int((pred == y[:, None]).any(1).sum())
-        n += len(y)
-    return {"protocol": "zeroshot", "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "n_test": n}
+    metrics = topk_accuracy(lambda x: F.normalize(model.embed_image(x), dim=-1) @ weights.T, loader, dev)
+    return {"protocol": "zeroshot", **metrics}

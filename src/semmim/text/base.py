@@ -16,7 +16,6 @@ batched inference (:meth:`TextEncoder.encode`).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from semmim.registry import TEXT_ENCODERS
+from semmim.teachers.base import looks_like_path
 
 __all__ = [
     "DEFAULT_TEXT_ENCODER",
@@ -39,18 +39,6 @@ DEFAULT_TEXT_ENCODER = "minilm"
 
 TextInput = str | Sequence[str] | Mapping[str, Tensor]
 """What :meth:`TextEncoder.forward` accepts: strings, or the output of :meth:`TextEncoder.tokenize`."""
-
-
-def looks_like_path(name: str) -> bool:
-    """True for strings that are clearly file-system paths rather than hub ids like ``org/name``."""
-    p = Path(name).expanduser()
-    return (
-        p.is_absolute()
-        or name.startswith((".", "~"))
-        or name.count("/") > 1
-        or "\\" in name
-        or p.suffix in {".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz"}
-    )
 
 
 def parse_flag(value: bool | str | int | None, default: bool) -> bool:
