@@ -201,8 +201,9 @@ class TrainerConfig:
     ckpt_every_n_steps: int = 1000
     compile: bool = False
     progress_bar: bool = True
-    max_nonfinite_steps: int = 0
-    """Allowed non-finite losses in a row before the run stops (0 = stop at the first)."""
+    max_nonfinite_steps: int = 3
+    """A NaN/Inf loss skips its step (counted in metrics as skipped_nonfinite); the run stops with an error
+    after more than this many in a row (0 = stop at the first)."""
 
 
 @dataclass
@@ -307,6 +308,44 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return obj
 
 
+# Which parts each built-in method can compose: its encoder style fixes the decoders it can feed (a
+# visible-only MAE-style encoder feeds the MAE / prompting decoders; a BEiT-style encoder with mask
+# tokens returns every position, so only a per-token head fits), and maskers that vary the number of
+# visible patches per image only work with mask tokens. Methods registered by users are not checked here.
+METHOD_PARTS: dict[str, dict[str, tuple[str, ...]]] = {
+    "mae": {"encoder": ("visible-only",), "decoder": ("mae", "prompting"), "masking": ("random",)},
+    "milan": {"encoder": ("visible-only",), "decoder": ("prompting", "mae"), "masking": ("semantic", "random")},
+    "maskdistill": {"encoder": ("mask-token (BEiT)",), "decoder": ("linear",), "masking": ("block", "random")},
+    "supmim": {"encoder": ("visible-only",), "decoder": ("mae", "prompting"), "masking": ("random",)},
+    "rils": {"encoder": ("visible-only",), "decoder": ("mae", "prompting"), "masking": ("random",)},
+    "clip": {"encoder": ("full image",), "decoder": (), "masking": ()},
+}
+
+
+def _check_parts(cfg: Config) -> None:
+    parts = METHOD_PARTS.get(cfg.method.name)
+    if parts is None:
+        return
+    style = parts["encoder"][0]
+    for key, value in (("decoder.name", cfg.decoder.name), ("method.masking", cfg.method.masking)):
+        allowed = parts[key.split(".")[0] if key.startswith("decoder") else "masking"]
+        if value is None or value in allowed:
+            continue
+        if not allowed:
+            raise ConfigError(f"{key}={value!r}: method '{cfg.method.name}' uses no {key.split('.')[-1]}; remove it")
+        why = ""
+        if key == "decoder.name" and value == "prompting":
+            why = " (the prompting decoder needs a visible-only encoder; this method's encoder is " + style + ")"
+        elif key == "method.masking" and value == "block":
+            why = " (block masking varies the visible count per image, which a visible-only encoder cannot batch)"
+        elif key == "method.masking" and value == "semantic":
+            why = " (semantic-aware masking needs a teacher's attention)"
+        raise ConfigError(
+            f"{key}={value!r} cannot be combined with method.name={cfg.method.name!r}{why}; "
+            f"allowed: {', '.join(allowed)}"
+        )
+
+
 def validate(cfg: Config) -> None:
     """Reject impossible combinations before any work starts."""
     m = cfg.model
@@ -336,6 +375,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.accumulate must be >= 1, got {cfg.optim.accumulate}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must have two values, got {cfg.optim.betas}")
+    _check_parts(cfg)
     if cfg.trainer.precision not in ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"):
         raise ConfigError(
             f"trainer.precision='{cfg.trainer.precision}' is not one of auto, 32-true, bf16-mixed, 16-mixed, bf16-true"

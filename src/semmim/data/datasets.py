@@ -194,6 +194,7 @@ class SkipsBadFiles:
     _bad_index: set[int]
     max_bad_fraction: float
     mode: str
+    last_skipped: int = 0
 
     def _bad_total(self) -> int:
         """The number of files the tolerated fraction refers to."""
@@ -230,9 +231,14 @@ class SkipsBadFiles:
                 continue
             path, label = self.samples[j]
             try:
-                return decode_image(path, self.mode), label, j
+                image = decode_image(path, self.mode)
             except Exception as err:  # PIL raises many types for corrupt data; all mean "bad file"
                 self._mark_bad(j, err)
+                continue
+            # broken files passed over to serve this index (known ones included): summed per epoch by the
+            # trainer across workers and ranks, through the item's "skipped" field
+            self.last_skipped = step
+            return image, label, j
         raise RuntimeError(f"no image of {self._source()} could be decoded")
 
 
@@ -427,6 +433,17 @@ class SubsetDataset(ImageDataset):
         return self.dataset.load(self.indices[_check_index(index, len(self))])
 
 
+def _skipped_by(dataset: Any) -> int:
+    """Broken files the innermost file dataset passed over for its last ``load`` (0 for other datasets)."""
+    for _ in range(8):  # wrappers (subsets, captions) keep the file dataset in ``.dataset``
+        if hasattr(dataset, "last_skipped"):
+            return int(dataset.last_skipped)
+        dataset = getattr(dataset, "dataset", None)
+        if dataset is None:
+            break
+    return 0
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A well-mixed 63-bit seed that depends only on ``(seed, epoch, index)`` (stable across runs)."""
     digest = hashlib.blake2b(b"%d,%d,%d" % (int(seed), int(epoch), int(index)), digest_size=8).digest()
@@ -512,7 +529,7 @@ class SeededDataset(Dataset[Sample]):
                 random.setstate(py_state)
                 if np_state is not None:
                     np.random.set_state(np_state)
-        item: Sample = {"image": image, "label": int(label), "index": index}
+        item: Sample = {"image": image, "label": int(label), "index": index, "skipped": _skipped_by(self.dataset)}
         caption = getattr(self.dataset, "caption", None)
         if callable(caption):
             item["caption"] = str(caption(index))

@@ -51,6 +51,13 @@ class MetricsWriter:
         with self.csv.open("a", newline="") as f:
             csv.writer(f).writerow([row.get(k, "") for k in self.CSV_FIELDS])
 
+    def note(self, row: dict[str, Any]) -> None:
+        """Append an event (not a training step) to ``events.jsonl``, e.g. the unreadable files of an epoch."""
+        if not self.enabled:
+            return
+        with (self.jsonl.parent / "events.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a ``metrics.jsonl`` file (a run directory is accepted)."""

@@ -68,9 +68,54 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "bf16-mixed" if on_gpu else "32-true"
 
 
-def _save_atomic(fabric: Any, path: Path, state: dict[str, Any]) -> None:
+FAULT_ENV = "SEMMIM_FAULT"
+"""Fault injection for the reliability tests (docs/reliability.md): ``kill_after_step:K`` sends SIGKILL
+to this process right after optimizer step K; ``kill_in_save:K`` leaves a half-written temporary
+checkpoint at step K and then sends SIGKILL."""
+
+
+def _fault(kind: str, step: int) -> bool:
+    spec = os.environ.get(FAULT_ENV, "")
+    return bool(spec) and spec == f"{kind}:{step}"
+
+
+def _sigkill_self() -> None:
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def checkpoint_bytes(model: nn.Module) -> int:
+    """Rough size of a checkpoint: fp32 weights plus AdamW's two moments."""
+    return sum(p.numel() * 4 * (3 if p.requires_grad else 1) for p in model.state_dict(keep_vars=True).values())
+
+
+def check_free_space(out_dir: Path, need: int) -> None:
+    """Fail before training when ``out_dir``'s disk cannot hold two checkpoints (the old and the new one)."""
+    import shutil
+
+    free = shutil.disk_usage(out_dir).free
+    if free < 2 * need:
+        raise OSError(
+            f"not enough free disk space in {out_dir}: {free / 2**20:.0f} MiB free, a checkpoint needs about "
+            f"{need / 2**20:.0f} MiB and an atomic save needs room for two"
+        )
+
+
+def _save_atomic(fabric: Any, path: Path, state: dict[str, Any], step: int) -> None:
+    """Write ``path`` via a temporary file and a rename: a crash mid-write keeps the previous checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
-    fabric.save(tmp, state)
+    try:
+        fabric.save(tmp, state)
+    except (OSError, RuntimeError) as e:  # disk full, quota, I/O error (torch wraps some as RuntimeError)
+        if fabric.global_rank == 0:
+            tmp.unlink(missing_ok=True)
+        kept = f"; the previous checkpoint {path} is intact" if path.exists() else ""
+        raise OSError(f"could not write the checkpoint {tmp} at step {step}: {e}{kept}") from e
+    if _fault("kill_in_save", step) and fabric.global_rank == 0:
+        with open(tmp, "r+b") as f:
+            f.truncate(max(1, os.path.getsize(tmp) // 2))
+        _sigkill_self()
     fabric.barrier()
     if fabric.global_rank == 0:
         os.replace(tmp, path)
@@ -110,6 +155,10 @@ def pretrain(
         raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
     check_writable(out)
     (out / CKPT_DIR).mkdir(exist_ok=True)
+    stale = ckpt_path.with_name(ckpt_path.name + ".tmp")
+    if stale.exists() and int(os.environ.get("RANK", 0)) == 0:
+        print(f"[semmim] removing {stale}, left by a run that stopped while saving", flush=True)
+        stale.unlink()
 
     t = cfg.trainer
     precision = resolve_precision(t.precision, t.accelerator)
@@ -201,7 +250,13 @@ def pretrain(
     step, epoch, batch_in_epoch = 0, 0, 0
     if resume:
         state = {"model": model, "optimizer": optimizer}
-        rest = fabric.load(ckpt_path, state)
+        try:
+            rest = fabric.load(ckpt_path, state, weights_only=True)
+        except Exception as e:
+            raise RuntimeError(
+                f"--resume: cannot load the checkpoint {ckpt_path} ({type(e).__name__}: {e}); it may be truncated "
+                "or written by an incompatible version"
+            ) from e
         step, epoch, batch_in_epoch = int(rest["step"]), int(rest["epoch"]), int(rest["batch_in_epoch"])
     elif is_main:
         (out / "config.yaml").write_text(to_yaml(cfg))
@@ -212,6 +267,8 @@ def pretrain(
             "data.captions=templates for a labelled dataset, or use data.name=manifest / webdataset"
         )
     n_params = sum(p.numel() for p in method.parameters() if p.requires_grad)
+    if is_main:
+        check_free_space(out, checkpoint_bytes(method))
     if is_main:
         print(
             f"[semmim] {cfg.method.name}: {n_params / 1e6:.2f}M trainable parameters | {shard_size * world} images | "
@@ -233,7 +290,7 @@ def pretrain(
             "batch_in_epoch": batch_in_epoch,
             "config": to_dict(cfg),
         }
-        _save_atomic(fabric, ckpt_path, state)
+        _save_atomic(fabric, ckpt_path, state, step)
 
     bar = None
     if is_main and t.progress_bar:
@@ -241,12 +298,30 @@ def pretrain(
 
         bar = tqdm(total=total_steps, initial=step, desc=cfg.method.name, dynamic_ncols=True, mininterval=1.0)
 
-    nonfinite_in_row = 0
+    nonfinite_in_row = nonfinite_total = 0
     window_imgs, window_compute, window_wait = 0, 0.0, 0.0
     t_start = time.perf_counter()
     window_start = t_start
     last_loss = float("nan")
     running = torch.zeros((), device=fabric.device)
+    skipped = torch.zeros((), device=fabric.device, dtype=torch.long)
+
+    def report_skipped(epoch: int, samples: int) -> None:
+        """Sum the unreadable files of this (part of an) epoch over workers and ranks; too many stop the run."""
+        counts = torch.stack([skipped.float(), torch.tensor(float(samples), device=fabric.device)])
+        total = fabric.all_reduce(counts, reduce_op="sum") if world > 1 else counts
+        n_bad, n_seen = (int(v) for v in total.tolist())  # type: ignore[union-attr]
+        if n_bad == 0:
+            return
+        if is_main:
+            print(f"[semmim] epoch {epoch}: skipped {n_bad} unreadable image(s) in {n_seen} samples", flush=True)
+            writer.note({"epoch": epoch, "step": step, "skipped_images": n_bad, "samples": n_seen})
+        if n_bad > max(1, cfg.data.max_bad_fraction * n_seen):
+            raise RuntimeError(
+                f"epoch {epoch}: {n_bad} of {n_seen} images could not be decoded, more than "
+                f"data.max_bad_fraction={cfg.data.max_bad_fraction} allows; the warnings above name the files"
+            )
+
     model.train()
     while step < total_steps:
         dataset.set_epoch(epoch)
@@ -257,6 +332,8 @@ def pretrain(
             stream.set_start(batch_in_epoch * cfg.data.batch_size)
         iterator = iter(loader)
         running.zero_()
+        skipped.zero_()
+        epoch_samples = 0
         while batch_in_epoch < steps_per_epoch * accumulate and step < total_steps:
             t0 = time.perf_counter()
             try:
@@ -272,13 +349,18 @@ def pretrain(
                 loss = outputs["loss"]
                 fabric.backward(loss / accumulate)
             running += loss.detach() / accumulate
+            if "skipped" in batch:
+                skipped += batch["skipped"].sum()
+            epoch_samples += int(batch["image"].shape[0])
             batch_in_epoch += 1
             window_imgs += int(batch["image"].shape[0]) * world
             if not last_micro:
                 window_wait += t1 - t0
                 window_compute += time.perf_counter() - t1
                 continue
-            loss_value = float(running.item())
+            # the mean over ranks: every rank logs the same loss and agrees on skipping a non-finite step
+            reduced = fabric.all_reduce(running, reduce_op="mean") if world > 1 else running
+            loss_value = float(reduced.item())  # type: ignore[union-attr]
             running.zero_()
             if not math.isfinite(loss_value):
                 optimizer.zero_grad(set_to_none=True)
@@ -295,8 +377,9 @@ def pretrain(
                         f"{msg}: stopping after {nonfinite_in_row} in a row (trainer.max_nonfinite_steps="
                         f"{t.max_nonfinite_steps}){good}. Lower the learning rate or check the data."
                     )
+                nonfinite_total += 1
                 if is_main:
-                    print(f"[semmim] warning: {msg}; step skipped", flush=True)
+                    print(f"[semmim] warning: {msg}; step skipped ({nonfinite_total} so far)", flush=True)
                 continue
             nonfinite_in_row = 0
             lr = cosine_lr(step, total_steps, warmup, peak_lr, cfg.optim.min_lr)
@@ -333,6 +416,7 @@ def pretrain(
                     "images_per_s": ips,
                     "data_wait_frac": wait_frac,
                     "elapsed_s": now - t_start,
+                    "skipped_nonfinite": nonfinite_total,
                 }
                 writer.write(row)
                 scalars = {"train/loss": loss_value, "train/lr": lr, "train/images_per_s": ips}
@@ -343,6 +427,9 @@ def pretrain(
                 window_imgs, window_compute, window_wait, window_start = 0, 0.0, 0.0, now
             if step % t.ckpt_every_n_steps == 0 and step < total_steps:
                 save_checkpoint()
+            if _fault("kill_after_step", step) and is_main:
+                _sigkill_self()
+        report_skipped(epoch, epoch_samples)
         if batch_in_epoch >= steps_per_epoch * accumulate:
             epoch += 1
             batch_in_epoch = 0
