@@ -205,3 +205,13 @@ def test_demo_quick(tmp_path: Path) -> None:
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "| mae |" in report and "| milan |" in report
     assert (tmp_path / "demo" / "milan" / "encoder.safetensors").is_file()
+    for r in results["rows"]:
+        assert 0 <= r["linear_top1"] <= 100 and 0 <= r["seg_miou"] <= 100
+    full = tmp_path / "demo" / "report"
+    assert (full / "report.md").is_file() and (full / "report.html").is_file()
+    text = (full / "report.md").read_text()
+    assert "kNN" in text and "linear" in text.lower()
+    pngs = {p.name for p in full.glob("*.png")}
+    assert "curves.png" in pngs and "mae_reconstruction.png" in pngs and "milan_pca.png" in pngs
+    assert "milan_semantic_mask.png" in pngs
+    assert json.loads((tmp_path / "demo" / "mae" / "eval" / "knn" / "metrics.json").read_text())["protocol"] == "knn"

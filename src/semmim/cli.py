@@ -2,7 +2,8 @@
 
 semmim pretrain --config configs/demo/mae.yaml --out runs/mae trainer.max_steps=100
 semmim pretrain --out runs/mae --resume
-semmim eval knn --encoder runs/mae --data fashion_mnist
+semmim eval knn --encoder runs/mae --data fashion_mnist      (also: linear, finetune, lowshot, seg, zeroshot)
+semmim report runs/mae runs/milan --out runs/report
 semmim list
 semmim demo --out runs/demo
 """
@@ -88,6 +89,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_eval_out(encoder: str, protocol: str) -> str | None:
+    """``RUN/eval/<protocol>`` when the encoder is a run directory (where ``semmim report`` looks), else None."""
+    path = Path(encoder.removeprefix("random:"))
+    if encoder.startswith("random:") or not path.is_dir():
+        return None
+    return str(path / "eval" / protocol)
+
+
 def _emit_metrics(metrics: dict[str, object], out: str | None) -> int:
     """Print an evaluation's metrics and write them to OUT/metrics.json when asked."""
     text = json.dumps(metrics, indent=2)
@@ -95,7 +104,12 @@ def _emit_metrics(metrics: dict[str, object], out: str | None) -> int:
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "metrics.json").write_text(text + "\n")
+        print(f"wrote {Path(out) / 'metrics.json'}", file=sys.stderr)
     return 0
+
+
+def _out(args: argparse.Namespace, protocol: str) -> str | None:
+    return args.out or default_eval_out(args.encoder, protocol)
 
 
 def cmd_eval_knn(args: argparse.Namespace) -> int:
@@ -112,8 +126,138 @@ def cmd_eval_knn(args: argparse.Namespace) -> int:
         pool=args.pool,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
+        cache_dir=args.cache_dir,
     )
-    return _emit_metrics(metrics, args.out)
+    return _emit_metrics(metrics, _out(args, "knn"))
+
+
+def _frozen_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "data": args.data,
+        "root": args.root,
+        "train_limit": args.train_limit,
+        "test_limit": args.test_limit,
+        "batch_size": args.batch_size,
+        "num_workers": args.num_workers,
+        "cache_dir": args.cache_dir,
+    }
+
+
+def cmd_eval_linear(args: argparse.Namespace) -> int:
+    from semmim.eval.linear import linear_eval
+
+    metrics = linear_eval(
+        args.encoder,
+        pool=args.pool,
+        epochs=args.epochs,
+        optimizer=args.optimizer,
+        base_lr=args.base_lr,
+        weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs,
+        seed=args.seed,
+        **_frozen_kwargs(args),
+    )
+    return _emit_metrics(metrics, _out(args, "linear"))
+
+
+def _finetune_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "num_workers": args.num_workers,
+        "base_lr": args.base_lr,
+        "weight_decay": args.weight_decay,
+        "layer_decay": args.layer_decay,
+        "drop_path": args.drop_path,
+        "warmup_epochs": args.warmup_epochs,
+        "mixup": args.mixup,
+        "cutmix": args.cutmix,
+        "label_smoothing": args.label_smoothing,
+        "rand_augment": None if args.rand_augment in ("", "none") else args.rand_augment,
+        "global_pool": args.global_pool,
+        "ema": args.ema,
+        "max_steps": args.max_steps,
+    }
+
+
+def cmd_eval_finetune(args: argparse.Namespace) -> int:
+    from semmim.eval.finetune import finetune_eval
+
+    out = _out(args, "finetune")
+    metrics = finetune_eval(
+        args.encoder,
+        data=args.data,
+        root=args.root,
+        train_limit=args.train_limit,
+        test_limit=args.test_limit,
+        seed=args.seed,
+        out=out,
+        **_finetune_kwargs(args),
+    )
+    return _emit_metrics(metrics, out)
+
+
+def cmd_eval_lowshot(args: argparse.Namespace) -> int:
+    from semmim.eval.lowshot import lowshot_eval
+
+    kw = _frozen_kwargs(args)
+    if args.mode == "finetune":  # batch size and workers go to the fine-tuning runs
+        metrics = lowshot_eval(
+            args.encoder,
+            fractions=args.fractions,
+            seeds=args.seeds,
+            mode="finetune",
+            finetune_kwargs=_finetune_kwargs(args),
+            **kw,
+        )
+    else:
+        metrics = lowshot_eval(
+            args.encoder,
+            fractions=args.fractions,
+            seeds=args.seeds,
+            mode="linear",
+            pool=args.pool,
+            epochs=args.epochs,
+            optimizer=args.optimizer,
+            base_lr=args.base_lr,
+            weight_decay=args.weight_decay,
+            warmup_epochs=args.warmup_epochs,
+            **kw,
+        )
+    return _emit_metrics(metrics, _out(args, "lowshot"))
+
+
+def cmd_eval_seg(args: argparse.Namespace) -> int:
+    from semmim.eval.seg import seg_eval
+
+    metrics = seg_eval(
+        args.encoder,
+        data=args.data,
+        root=args.root,
+        head=args.head,
+        finetune=args.finetune,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        layer_decay=args.layer_decay,
+        img_size=args.img_size,
+        train_limit=args.train_limit,
+        test_limit=args.test_limit,
+        num_workers=args.num_workers,
+        seed=args.seed,
+        channels=args.channels,
+        max_steps=args.max_steps,
+    )
+    return _emit_metrics(metrics, _out(args, f"seg_{args.head}"))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from semmim.report import write_report
+
+    path = write_report(args.runs, args.out, title=args.title, num_images=args.num_images, seed=args.seed)
+    print(f"report: {path} and {path.with_suffix('.html')}")
+    return 0
 
 
 def _eval_on_split(args: argparse.Namespace, evaluate: Any) -> int:
@@ -140,6 +284,40 @@ def cmd_eval_zeroshot(args: argparse.Namespace) -> int:
     from semmim.eval.zeroshot import zeroshot_eval
 
     return _eval_on_split(args, zeroshot_eval)
+
+
+def _add_encoder_args(p: argparse.ArgumentParser, batch_size: int, data_help: str | None = None) -> None:
+    p.add_argument("--encoder", required=True, help="run directory or encoder.safetensors ('random:RUN' = random init)")
+    p.add_argument("--data", default="fashion_mnist", help=data_help or "dataset name (fashion_mnist | imagefolder)")
+    p.add_argument("--root", default=None, help="dataset root (imagefolder: a folder holding train/ and val/)")
+    p.add_argument("--train-limit", type=int, default=None, help="use the first N training images")
+    p.add_argument("--test-limit", type=int, default=None, help="use the first N test images")
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", default=None, help="feature cache (default ~/.cache/semmim/features; '' = off)")
+    p.add_argument("--out", default=None, help="write metrics.json here (default: RUN/eval/<protocol> for a run dir)")
+
+
+def _add_schedule_args(
+    p: argparse.ArgumentParser, epochs: int, base_lr: float, weight_decay: float, warmup: int
+) -> None:
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--base-lr", type=float, default=base_lr, help="lr = base_lr x batch / 256")
+    p.add_argument("--weight-decay", type=float, default=weight_decay)
+    p.add_argument("--warmup-epochs", type=int, default=warmup)
+
+
+def _add_finetune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layer-decay", type=float, default=0.65, help="layer-wise lr decay (0.65 for ViT-B)")
+    p.add_argument("--drop-path", type=float, default=0.1)
+    p.add_argument("--mixup", type=float, default=0.8)
+    p.add_argument("--cutmix", type=float, default=1.0)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--rand-augment", default="rand-m9-mstd0.5-inc1", help="timm RandAugment spec ('none' = off)")
+    p.add_argument("--global-pool", choices=["avg", "token"], default="avg")
+    p.add_argument("--ema", action="store_true", help="also evaluate an EMA of the weights")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after N steps (smoke tests)")
 
 
 def _add_split_eval_args(p: argparse.ArgumentParser, model_help: str) -> None:
@@ -188,24 +366,65 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate an encoder", description="Evaluation protocols.")
     esub = p.add_subparsers(dest="protocol", metavar="protocol")
     k = esub.add_parser("knn", help="weighted kNN top-1 on frozen features (DINO protocol)")
-    k.add_argument("--encoder", required=True, help="run directory or encoder.safetensors ('random:RUN' = random init)")
-    k.add_argument("--data", default="fashion_mnist", help="dataset name (fashion_mnist | imagefolder)")
-    k.add_argument("--root", default=None, help="dataset root (imagefolder: a folder holding train/ and val/)")
-    k.add_argument("--train-limit", type=int, default=None, help="use the first N training images")
-    k.add_argument("--test-limit", type=int, default=None, help="use the first N test images")
+    _add_encoder_args(k, batch_size=256)
     k.add_argument("--k", type=int, default=20)
     k.add_argument("--temperature", type=float, default=0.07)
     k.add_argument("--pool", choices=["cls", "mean", "both"], default="cls", help="CLS token, mean of patches, or both")
-    k.add_argument("--batch-size", type=int, default=256)
-    k.add_argument("--num-workers", type=int, default=2)
-    k.add_argument("--out", default=None, help="write metrics.json here")
     k.set_defaults(func=cmd_eval_knn)
+
+    lin = esub.add_parser("linear", help="linear probe on frozen features (MAE protocol: BatchNorm + linear, LARS)")
+    _add_encoder_args(lin, batch_size=256)
+    lin.add_argument("--pool", choices=["cls", "mean", "both"], default="cls")
+    lin.add_argument("--optimizer", choices=["lars", "sgd"], default="lars")
+    _add_schedule_args(lin, epochs=90, base_lr=0.1, weight_decay=0.0, warmup=10)
+    lin.set_defaults(func=cmd_eval_linear)
+
+    ft = esub.add_parser("finetune", help="end-to-end fine-tuning (layer decay, drop path, mixup/cutmix, RandAugment)")
+    _add_encoder_args(ft, batch_size=64)
+    _add_schedule_args(ft, epochs=100, base_lr=5e-4, weight_decay=0.05, warmup=5)
+    _add_finetune_args(ft)
+    ft.set_defaults(func=cmd_eval_finetune)
+
+    ls = esub.add_parser("lowshot", help="linear probe or fine-tuning on 1%% / 10%% of the labels, several seeds")
+    _add_encoder_args(ls, batch_size=256)
+    ls.add_argument("--mode", choices=["linear", "finetune"], default="linear")
+    ls.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1], help="label fractions per class")
+    ls.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ls.add_argument("--pool", choices=["cls", "mean"], default="cls")
+    ls.add_argument("--optimizer", choices=["lars", "sgd"], default="sgd")
+    _add_schedule_args(ls, epochs=90, base_lr=0.1, weight_decay=0.0, warmup=10)
+    _add_finetune_args(ls)
+    ls.set_defaults(func=cmd_eval_lowshot)
+
+    sg = esub.add_parser("seg", help="semantic segmentation (linear or UPerNet-lite head), mIoU")
+    _add_encoder_args(sg, batch_size=16, data_help="fashion_mnist (derived pixel classes) | ade20k")
+    sg.add_argument("--head", choices=["linear", "upernet"], default="linear")
+    sg.add_argument("--finetune", action="store_true", help="train the encoder too (layer-wise lr decay)")
+    sg.add_argument("--epochs", type=int, default=10)
+    sg.add_argument("--lr", type=float, default=None, help="default 1e-3 frozen, 1e-4 fine-tuned")
+    sg.add_argument("--weight-decay", type=float, default=0.05)
+    sg.add_argument("--layer-decay", type=float, default=0.65)
+    sg.add_argument("--img-size", type=int, default=None, help="default: the encoder's (ADE20K: e.g. 512)")
+    sg.add_argument("--channels", type=int, default=256, help="UPerNet channels")
+    sg.add_argument("--max-steps", type=int, default=None)
+    sg.set_defaults(func=cmd_eval_seg)
     c = esub.add_parser("classify", help="top-1/top-5 of an exported classifier (supmim's classifier.safetensors)")
     _add_split_eval_args(c, "run directory or classifier.safetensors")
     c.set_defaults(func=cmd_eval_classify)
     z = esub.add_parser("zeroshot", help="zero-shot top-1 of a language-aligned run (clip, rils) with class prompts")
     _add_split_eval_args(z, "run directory of a clip or rils run")
     z.set_defaults(func=cmd_eval_zeroshot)
+
+    r = sub.add_parser(
+        "report",
+        help="a Markdown + HTML report comparing runs: metrics, curves, reconstructions, PCA, semantic masks",
+    )
+    r.add_argument("runs", nargs="+", help="run directories")
+    r.add_argument("--out", required=True, help="report folder (report.md, report.html, PNGs)")
+    r.add_argument("--title", default="semmim report")
+    r.add_argument("--num-images", type=int, default=8, help="images per picture")
+    r.add_argument("--seed", type=int, default=0)
+    r.set_defaults(func=cmd_report)
 
     from semmim.data_cli import add_data_parser
 

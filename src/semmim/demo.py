@@ -6,9 +6,10 @@
 2. MAE, 3. MILAN (semantic-aware masking from the teacher's CLS attention, prompting decoder,
    cosine loss on the teacher's projected tokens) and 4. RILS (masked reconstruction in language
    space) pretrain the same student architecture for the same number of steps;
-5. weighted kNN top-1 (DINO protocol) of every encoder against the same architecture at random init,
-   and zero-shot top-1 of the language-aligned runs;
-6. ``report.md`` and ``results.json`` in the demo folder.
+5. weighted kNN top-1 (DINO protocol), linear probe and linear-head segmentation mIoU of every encoder
+   against the same architecture at random init, and zero-shot top-1 of the language-aligned runs;
+6. ``report.md`` and ``results.json`` in the demo folder, and ``report/`` (``semmim report``: metrics,
+   curves, reconstructions, feature PCA, semantic masks).
 """
 
 from __future__ import annotations
@@ -22,27 +23,59 @@ from typing import Any
 from semmim.cli import resolve_config
 from semmim.config import load_config
 from semmim.engine import pretrain
+from semmim.eval.linear import linear_eval
 from semmim.eval.protocols import knn_eval
+from semmim.eval.seg import seg_eval
 from semmim.eval.zeroshot import zeroshot_eval
+from semmim.report import write_report
 
 # full demo: stages sized for ~2 CPU cores (about 13 minutes); quick: a smoke test of every stage
 BUDGET = {
-    "full": {"teacher_steps": 250, "steps": 160, "knn_train": 10000, "knn_test": 2000, "zs_test": 2000},
-    "quick": {"teacher_steps": 5, "steps": 5, "knn_train": 500, "knn_test": 200, "zs_test": 200},
+    "full": {
+        "teacher_steps": 250,
+        "steps": 160,
+        "knn_train": 10000,
+        "knn_test": 2000,
+        "zs_test": 2000,
+        "linear_epochs": 30,
+        "seg_train": 2000,
+        "seg_test": 500,
+        "seg_epochs": 3,
+    },
+    "quick": {
+        "teacher_steps": 5,
+        "steps": 5,
+        "knn_train": 500,
+        "knn_test": 200,
+        "zs_test": 200,
+        "linear_epochs": 2,
+        "seg_train": 64,
+        "seg_test": 32,
+        "seg_epochs": 1,
+    },
 }
+
+
+def _save_eval(run: Path, protocol: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Keep an evaluation where ``semmim report`` finds it: RUN/eval/<protocol>/metrics.json."""
+    folder = run / "eval" / protocol
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
 
 
 def _fmt_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| encoder | kNN top-1, CLS (%) | kNN top-1, mean-pool (%) | zero-shot top-1 (%) | steps | final loss | "
-        "time (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| encoder | kNN top-1, CLS (%) | kNN top-1, mean-pool (%) | linear top-1 (%) | seg mIoU (%) | "
+        "zero-shot top-1 (%) | steps | final loss | time (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         loss = f"{r['final_loss']:.4f}" if r.get("final_loss") is not None else "-"
         zs = f"{r['zeroshot_top1']:.2f}" if r.get("zeroshot_top1") is not None else "-"
         lines.append(
-            f"| {r['name']} | {r['top1_cls']:.2f} | {r['top1_mean']:.2f} | {zs} | {r.get('steps', '-')} | {loss} | "
+            f"| {r['name']} | {r['top1_cls']:.2f} | {r['top1_mean']:.2f} | {r['linear_top1']:.2f} | "
+            f"{r['seg_miou']:.2f} | {zs} | {r.get('steps', '-')} | {loss} | "
             f"{r.get('seconds', 0):.0f} |"
         )
     return "\n".join(lines)
@@ -79,20 +112,47 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         "num_workers": 2,
         "pool": "both",
     }
-    rows: list[dict[str, Any]] = [{"name": "random init", **knn_eval(f"random:{out / 'mae'}", **knn_kw)}]
+    lin_kw: dict[str, Any] = {
+        "train_limit": budget["knn_train"],
+        "test_limit": budget["knn_test"],
+        "num_workers": 2,
+        "epochs": budget["linear_epochs"],
+    }
+    seg_kw: dict[str, Any] = {
+        "train_limit": budget["seg_train"],
+        "test_limit": budget["seg_test"],
+        "epochs": budget["seg_epochs"],
+        "batch_size": 64,
+        "num_workers": 2,
+    }
+    random_spec = f"random:{out / 'mae'}"
+    rows: list[dict[str, Any]] = [
+        {
+            "name": "random init",
+            **knn_eval(random_spec, **knn_kw),
+            "linear_top1": linear_eval(random_spec, **lin_kw)["top1"],
+            "seg_miou": seg_eval(random_spec, **seg_kw)["miou"],
+        }
+    ]
     for name in ("mae", "milan", "rils", "teacher"):
         result, seconds = runs[name]
+        run = out / name
         row = {
             "name": "clip teacher" if name == "teacher" else name,
-            **knn_eval(out / name, **knn_kw),
+            **_save_eval(run, "knn", knn_eval(run, **knn_kw)),
+            "linear_top1": _save_eval(run, "linear", linear_eval(run, **lin_kw))["top1"],
+            "seg_miou": _save_eval(run, "seg_linear", seg_eval(run, **seg_kw))["miou"],
             "steps": result.steps,
             "final_loss": result.final_loss,
             "seconds": seconds,
             "images_per_s": result.images_per_s,
         }
         if name in ("rils", "teacher"):
-            row["zeroshot_top1"] = zeroshot_eval(out / name, limit=budget["zs_test"], num_workers=2)["top1"]
+            zs = zeroshot_eval(run, limit=budget["zs_test"], num_workers=2)
+            row["zeroshot_top1"] = _save_eval(run, "zeroshot", zs)["top1"]
         rows.append(row)
+    print("== report: metrics, training curves, reconstructions, PCA of features, semantic masks", flush=True)
+    report_path = write_report([out / n for n in ("mae", "milan", "rils", "teacher")], out / "report", seed=seed)
     total = time.perf_counter() - t_all
     results = {"rows": rows, "total_seconds": total, "budget": budget, "quick": quick}
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -109,7 +169,14 @@ class-name templates ("a photo of a sneaker.", ...), encoded by the offline all-
   RILS (masked reconstruction in language space);
 - kNN: weighted 20-NN (cosine, T=0.07) on the CLS token and on the mean of the patch tokens; memory
   bank = first {budget["knn_train"]} training images, first {budget["knn_test"]} test images;
+- linear probe: BatchNorm + linear head on the frozen CLS token (MAE protocol, LARS), {budget["linear_epochs"]}
+  epochs on the kNN memory bank;
+- segmentation: Fashion-MNIST pixels labelled background / item class (11 classes), linear head on the
+  frozen patch tokens, {budget["seg_epochs"]} epochs on {budget["seg_train"]} images, mIoU on {budget["seg_test"]};
 - zero-shot: class prompts from the same templates, first {budget["zs_test"]} test images.
+
+The full report with training curves, MAE reconstructions, PCA pictures of MILAN's predicted vs teacher
+features and its semantic-aware masks is {report_path.name} / report.html in `report/`.
 
 {table}
 
@@ -119,5 +186,5 @@ metrics.jsonl, checkpoints/ and encoder.safetensors.
     (out / "report.md").write_text(report)
     print()
     print(table)
-    print(f"\nreport: {out / 'report.md'}  (total {total / 60:.1f} min)")
+    print(f"\nreport: {out / 'report.md'} and {report_path} (+ .html)  (total {total / 60:.1f} min)")
     return results

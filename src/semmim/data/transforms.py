@@ -31,6 +31,36 @@ class Clamp01(torch.nn.Module):
         return f"{type(self).__name__}()"
 
 
+def _posterize(img: Any, bits_to_keep: int, **_: Any) -> Any:
+    """timm's posterize, also for ``bits_to_keep == 0`` (a black image), which Pillow >= 13 rejects."""
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+class SafeRandAugment:
+    """A timm RandAugment that also runs on grey ("L") images (through RGB: timm's fill colour is an RGB
+    triple, which PIL rejects for "L" images) and with Pillow >= 13 (posterize to 0 bits)."""
+
+    def __init__(self, op: Any) -> None:
+        for aug in getattr(op, "ops", []):
+            if str(getattr(aug, "name", "")).startswith("Posterize"):
+                aug.aug_fn = _posterize
+        self.op = op
+
+    def __call__(self, img: Any) -> Any:
+        if getattr(img, "mode", None) == "L":
+            return self.op(img.convert("RGB")).convert("L")
+        return self.op(img)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.op!r})"
+
+
 def pretrain_transform(
     img_size: int, crop_scale: Sequence[float] = (0.2, 1.0), hflip: bool = True, rand_augment: str | None = None
 ) -> T.Compose:
@@ -55,7 +85,7 @@ def pretrain_transform(
         from timm.data.auto_augment import rand_augment_transform
 
         hparams = {"translate_const": int(img_size * 0.45), "img_mean": (124, 116, 104)}
-        ops.append(rand_augment_transform(rand_augment, hparams))
+        ops.append(SafeRandAugment(rand_augment_transform(rand_augment, hparams)))
     ops += [T.ToTensor(), Clamp01()]
     return T.Compose(ops)
 

@@ -174,6 +174,57 @@ def dataset_key(data: str, root: str | None, split: str, limit: int | None, img_
     return f"{data}|{os.path.abspath(root) if root else ''}|{split}|{limit}|{img_size}"
 
 
+def frozen_split_features(
+    encoder: str | os.PathLike[str] | nn.Module,
+    data: str = "fashion_mnist",
+    root: str | None = None,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+    batch_size: int = 256,
+    num_workers: int = 2,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    device: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor], Tensor, dict[str, Any]]:
+    """Frozen CLS and mean-pooled features of the train and test splits, cached on disk.
+
+    ``encoder`` is a run directory, an ``encoder.safetensors``, ``random:<spec>``, or an
+    ``nn.Module`` (then ``mean`` and ``std`` are required and nothing is cached). Both poolings come
+    from one pass and share one cache entry (see :func:`semmim.eval.protocols.cached_features`), so
+    kNN, linear and low-shot evaluations of the same encoder and data extract features once.
+
+    Returns:
+        train features {"cls", "mean": (N, D)}, train labels (N,), test features {"cls", "mean":
+        (M, D)}, test labels (M,), info {"n_train", "n_test", "img_size", "in_chans", "mean", "std"}.
+    """
+    spec: str | os.PathLike[str] | None
+    if isinstance(encoder, nn.Module):
+        if mean is None or std is None:
+            raise ValueError("pass mean and std with an nn.Module encoder")
+        model, spec, m, s = encoder, None, mean, std
+    else:
+        model, m, s = load_encoder(encoder)
+        m, s, spec = mean or m, std or s, encoder
+    img_size, in_chans = encoder_geometry(model)
+    out: list[tuple[dict[str, Tensor], Tensor]] = []
+    for split, limit in (("train", train_limit), ("test", test_limit)):
+        ds = labelled_split(data, root, split, img_size=img_size, in_chans=in_chans, mean=m, std=s, limit=limit)
+        key = dataset_key(data, root, split, limit, img_size)
+        cache = None if cache_dir is None else str(cache_dir)
+        out.append(cached_features(model, spec, ds, key, m, s, "both", batch_size, num_workers, device, cache))
+    (f_train, y_train), (f_test, y_test) = out
+    info = {
+        "n_train": int(y_train.shape[0]),
+        "n_test": int(y_test.shape[0]),
+        "img_size": img_size,
+        "in_chans": in_chans,
+        "mean": m,
+        "std": s,
+    }
+    return f_train, y_train, f_test, y_test, info
+
+
 def knn_eval(
     encoder: str | os.PathLike[str] | nn.Module,
     data: str = "fashion_mnist",
@@ -195,32 +246,18 @@ def knn_eval(
     For ``data="imagefolder"`` the root must hold ``train/`` and ``val/`` class folders. Features of
     an exported encoder are cached (see :func:`cached_features`).
     """
-    spec: str | os.PathLike[str] | None
-    if isinstance(encoder, nn.Module):
-        model, spec = encoder, None
-        if mean is None or std is None:
-            raise ValueError("pass mean and std with an nn.Module encoder")
-        m, s = mean, std
-    else:
-        model, m, s = load_encoder(encoder)
-        m, s, spec = mean or m, std or s, encoder
-    img_size, in_chans = encoder_geometry(model)
-    feats = {}
-    n_train = 0
-    for split, limit in (("train", train_limit), ("test", test_limit)):
-        ds = labelled_split(data, root, split, img_size=img_size, in_chans=in_chans, mean=m, std=s, limit=limit)
-        n_train = n_train or len(ds)
-        key = dataset_key(data, root, split, limit, img_size)
-        # both poolings come from one pass, so one cache entry serves kNN, linear and low-shot alike
-        f, y = cached_features(model, spec, ds, key, m, s, "both", batch_size, num_workers, device, cache_dir)
-        feats[split] = ({p: f[p] for p in (("cls", "mean") if pool == "both" else (pool,))}, y)
-    (f_train, y_train), (f_test, y_test) = feats["train"], feats["test"]
+    if pool not in ("cls", "mean", "both"):
+        raise ValueError(f"pool must be 'cls', 'mean' or 'both', got '{pool}'")
+    f_train, y_train, f_test, y_test, info = frozen_split_features(
+        encoder, data, root, train_limit, test_limit, batch_size, num_workers, mean, std, device, cache_dir
+    )
     out: dict[str, Any] = {}
-    for p in f_train:
+    pools = ("cls", "mean") if pool == "both" else (pool,)
+    for p in pools:
         res = knn_classify(f_train[p], y_train, f_test[p], y_test, k=k, temperature=temperature)
         if not out:  # the first pooling gives the headline numbers
             out.update(res)
-        if len(f_train) > 1:
+        if len(pools) > 1:
             out.update({f"top1_{p}": res["top1"], f"top5_{p}": res["top5"]})
-    out.update({"protocol": "knn", "pool": pool, "temperature": temperature, "n_train": n_train})
+    out.update({"protocol": "knn", "pool": pool, "temperature": temperature, "n_train": info["n_train"]})
     return out

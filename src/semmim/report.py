@@ -1,0 +1,359 @@
+"""``semmim report``: compare pretraining runs in a Markdown and a self-contained HTML report.
+
+For every run directory (``config.yaml``, ``metrics.jsonl``, ``checkpoints/last.ckpt`` and
+evaluations in ``eval/<protocol>/metrics.json``, as ``semmim eval <protocol> --encoder RUN`` writes
+them) the report shows a config summary, a metrics table, training curves and, for masked image
+modeling runs, pictures of what the model does (see :mod:`semmim.viz`).
+
+Examples:
+    >>> write_report(["runs/mae", "runs/milan"], "reports/cmp")  # doctest: +SKIP
+    PosixPath('reports/cmp/report.md')
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from semmim.viz import Picture, plot_curves, run_pictures
+
+PathLike = str | os.PathLike[str]
+MISSING = "–"
+
+EVAL_COLUMNS: tuple[tuple[tuple[str, ...], str, str], ...] = (
+    (("knn",), "top1", "kNN top-1"),
+    (("knn",), "top1_cls", "kNN top-1 (CLS)"),
+    (("knn",), "top1_mean", "kNN top-1 (mean)"),
+    (("linear",), "top1", "linear top-1"),
+    (("finetune", "fine_tune"), "top1", "fine-tune top-1"),
+    (("zeroshot", "zero_shot"), "top1", "zero-shot top-1"),
+    (("lowshot", "low_shot"), "top1_1pct", "1% low-shot top-1"),
+    (("lowshot", "low_shot"), "top1_10pct", "10% low-shot top-1"),
+    (("seg", "segmentation"), "miou", "seg mIoU"),
+)
+"""(protocol folder names, metrics key, column header); a ``<key>_std`` value is shown as ``± std``."""
+
+
+@dataclass
+class RunInfo:
+    """What the report knows about one run directory."""
+
+    name: str
+    path: Path
+    config: dict[str, Any]
+    rows: list[dict[str, Any]]
+    evals: dict[str, dict[str, Any]]
+    notes: list[str] = field(default_factory=list)
+    pictures: list[Picture] = field(default_factory=list)
+
+
+def _get(d: dict[str, Any], key: str, default: Any = None) -> Any:
+    node: Any = d
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def load_run(path: PathLike, name: str | None = None) -> RunInfo:
+    """Read a run directory's config, metrics and evaluations (no model is built).
+
+    Raises:
+        FileNotFoundError: the directory or its ``config.yaml`` does not exist.
+    """
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"run directory not found: {p}")
+    if not (p / "config.yaml").is_file():
+        raise FileNotFoundError(f"{p} is not a semmim run directory: it has no config.yaml")
+    notes: list[str] = []
+    config = yaml.safe_load((p / "config.yaml").read_text()) or {}
+    if not isinstance(config, dict):
+        config = {}
+    rows: list[dict[str, Any]] = []
+    if (p / "metrics.jsonl").is_file():
+        from semmim.engine.metrics import read_metrics
+
+        try:
+            rows = sorted(read_metrics(p), key=lambda r: r.get("step") or 0)
+        except ValueError as e:
+            notes.append(f"metrics.jsonl could not be read ({e})")
+    else:
+        notes.append("no metrics.jsonl")
+    evals: dict[str, dict[str, Any]] = {}
+    for f in sorted((p / "eval").glob("*/metrics.json")):
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            notes.append(f"{f.relative_to(p)} could not be read ({e})")
+            continue
+        if isinstance(data, dict):
+            evals[f.parent.name] = data
+    return RunInfo(name or p.resolve().name, p, config, rows, evals, notes)
+
+
+# ------------------------------------------------------------------ table
+def _num(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _last(rows: list[dict[str, Any]], key: str) -> float | None:
+    for r in reversed(rows):
+        if (v := _num(r.get(key))) is not None:
+            return v
+    return None
+
+
+def _mean(rows: list[dict[str, Any]], key: str) -> float | None:
+    vals = [v for r in rows if (v := _num(r.get(key))) is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _duration(s: float | None) -> str:
+    if s is None:
+        return MISSING
+    if s < 120:
+        return f"{s:.1f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.2f} h"
+
+
+def teacher_of(config: dict[str, Any]) -> str:
+    """A short description of a run's teacher ("–" when it has none)."""
+    name = _get(config, "teacher.name")
+    method = _get(config, "method.name")
+    if not name or name == "none" or method in ("mae", "clip", "rils"):
+        return MISSING
+    if method == "supmim" and _get(config, "method.target") != "teacher_features":
+        return MISSING
+    src = _get(config, "teacher.model") or _get(config, "teacher.path") or _get(config, "teacher.pretrained")
+    return f"{name}: {Path(str(src)).name}" if src else str(name)
+
+
+def _eval_value(info: RunInfo, protocols: tuple[str, ...], key: str) -> tuple[float | None, float | None]:
+    for proto in protocols:
+        data = info.evals.get(proto)
+        if data is not None and _num(data.get(key)) is not None:
+            return _num(data.get(key)), _num(data.get(f"{key}_std"))
+    return None, None
+
+
+def metrics_table(runs: Sequence[RunInfo]) -> tuple[list[str], list[list[str]]]:
+    """Header and one row of strings per run (evaluation columns only where some run has a value)."""
+    header = ["run", "method", "teacher", "steps", "final loss", "images/s", "data wait", "wall time"]
+    lowshot = ("lowshot", "low_shot")
+    fixed = {c[1] for c in EVAL_COLUMNS if c[0] == lowshot}
+    extra = {  # low-shot fractions other than 1% and 10%
+        key
+        for r in runs
+        for proto in lowshot
+        for key in r.evals.get(proto, {})
+        if re.fullmatch(r"top1_\d+(\.\d+)?pct", key) and key not in fixed
+    }
+    at = min(i for i, c in enumerate(EVAL_COLUMNS) if c[0] == lowshot)
+    fractions = sorted(fixed | extra, key=lambda k: float(k[5:-3]))
+    candidates = [c for c in EVAL_COLUMNS if c[0] != lowshot]
+    candidates[at:at] = [(lowshot, k, f"{k[5:-3]}% low-shot top-1") for k in fractions]
+    cols = [c for c in candidates if any(_eval_value(r, c[0], c[1])[0] is not None for r in runs)]
+    known = {p for c in EVAL_COLUMNS for p in c[0]}
+    for proto in sorted({p for r in runs for p in r.evals} - known):  # other protocols: their headline number
+        for key in ("top1", "miou"):
+            if any(_num(r.evals.get(proto, {}).get(key)) is not None for r in runs):
+                cols.append(((proto,), key, f"{proto} {'top-1' if key == 'top1' else 'mIoU'}"))
+    header += [c[2] for c in cols]
+    table = []
+    for r in runs:
+        steps, loss = _last(r.rows, "step"), _last(r.rows, "loss")
+        ips, wait = _mean(r.rows, "images_per_s"), _mean(r.rows, "data_wait_frac")
+        row = [
+            r.name,
+            str(_get(r.config, "method.name", MISSING)),
+            teacher_of(r.config),
+            str(int(steps)) if steps is not None else MISSING,
+            f"{loss:.4g}" if loss is not None else MISSING,
+            f"{ips:.1f}" if ips is not None else MISSING,
+            f"{wait:.0%}" if wait is not None else MISSING,
+            _duration(_last(r.rows, "elapsed_s")),
+        ]
+        for protos, key, _ in cols:
+            v, std = _eval_value(r, protos, key)
+            row.append(MISSING if v is None else f"{v:.1f}" + (f" ± {std:.1f}" if std is not None else ""))
+        table.append(row)
+    return header, table
+
+
+def config_summary(config: dict[str, Any]) -> str:
+    """One line describing a run's method, model, data and schedule."""
+
+    def g(key: str) -> Any:
+        return _get(config, key)
+
+    parts = [f"method {g('method.name')}"]
+    if g("method.masking") or g("method.mask_ratio") is not None:
+        parts.append(f"masking {g('method.masking') or 'default'} {g('method.mask_ratio') or ''}".rstrip())
+    parts.append(
+        f"ViT {g('model.embed_dim')}d x {g('model.depth')} blocks, patch {g('model.patch_size')}, "
+        f"{g('model.img_size')} px, {g('model.in_chans')} ch"
+    )
+    if (t := teacher_of(config)) != MISSING:
+        parts.append(f"teacher {t}")
+    data = f"data {g('data.name')}" + (f" ({g('data.root')})" if g("data.root") else "")
+    parts.append(data + (f", limit {g('data.limit')}" if g("data.limit") else ""))
+    lr = g("optim.lr")
+    parts.append(
+        f"batch {g('data.batch_size')}, " + (f"lr {lr:g}" if lr is not None else f"base_lr {g('optim.base_lr')}")
+    )
+    steps = g("trainer.max_steps")
+    parts.append(f"{steps} steps" if steps is not None else f"{g('trainer.max_epochs')} epochs")
+    return "; ".join(parts)
+
+
+# ------------------------------------------------------------------ writing
+def _stem(name: str, taken: set[str]) -> str:
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "run"
+    stem, i = base, 2
+    while stem in taken:
+        stem, i = f"{base}-{i}", i + 1
+    taken.add(stem)
+    return stem
+
+
+def _md_cell(s: str) -> str:
+    return s.replace("|", "\\|")
+
+
+def _markdown(title: str, runs: list[RunInfo], header: list[str], table: list[list[str]], curves: Path | None) -> str:
+    out = [f"# {title}", "", "## Runs", ""]
+    out += [f"- **{r.name}** (`{r.path}`): {config_summary(r.config)}" for r in runs]
+    out += ["", "## Metrics", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in table]
+    out += [
+        "",
+        "Final loss = last logged training loss; images/s and data wait (share of step time spent waiting for "
+        "data) are means over the logged steps; evaluation numbers are percentages from `eval/<protocol>/"
+        f"metrics.json`; {MISSING} = not available.",
+        "",
+    ]
+    if curves is not None:
+        out += ["## Training curves", "", f"![training curves]({curves.name})", ""]
+        out += ["Training loss (log scale when positive), learning rate and throughput against the optimizer step.", ""]
+    for r in runs:
+        out += [f"## {r.name}", ""]
+        out += [f"*{note}*" for note in r.notes] + ([""] if r.notes else [])
+        for pic in r.pictures:
+            out += [f"### {pic.title}", "", f"![{pic.title}]({pic.path.name})", "", pic.caption, ""]
+    return "\n".join(out)
+
+
+CSS = (
+    "body{font-family:system-ui,sans-serif;max-width:1400px;margin:2em auto;padding:0 1em;color:#222}"
+    "table{border-collapse:collapse;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+    "th{background:#f3f3f3}td:first-child,th:first-child,td:nth-child(2),td:nth-child(3){text-align:left}"
+    "img{max-width:100%}.note{color:#a33;font-style:italic}.caption{color:#444;max-width:60em}code{font-size:90%}"
+)
+
+
+def _img_tag(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+
+
+def _html(title: str, runs: list[RunInfo], header: list[str], table: list[list[str]], curves: Path | None) -> str:
+    e = html.escape
+    out = [
+        "<!DOCTYPE html>",
+        f'<html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title><style>{CSS}</style></head><body>',
+        f"<h1>{e(title)}</h1>",
+        "<h2>Runs</h2><ul>",
+    ]
+    out += [f"<li><b>{e(r.name)}</b> (<code>{e(str(r.path))}</code>): {e(config_summary(r.config))}</li>" for r in runs]
+    out += ["</ul>", "<h2>Metrics</h2>", "<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in header)]
+    out += ["</tr></thead><tbody>"]
+    out += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in table]
+    out += [
+        "</tbody></table>",
+        "<p class='caption'>Final loss = last logged training loss; images/s and data wait (share of step time spent "
+        "waiting for data) are means over the logged steps; evaluation numbers are percentages from "
+        f"<code>eval/&lt;protocol&gt;/metrics.json</code>; {MISSING} = not available.</p>",
+    ]
+    if curves is not None:
+        out += ["<h2>Training curves</h2>", _img_tag(curves, "training curves")]
+        out += ["<p class='caption'>Training loss (log scale when positive), learning rate and throughput against "
+                "the optimizer step.</p>"]  # fmt: skip
+    for r in runs:
+        out += [f"<h2>{e(r.name)}</h2>"] + [f"<p class='note'>{e(n)}</p>" for n in r.notes]
+        for pic in r.pictures:
+            out += [
+                f"<h3>{e(pic.title)}</h3>",
+                _img_tag(pic.path, pic.title),
+                f"<p class='caption'>{e(pic.caption)}</p>",
+            ]
+    out += ["</body></html>", ""]
+    return "\n".join(out)
+
+
+def write_report(
+    run_dirs: Sequence[PathLike],
+    out: PathLike,
+    title: str = "semmim report",
+    num_images: int = 8,
+    seed: int = 0,
+    device: str | None = None,
+) -> Path:
+    """Write ``OUT/report.md`` and ``OUT/report.html`` (images embedded) comparing pretraining runs.
+
+    ``OUT`` also receives the PNGs: ``curves.png`` and, per MIM run, ``<run>_reconstruction.png``
+    (pixel targets), ``<run>_pca.png`` (feature targets) and ``<run>_semantic_mask.png`` (maskers
+    driven by teacher attention). A run whose model cannot be rebuilt (missing checkpoint or teacher)
+    gets a note instead of pictures.
+
+    Args:
+        run_dirs: run directories written by ``semmim pretrain``.
+        out: output folder (created).
+        title: report title.
+        num_images: images per picture.
+        seed: seed of the masks drawn for the pictures.
+        device: torch device for the pictures; None = CUDA when available, else CPU.
+
+    Returns:
+        The path of ``report.md``.
+
+    Raises:
+        FileNotFoundError: a run directory or its ``config.yaml`` does not exist.
+        ValueError: no run directory was given.
+    """
+    if not run_dirs:
+        raise ValueError("give at least one run directory")
+    runs = [load_run(p) for p in run_dirs]  # all checked before any work
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    taken: set[str] = {"curves", "report"}
+    names = [r.name for r in runs]
+    for r in runs:
+        stem = _stem(r.name, taken)  # file prefix of the run's pictures
+        if names.count(r.name) > 1:  # same folder name in different places: tell them apart
+            r.name = stem
+        pictures, notes = run_pictures(r.path, out_dir, stem, num_images=num_images, seed=seed, device=device)
+        r.pictures, r.notes = pictures, r.notes + notes
+    curves = plot_curves({r.name: r.rows for r in runs}, out_dir / "curves.png")
+    header, table = metrics_table(runs)
+    md = out_dir / "report.md"
+    md.write_text(_markdown(title, runs, header, table, curves))
+    (out_dir / "report.html").write_text(_html(title, runs, header, table, curves))
+    return md
