@@ -39,6 +39,10 @@ class MethodConfig:
     """MAE: normalise each target patch by its own mean and variance."""
     loss: str | None = None
     """Override the method's default loss (a registered loss name)."""
+    num_masks: int = 1
+    """Draw M masks per image and reuse one data load and one teacher pass for all of them (data2vec 2.0,
+    Baevski et al. 2022, arXiv:2212.07525): the student sees batch_size x M masked views; mae, milan,
+    maskdistill."""
     block_min_patches: int = 16
     block_min_aspect: float = 0.3
     smooth_l1_beta: float = 2.0
@@ -199,7 +203,9 @@ class TrainerConfig:
     seed: int = 0
     log_every_n_steps: int = 10
     ckpt_every_n_steps: int = 1000
-    compile: bool = False
+    compile: Any = "auto"
+    """torch.compile the method: true | false | auto (on for CUDA, where graphs that fail to compile fall back
+    to eager)."""
     progress_bar: bool = True
     max_nonfinite_steps: int = 3
     """A NaN/Inf loss skips its step (counted in metrics as skipped_nonfinite); the run stops with an error
@@ -322,6 +328,10 @@ METHOD_PARTS: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
+MULTI_MASK_METHODS = ("mae", "milan", "maskdistill")
+"""Methods that accept method.num_masks > 1."""
+
+
 def _check_parts(cfg: Config) -> None:
     parts = METHOD_PARTS.get(cfg.method.name)
     if parts is None:
@@ -376,6 +386,15 @@ def validate(cfg: Config) -> None:
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must have two values, got {cfg.optim.betas}")
     _check_parts(cfg)
+    if cfg.trainer.compile not in (True, False, "auto"):
+        raise ConfigError(f"trainer.compile must be true, false or auto, got {cfg.trainer.compile!r}")
+    if cfg.method.num_masks < 1:
+        raise ConfigError(f"method.num_masks must be >= 1, got {cfg.method.num_masks}")
+    if cfg.method.num_masks > 1 and cfg.method.name not in MULTI_MASK_METHODS:
+        raise ConfigError(
+            f"method.num_masks={cfg.method.num_masks} is supported by {', '.join(MULTI_MASK_METHODS)}, "
+            f"not by '{cfg.method.name}'"
+        )
     if cfg.trainer.precision not in ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"):
         raise ConfigError(
             f"trainer.precision='{cfg.trainer.precision}' is not one of auto, 32-true, bf16-mixed, 16-mixed, bf16-true"

@@ -272,6 +272,7 @@ def load_method(run_dir: Path, device: torch.device) -> tuple[Any, Any]:
     if not ckpt.is_file():
         raise FileNotFoundError(f"no checkpoint at {ckpt}")
     method = build_method(cfg)
+    method.num_masks = 1  # one masked view per shown image, whatever the run trained with
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
     method.load_state_dict(state, strict=True)

@@ -61,6 +61,13 @@ def check_writable(out_dir: Path) -> None:
         raise OSError(f"cannot write to the output folder {out_dir}: {e.strerror or e}") from None
 
 
+def use_compile(setting: Any, device: torch.device) -> bool:
+    """``trainer.compile``: true, false, or "auto" (on for CUDA devices)."""
+    if setting == "auto":
+        return device.type == "cuda"
+    return bool(setting)
+
+
 def resolve_precision(precision: str, accelerator: str) -> str:
     if precision != "auto":
         return precision
@@ -235,15 +242,25 @@ def pretrain(
         elif cfg.method.num_classes < len(classes):
             raise ConfigError(f"method.num_classes={cfg.method.num_classes} < {len(classes)} classes in the data")
     method = build_method(cfg, teacher=teacher)
+    # fused AdamW (CUDA and CPU) takes found_inf, which lets a non-finite step be skipped without a sync
+    fused = fabric.device.type in ("cuda", "cpu")
+    sync_free = fused and "16-mixed" not in precision  # fp16's GradScaler manages found_inf itself
     optimizer = build_adamw(
         method,
         lr=peak_lr,
         weight_decay=cfg.optim.weight_decay,
         betas=(cfg.optim.betas[0], cfg.optim.betas[1]),
         eps=cfg.optim.eps,
-        fused=fabric.device.type == "cuda",
+        fused=fused,
     )
-    module: nn.Module = torch.compile(method) if t.compile else method  # type: ignore[assignment]
+    inner_optimizer = optimizer
+    module: nn.Module = method
+    if use_compile(t.compile, fabric.device):
+        if t.compile == "auto":  # on by default where it compiles: graphs that fail fall back to eager
+            import torch._dynamo as dynamo
+
+            dynamo.config.suppress_errors = True
+        module = torch.compile(method)  # type: ignore[assignment]
     model, optimizer = fabric.setup(module, optimizer)
     loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False)  # type: ignore[assignment]
 
@@ -298,11 +315,13 @@ def pretrain(
 
         bar = tqdm(total=total_steps, initial=step, desc=cfg.method.name, dynamic_ncols=True, mininterval=1.0)
 
-    nonfinite_in_row = nonfinite_total = 0
+    nonfinite_total = warned = 0
+    nonfinite_row = torch.zeros((), device=fabric.device, dtype=torch.long)
+    nonfinite_count = torch.zeros((), device=fabric.device, dtype=torch.long)
+    last_loss_t: torch.Tensor | None = None
     window_imgs, window_compute, window_wait = 0, 0.0, 0.0
     t_start = time.perf_counter()
     window_start = t_start
-    last_loss = float("nan")
     running = torch.zeros((), device=fabric.device)
     skipped = torch.zeros((), device=fabric.device, dtype=torch.long)
 
@@ -359,45 +378,53 @@ def pretrain(
                 window_compute += time.perf_counter() - t1
                 continue
             # the mean over ranks: every rank logs the same loss and agrees on skipping a non-finite step
-            reduced = fabric.all_reduce(running, reduce_op="mean") if world > 1 else running
-            loss_value = float(reduced.item())  # type: ignore[union-attr]
+            reduced: torch.Tensor = fabric.all_reduce(running, reduce_op="mean") if world > 1 else running.clone()  # type: ignore[assignment]
             running.zero_()
-            if not math.isfinite(loss_value):
-                optimizer.zero_grad(set_to_none=True)
-                nonfinite_in_row += 1
-                msg = (
-                    f"non-finite loss ({loss_value}) at step {step} (epoch {epoch}, batch {batch_in_epoch}) "
-                    f"of method '{cfg.method.name}'"
-                )
-                if nonfinite_in_row > t.max_nonfinite_steps:
-                    if bar is not None:
-                        bar.close()
-                    good = f"; the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else ""
-                    raise NonFiniteLossError(
-                        f"{msg}: stopping after {nonfinite_in_row} in a row (trainer.max_nonfinite_steps="
-                        f"{t.max_nonfinite_steps}){good}. Lower the learning rate or check the data."
-                    )
-                nonfinite_total += 1
-                if is_main:
-                    print(f"[semmim] warning: {msg}; step skipped ({nonfinite_total} so far)", flush=True)
-                continue
-            nonfinite_in_row = 0
             lr = cosine_lr(step, total_steps, warmup, peak_lr, cfg.optim.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
+            finite = torch.isfinite(reduced)  # type: ignore[arg-type]
+            if sync_free:
+                # no host-device sync: the fused AdamW skips its update on the device when found_inf is 1
+                inner_optimizer.found_inf = (~finite).float()  # type: ignore[attr-defined]
+            elif not bool(finite):
+                optimizer.zero_grad(set_to_none=True)
             if cfg.optim.clip_grad:
-                fabric.clip_gradients(model, optimizer, max_norm=cfg.optim.clip_grad)
-            optimizer.step()
+                fabric.clip_gradients(model, optimizer, max_norm=cfg.optim.clip_grad, error_if_nonfinite=False)
+            if sync_free or bool(finite):
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            nonfinite_row = (nonfinite_row + 1) * (~finite)
+            nonfinite_count += ~finite
+            last_loss_t = reduced
             step += 1
-            last_loss = loss_value
             t2 = time.perf_counter()
             window_wait += t1 - t0
             window_compute += t2 - t1
-            if on_step is not None and is_main:
-                on_step(step, loss_value)
             if bar is not None:
                 bar.update(1)
+            must_read = on_step is not None or step % t.log_every_n_steps == 0 or step == total_steps
+            if must_read or not sync_free:  # the one sync: every log_every_n_steps steps on a GPU
+                loss_value = float(reduced.item())  # type: ignore[union-attr]
+                in_row, nonfinite_total = int(nonfinite_row.item()), int(nonfinite_count.item())
+                if in_row and nonfinite_total > warned:
+                    warned = nonfinite_total
+                    msg = (
+                        f"non-finite loss ({loss_value}) at step {step - 1} (epoch {epoch}, batch {batch_in_epoch}) "
+                        f"of method '{cfg.method.name}'"
+                    )
+                    if in_row > t.max_nonfinite_steps:
+                        if bar is not None:
+                            bar.close()
+                        good = f"; the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else ""
+                        raise NonFiniteLossError(
+                            f"{msg}: stopping after {in_row} in a row (trainer.max_nonfinite_steps="
+                            f"{t.max_nonfinite_steps}){good}. Lower the learning rate or check the data."
+                        )
+                    if is_main:
+                        print(f"[semmim] warning: {msg}; update skipped ({nonfinite_total} so far)", flush=True)
+                if on_step is not None and is_main:
+                    on_step(step, loss_value)
             if step % t.log_every_n_steps == 0 or step == total_steps:
                 now = time.perf_counter()
                 ips = window_imgs / max(now - window_start, 1e-9)
@@ -455,6 +482,7 @@ def pretrain(
     rows = [r for r in _safe_rows(out) if r.get("images_per_s")]
     if rows:
         images_per_s = float(np.median([r["images_per_s"] for r in rows]))
+    last_loss = float(last_loss_t.item()) if last_loss_t is not None else float("nan")
     return RunResult(out, step, last_loss, encoder_path, images_per_s, elapsed)
 
 

@@ -18,7 +18,9 @@ from semmim.registry import METHODS
 def build_method(cfg: Config, teacher: nn.Module | None = None) -> Method:
     """Build the method ``cfg.method.name`` from a config (a Python teacher overrides ``cfg.teacher``)."""
     method_cls = METHODS.get(cfg.method.name)
-    return method_cls.from_config(cfg, teacher=teacher)
+    method = method_cls.from_config(cfg, teacher=teacher)
+    method.num_masks = int(getattr(cfg.method, "num_masks", 1))
+    return method
 
 
 __all__ = ["CLIP", "MAE", "MILAN", "RILS", "MaskDistill", "Method", "SupervisedMIM", "build_method"]

@@ -83,6 +83,18 @@ class Method(nn.Module):
     def grid(self) -> tuple[int, int]:
         return self.encoder.grid_size
 
+    num_masks: int = 1
+    """Masked views per image (``method.num_masks``); methods that support it call :meth:`repeat_views`."""
+
+    def repeat_views(self, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+        """Repeat each (N, ...) tensor ``num_masks`` times along the batch: (N * M, ...), image-major.
+
+        One data load and one teacher pass then serve M masks per image (data2vec 2.0's multi-mask
+        trick, Baevski et al. 2022, arXiv:2212.07525); the masker draws a different mask for every row.
+        """
+        m = self.num_masks
+        return tuple(t if t is None or m == 1 else t.repeat_interleave(m, dim=0) for t in tensors)
+
     needs_labels = False
     """True for methods that train on labels (the engine then checks the dataset has classes)."""
 

@@ -55,7 +55,8 @@ class MAE(Method):
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         imgs = self.images_of(batch)
-        x = self.normalize(imgs)
+        (x,) = self.repeat_views(self.normalize(imgs))  # M masked views per loaded image: (N * M, C, H, W)
+        assert x is not None
         mask = self.masker(x.shape[0], self.grid, device=x.device)
         latent = self.encoder.forward_visible(x, mask.ids_keep)
         pred = self.decoder(latent, mask)[:, 1:]  # drop the CLS prediction

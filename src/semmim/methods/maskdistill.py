@@ -60,11 +60,13 @@ class MaskDistill(Method):
         imgs = self.images_of(batch)
         need_attn = bool(getattr(self.masker, "needs_scores", False))
         teacher_out = self.target(imgs, self.grid, need_attn=need_attn)
-        x = self.normalize(imgs)
-        mask = self.masker(x.shape[0], self.grid, device=x.device, scores=teacher_out.cls_attn)
-        tokens = self.encoder.forward_masked(x, mask.mask)  # (N, 1 + L, D)
+        # M masked views per image share the load and the teacher pass: (N * M, ...) from here on
+        x, target, scores = self.repeat_views(self.normalize(imgs), teacher_out.tokens, teacher_out.cls_attn)
+        assert x is not None and target is not None
+        mask = self.masker(x.shape[0], self.grid, device=x.device, scores=scores)
+        tokens = self.encoder.forward_masked(x, mask.mask)  # (N * M, 1 + L, D)
         pred = self.head(tokens[:, 1:], mask)  # patch tokens only
-        loss = self.loss_fn(pred, teacher_out.tokens[:, 1:].to(pred.dtype), mask.mask)
+        loss = self.loss_fn(pred, target[:, 1:].to(pred.dtype), mask.mask)
         return {"loss": loss, "pred": pred.detach(), "mask": mask.mask}
 
     @classmethod

@@ -58,11 +58,13 @@ class MILAN(Method):
         imgs = self.images_of(batch)
         need_attn = bool(getattr(self.masker, "needs_scores", False))
         teacher_out = self.target(imgs, self.grid, need_attn=need_attn)  # one teacher pass: targets + attention
-        x = self.normalize(imgs)
-        mask = self.masker(x.shape[0], self.grid, device=x.device, scores=teacher_out.cls_attn)
+        # M masked views per image share the load and the teacher pass: (N * M, ...) from here on
+        x, target, scores = self.repeat_views(self.normalize(imgs), teacher_out.tokens, teacher_out.cls_attn)
+        assert x is not None and target is not None
+        mask = self.masker(x.shape[0], self.grid, device=x.device, scores=scores)
         latent = self.encoder.forward_visible(x, mask.ids_keep)
-        pred = self.decoder(latent, mask)  # (N, 1 + L, D_teacher)
-        loss = self.loss_fn(pred, teacher_out.tokens.to(pred.dtype), mask.mask)
+        pred = self.decoder(latent, mask)  # (N * M, 1 + L, D_teacher)
+        loss = self.loss_fn(pred, target.to(pred.dtype), mask.mask)
         return {"loss": loss, "pred": pred.detach(), "mask": mask.mask}
 
     @classmethod

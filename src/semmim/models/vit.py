@@ -30,6 +30,21 @@ LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)
 """LayerNorm with eps 1e-6, as in MAE and timm's ViTs."""
 
 
+def set_fused_attention(module: nn.Module, enabled: bool) -> int:
+    """Switch every attention layer under ``module`` (timm ``Attention``, our prompting blocks) between
+    ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels) and the plain softmax formula.
+
+    Returns:
+        The number of attention layers switched.
+    """
+    n = 0
+    for m in module.modules():
+        if hasattr(m, "fused_attn"):
+            setattr(m, "fused_attn", enabled)  # noqa: B010 (an attribute nn.Module does not declare)
+            n += 1
+    return n
+
+
 def init_weights_mae(module: nn.Module) -> None:
     """MAE's initialisation: xavier-uniform linears, zero biases, unit LayerNorms."""
     if isinstance(module, nn.Linear):
@@ -136,6 +151,8 @@ class ViTEncoder(nn.Module):
                 f"encoder expects images of shape (N, {self.in_chans}, {self.img_size}, {self.img_size}), "
                 f"got {tuple(x.shape)}"
             )
+        if x.is_cuda:  # channels-last lets cuDNN run the patch convolution as an NHWC GEMM
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.patch_embed(x) + self.pos_embed[:, 1:, :]
 
     def _with_cls(self, x: Tensor) -> Tensor:

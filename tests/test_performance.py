@@ -1,0 +1,96 @@
+"""The fast paths behave like the reference ones: torch.compile, fused attention, M masks per teacher pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from semmim.config import ConfigError, load_config
+from semmim.engine.trainer import use_compile
+from semmim.methods import build_method
+from semmim.models.decoders import PromptingDecoder
+from semmim.models.vit import ViTEncoder, set_fused_attention
+from tests.conftest import teacher_overrides, tiny_overrides
+
+
+def _batch(n: int = 4) -> dict[str, torch.Tensor]:
+    return {"image": torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(0))}
+
+
+def test_compiled_and_eager_losses_agree() -> None:
+    """Inductor (with aten's random numbers, so the masks are the same) gives the eager loss and gradients."""
+    import torch._inductor.config as inductor_config
+
+    cfg = load_config(None, tiny_overrides("method.name=mae"))
+    torch.manual_seed(0)
+    method = build_method(cfg)
+    batch = _batch()
+    torch.manual_seed(1)
+    eager = method(batch)["loss"]
+    eager.backward()
+    grads = {k: p.grad.clone() for k, p in method.named_parameters() if p.grad is not None}
+    method.zero_grad()
+    compiled = torch.compile(method)
+    with inductor_config.patch(fallback_random=True):
+        torch.manual_seed(1)
+        loss = compiled(batch)["loss"]
+        loss.backward()
+    torch.testing.assert_close(loss, eager, rtol=1e-4, atol=1e-5)
+    for k, p in method.named_parameters():
+        if k in grads:
+            torch.testing.assert_close(p.grad, grads[k], rtol=1e-3, atol=1e-5)
+
+
+def test_compile_setting() -> None:
+    assert use_compile("auto", torch.device("cuda")) and not use_compile("auto", torch.device("cpu"))
+    assert use_compile(True, torch.device("cpu")) and not use_compile(False, torch.device("cuda"))
+    with pytest.raises(ConfigError, match=r"trainer\.compile"):
+        load_config(None, ["trainer.compile=sometimes"])
+
+
+def test_fused_and_plain_attention_agree() -> None:
+    torch.manual_seed(0)
+    enc = ViTEncoder(img_size=32, patch_size=8, in_chans=3, embed_dim=64, depth=2, num_heads=4)
+    dec = PromptingDecoder((4, 4), encoder_dim=64, out_dim=24, embed_dim=32, depth=2, num_heads=4)
+    x = torch.randn(3, 3, 32, 32)
+    from semmim.masking import random_masking
+
+    mask = random_masking(3, 16, 0.75, device="cpu")
+    outs = []
+    for fused in (True, False):
+        assert set_fused_attention(enc, fused) == 2 and set_fused_attention(dec, fused) == 2
+        outs.append((enc.forward_features(x), dec(enc.forward_visible(x, mask.ids_keep), mask)))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method_name", ["milan", "maskdistill"])
+def test_m_masks_share_one_teacher_pass(method_name: str, tiny_teacher_dir: Path) -> None:
+    """M = 3: the teacher sees each of the 4 images once, the student 12 differently masked views."""
+    cfg = load_config(
+        None, tiny_overrides(f"method.name={method_name}", "method.num_masks=3", *teacher_overrides(tiny_teacher_dir))
+    )
+    method = build_method(cfg)
+    seen: list[int] = []
+    method.target.teacher.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    out = method(_batch(4))
+    assert seen == [4]
+    mask = out["mask"]
+    assert mask.shape[0] == 12 and torch.isfinite(out["loss"])
+    for i in range(4):
+        views = mask[3 * i : 3 * i + 3]
+        assert len({tuple(v.tolist()) for v in views}) == 3  # three different masks of image i
+        assert torch.equal(views.float().sum(1), views[:1].float().sum(1).expand(3)) or method_name == "maskdistill"
+
+
+def test_m_masks_for_mae_and_unsupported_methods() -> None:
+    method = build_method(load_config(None, tiny_overrides("method.name=mae", "method.num_masks=2")))
+    out = method(_batch(4))
+    assert out["mask"].shape[0] == 8 and out["pred"].shape[0] == 8
+    assert not torch.equal(out["mask"][0], out["mask"][1])
+    with pytest.raises(ConfigError, match="num_masks"):
+        load_config(None, ["method.name=clip", "method.num_masks=2"])
+    with pytest.raises(ConfigError, match="num_masks must be >= 1"):
+        load_config(None, ["method.num_masks=0"])
