@@ -94,3 +94,18 @@ def test_m_masks_for_mae_and_unsupported_methods() -> None:
         load_config(None, ["method.name=clip", "method.num_masks=2"])
     with pytest.raises(ConfigError, match="num_masks must be >= 1"):
         load_config(None, ["method.num_masks=0"])
+
+
+def test_uint8_batches_give_the_float_loss(tmp_path: Path) -> None:
+    """data.uint8=true: items are uint8, converted and normalised on the device, and train to the same loss."""
+    from semmim.data import build_dataset
+    from semmim.engine import pretrain
+
+    cfg8 = load_config(None, tiny_overrides("data.uint8=true"))
+    item = build_dataset(cfg8.data, img_size=16, in_chans=3, train=True)[0]
+    ref = build_dataset(load_config(None, tiny_overrides()).data, img_size=16, in_chans=3, train=True)[0]
+    assert item["image"].dtype == torch.uint8 and ref["image"].dtype == torch.float32
+    torch.testing.assert_close(item["image"].float() / 255, ref["image"], atol=1e-6, rtol=0)
+    res8 = pretrain(cfg8, tmp_path / "u8")
+    res32 = pretrain(load_config(None, tiny_overrides()), tmp_path / "f32")
+    assert res8.final_loss == pytest.approx(res32.final_loss, rel=1e-5)

@@ -156,6 +156,8 @@ class DataConfig:
     """timm RandAugment spec for supervised recipes, e.g. ``rand-m9-mstd0.5-inc1`` (None = off)."""
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    uint8: bool = False
+    """Batches of uint8 images (4x less to collate and copy), turned into floats and normalised on the device."""
     max_bad_fraction: float = 0.01
     """Stop with an error once more than this fraction of images failed to decode."""
     limit: int | None = None

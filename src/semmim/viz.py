@@ -291,7 +291,9 @@ def sample_images(cfg: Any, num_images: int) -> dict[str, Tensor]:
 
     data = cfg.data
     if data.name != "webdataset":
-        data = dataclasses.replace(data, limit=min(data.limit or num_images, num_images))
+        data = dataclasses.replace(data, limit=min(data.limit or num_images, num_images), uint8=False)
+    else:
+        data = dataclasses.replace(data, uint8=False)
     ds = build_dataset(
         data, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans, train=False, seed=cfg.trainer.seed
     )

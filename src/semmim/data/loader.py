@@ -127,10 +127,14 @@ def build_dataset(
         raise ValueError(f"data.captions must be one of {', '.join(CAPTION_SOURCES)} or null, got {captions!r}")
     if train:
         transform = pretrain_transform(
-            img_size, crop_scale=tuple(cfg.crop_scale), hflip=cfg.hflip, rand_augment=cfg.rand_augment
+            img_size,
+            crop_scale=tuple(cfg.crop_scale),
+            hflip=cfg.hflip,
+            rand_augment=cfg.rand_augment,
+            uint8=cfg.uint8,
         )
     else:
-        transform = eval_transform(img_size)
+        transform = eval_transform(img_size, uint8=cfg.uint8)
     if name == "webdataset":
         return _build_shard_stream(cfg, transform, in_chans=in_chans, train=train, seed=seed)
     factory = DATASETS.get(name)

@@ -61,8 +61,17 @@ class SafeRandAugment:
         return f"{type(self).__name__}({self.op!r})"
 
 
+def _to_tensor(uint8: bool) -> list[Any]:
+    """The last step: float (C, H, W) in [0, 1], or uint8 (C, H, W) to be converted on the device."""
+    return [T.PILToTensor()] if uint8 else [T.ToTensor(), Clamp01()]
+
+
 def pretrain_transform(
-    img_size: int, crop_scale: Sequence[float] = (0.2, 1.0), hflip: bool = True, rand_augment: str | None = None
+    img_size: int,
+    crop_scale: Sequence[float] = (0.2, 1.0),
+    hflip: bool = True,
+    rand_augment: str | None = None,
+    uint8: bool = False,
 ) -> T.Compose:
     """MAE augmentation: random resized crop (bicubic), optional horizontal flip, to tensor.
 
@@ -71,9 +80,11 @@ def pretrain_transform(
         crop_scale: ``(low, high)`` range of the crop area as a fraction of the image.
         hflip: flip horizontally with probability 0.5.
         rand_augment: a timm RandAugment spec (e.g. ``rand-m9-mstd0.5-inc1``) for supervised recipes.
+        uint8: end with a uint8 tensor instead of a float one.
 
     Returns:
-        A transform mapping a PIL image to a float tensor (C, img_size, img_size) in ``[0, 1]``.
+        A transform mapping a PIL image to a float tensor (C, img_size, img_size) in ``[0, 1]`` (uint8 in
+        ``[0, 255]`` with ``uint8=True``).
     """
     low, high = (float(s) for s in crop_scale)
     if not 0.0 < low <= high <= 1.0:
@@ -86,11 +97,11 @@ def pretrain_transform(
 
         hparams = {"translate_const": int(img_size * 0.45), "img_mean": (124, 116, 104)}
         ops.append(SafeRandAugment(rand_augment_transform(rand_augment, hparams)))
-    ops += [T.ToTensor(), Clamp01()]
+    ops += _to_tensor(uint8)
     return T.Compose(ops)
 
 
-def eval_transform(img_size: int) -> T.Compose:
+def eval_transform(img_size: int, uint8: bool = False) -> T.Compose:
     """Deterministic evaluation transform.
 
     For ``img_size >= 64``: resize the short side to ``int(img_size * 256 / 224)`` (bicubic) and take
@@ -99,16 +110,13 @@ def eval_transform(img_size: int) -> T.Compose:
 
     Args:
         img_size: output height and width.
+        uint8: end with a uint8 tensor instead of a float one.
 
     Returns:
-        A transform mapping a PIL image to a float tensor (C, img_size, img_size) in ``[0, 1]``.
+        A transform mapping a PIL image to a float tensor (C, img_size, img_size) in ``[0, 1]`` (uint8 in
+        ``[0, 255]`` with ``uint8=True``).
     """
     resize = int(img_size * 256 / 224) if img_size >= EVAL_CROP_MIN_SIZE else img_size
     return T.Compose(
-        [
-            T.Resize(resize, interpolation=InterpolationMode.BICUBIC),
-            T.CenterCrop(img_size),
-            T.ToTensor(),
-            Clamp01(),
-        ]
+        [T.Resize(resize, interpolation=InterpolationMode.BICUBIC), T.CenterCrop(img_size), *_to_tensor(uint8)]
     )

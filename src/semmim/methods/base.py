@@ -19,6 +19,11 @@ from semmim.models.vit import ViTEncoder
 from semmim.registry import DECODERS, LOSSES, MASKERS, TEACHERS
 
 
+def as_float01(images: Tensor) -> Tensor:
+    """uint8 images (0..255) -> float in [0, 1] on their device; float images pass through."""
+    return images.float().div_(255.0) if images.dtype == torch.uint8 else images
+
+
 class Method(nn.Module):
     """Base class of all methods.
 
@@ -73,11 +78,12 @@ class Method(nn.Module):
 
     @staticmethod
     def images_of(batch: Mapping[str, Any] | Tensor) -> Tensor:
+        """The batch's images as floats in [0, 1] (uint8 batches, ``data.uint8=true``, are converted here)."""
         if isinstance(batch, Tensor):
-            return batch
+            return as_float01(batch)
         if "image" not in batch:
             raise KeyError(f"a batch must hold 'image' (N, C, H, W); got keys {sorted(batch)}")
-        return batch["image"]
+        return as_float01(batch["image"])
 
     @property
     def grid(self) -> tuple[int, int]:
