@@ -109,3 +109,24 @@ def test_uint8_batches_give_the_float_loss(tmp_path: Path) -> None:
     res8 = pretrain(cfg8, tmp_path / "u8")
     res32 = pretrain(load_config(None, tiny_overrides()), tmp_path / "f32")
     assert res8.final_loss == pytest.approx(res32.final_loss, rel=1e-5)
+
+
+def test_input_bound_runs_are_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import time
+
+    from semmim.data.datasets import SyntheticDataset
+    from semmim.engine import pretrain
+    from semmim.engine.metrics import read_metrics
+
+    slow_load = SyntheticDataset.load
+
+    def slow(self, index):  # type: ignore[no-untyped-def]
+        time.sleep(0.01)
+        return slow_load(self, index)
+
+    monkeypatch.setattr(SyntheticDataset, "load", slow)
+    pretrain(load_config(None, tiny_overrides("trainer.max_steps=4")), tmp_path / "run")
+    assert "input-bound" in capsys.readouterr().out
+    assert read_metrics(tmp_path / "run")[-1]["data_wait_frac"] > 0.25

@@ -27,6 +27,9 @@ from semmim.config import Config, ConfigError, to_dict, to_yaml
 from semmim.engine.metrics import MetricsWriter
 from semmim.engine.optim import build_adamw, cosine_lr
 
+INPUT_BOUND_FRACTION = 0.25
+"""A run that waits for data more than this share of the time is reported as input-bound."""
+
 CKPT_DIR = "checkpoints"
 LAST_CKPT = "last.ckpt"
 
@@ -316,6 +319,7 @@ def pretrain(
         bar = tqdm(total=total_steps, initial=step, desc=cfg.method.name, dynamic_ncols=True, mininterval=1.0)
 
     nonfinite_total = warned = 0
+    input_bound_warned = False
     nonfinite_row = torch.zeros((), device=fabric.device, dtype=torch.long)
     nonfinite_count = torch.zeros((), device=fabric.device, dtype=torch.long)
     last_loss_t: torch.Tensor | None = None
@@ -429,6 +433,14 @@ def pretrain(
                 now = time.perf_counter()
                 ips = window_imgs / max(now - window_start, 1e-9)
                 wait_frac = window_wait / max(window_wait + window_compute, 1e-9)
+                if wait_frac > INPUT_BOUND_FRACTION and not input_bound_warned and is_main and step > 1:
+                    input_bound_warned = True  # said once: the share is logged as data_wait_frac at every log step
+                    print(
+                        f"[semmim] input-bound: {wait_frac:.0%} of the step time is spent waiting for data "
+                        f"(data.num_workers={cfg.data.num_workers}); more workers, data.uint8=true or faster storage "
+                        "would speed this run up",
+                        flush=True,
+                    )
                 extras = {
                     k: float(v.detach().float().item())
                     for k, v in outputs.items()
