@@ -89,6 +89,25 @@ def test_mae_method_flops_match_flop_counter() -> None:
     assert train / 2 == pytest.approx(analytic.train, rel=0.15)
 
 
+def test_multi_mask_milan_flops_match_flop_counter(tmp_path: Path) -> None:
+    """MILAN with 2 masks per image: the student terms double, the teacher runs once."""
+    ctx = throughput.Context(
+        device=CPU, steps=1, warmup=0, compile=False, num_masks=2, teachers=throughput.TeacherFactory(tmp_path),
+        peak=None, matmul=1.0,
+    )  # fmt: skip
+    preset = throughput.PRESETS["tiny"]
+    method, cfg = throughput.build_method("milan", preset, 32, ctx)
+    forward, train, _ = throughput.count_flops(method, throughput.make_batch(2, 32, CPU), CPU)
+    shape = throughput.step_shape("milan", cfg, preset, 2)
+    assert shape.num_masks == 2
+    analytic = flops.method_flops(shape)
+    assert forward / 2 == pytest.approx(analytic.forward, rel=0.15)
+    assert train / 2 == pytest.approx(analytic.train, rel=0.15)
+    single = flops.method_flops(flops.StepShape(**{**shape.__dict__, "num_masks": 1}))
+    teacher = sum(t.train for t in single.terms if t.name.startswith("teacher."))
+    assert analytic.train == 2 * single.train - teacher
+
+
 def test_visible_encoder_costs_under_a_third_of_dense() -> None:
     # ViT-S/16 at 224 (2 of its 12 blocks: the ratio is per block), 75% masked
     shape = flops.ViTShape(embed_dim=384, depth=2, num_heads=6, patch_size=16)

@@ -27,8 +27,11 @@ def semantic_masking(importance: Tensor, mask_ratio: float, generator: torch.Gen
     if importance.dim() != 2:
         raise ValueError(f"importance must be (N, L), got shape {tuple(importance.shape)}")
     scores = importance.detach().float()
-    if not bool(torch.isfinite(scores).all()) or bool((scores < 0).any()):
-        raise ValueError("importance scores must be finite and non-negative")
+    if scores.device.type == "cpu":
+        if not bool(torch.isfinite(scores).all()) or bool((scores < 0).any()):
+            raise ValueError("importance scores must be finite and non-negative")
+    else:  # no host-device sync in the training step: broken scores count as zero attention
+        scores = torch.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0.0)
     length = scores.shape[1]
     # a tiny floor keeps multinomial valid when the attention puts exactly zero on some patches
     probs = scores + scores.sum(1, keepdim=True).clamp_min(1e-12) * 1e-8 + 1e-12

@@ -44,8 +44,12 @@ def retrieval_correct(image: Tensor, text: Tensor, captions: list[str], all_capt
     has the identical caption (common with class-name templates).
     """
     sims = F.normalize(image.float(), dim=-1) @ F.normalize(text.float(), dim=-1).T
-    best = sims.argmax(dim=1).tolist()
-    return torch.tensor([float(all_captions[j] == captions[i]) for i, j in enumerate(best)], device=image.device)
+    best = sims.argmax(dim=1)
+    # caption strings -> ids on the host, compared on the device (no host-device sync)
+    index = {c: k for k, c in enumerate(dict.fromkeys(all_captions))}
+    all_ids = torch.tensor([index[c] for c in all_captions]).to(image.device, non_blocking=True)
+    own_ids = torch.tensor([index.get(c, -1) for c in captions]).to(image.device, non_blocking=True)
+    return (all_ids[best] == own_ids).float()
 
 
 @METHODS.register("rils")

@@ -46,6 +46,8 @@ class SupervisedMIM(Method):
 
     needs_labels = True
 
+    _labels_checked = False
+
     def __init__(
         self,
         encoder: ViTEncoder,
@@ -85,11 +87,13 @@ class SupervisedMIM(Method):
         if "label" not in batch:
             raise KeyError("supmim needs labelled batches ('label'); the dataset gave none")
         labels = batch["label"]
-        if bool((labels < 0).any()):
+        check = labels.device.type == "cpu" or not self._labels_checked  # on a GPU once: the check syncs
+        if check and bool((labels < 0).any()):
             raise ValueError(
                 "supmim trains a classifier but the batch holds unlabelled images (label -1): use a labelled "
                 "dataset (an image folder with one subfolder per class, or fashion_mnist)"
             )
+        self._labels_checked = True
         soft = None
         if self.mixup is not None and self.training:
             imgs, soft = self.mixup(imgs.clone(), labels)
