@@ -382,7 +382,10 @@ def pretrain(
                 window_compute += time.perf_counter() - t1
                 continue
             # the mean over ranks: every rank logs the same loss and agrees on skipping a non-finite step
-            reduced: torch.Tensor = fabric.all_reduce(running, reduce_op="mean") if world > 1 else running.clone()  # type: ignore[assignment]
+            # (all_reduce may work in place: reduce a copy, since ``running`` is reset right after)
+            reduced: torch.Tensor = running.clone()
+            if world > 1:
+                reduced = fabric.all_reduce(reduced, reduce_op="mean")  # type: ignore[assignment]
             running.zero_()
             lr = cosine_lr(step, total_steps, warmup, peak_lr, cfg.optim.min_lr)
             for group in optimizer.param_groups:
