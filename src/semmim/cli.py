@@ -112,25 +112,6 @@ def _out(args: argparse.Namespace, protocol: str) -> str | None:
     return args.out or default_eval_out(args.encoder, protocol)
 
 
-def cmd_eval_knn(args: argparse.Namespace) -> int:
-    from semmim.eval.protocols import knn_eval
-
-    metrics = knn_eval(
-        args.encoder,
-        data=args.data,
-        root=args.root,
-        train_limit=args.train_limit,
-        test_limit=args.test_limit,
-        k=args.k,
-        temperature=args.temperature,
-        pool=args.pool,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        cache_dir=args.cache_dir,
-    )
-    return _emit_metrics(metrics, _out(args, "knn"))
-
-
 def _frozen_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "data": args.data,
@@ -143,20 +124,28 @@ def _frozen_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def cmd_eval_knn(args: argparse.Namespace) -> int:
+    from semmim.eval.protocols import knn_eval
+
+    metrics = knn_eval(args.encoder, k=args.k, temperature=args.temperature, pool=args.pool, **_frozen_kwargs(args))
+    return _emit_metrics(metrics, _out(args, "knn"))
+
+
+def _probe_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "pool": args.pool,
+        "epochs": args.epochs,
+        "optimizer": args.optimizer,
+        "base_lr": args.base_lr,
+        "weight_decay": args.weight_decay,
+        "warmup_epochs": args.warmup_epochs,
+    }
+
+
 def cmd_eval_linear(args: argparse.Namespace) -> int:
     from semmim.eval.linear import linear_eval
 
-    metrics = linear_eval(
-        args.encoder,
-        pool=args.pool,
-        epochs=args.epochs,
-        optimizer=args.optimizer,
-        base_lr=args.base_lr,
-        weight_decay=args.weight_decay,
-        warmup_epochs=args.warmup_epochs,
-        seed=args.seed,
-        **_frozen_kwargs(args),
-    )
+    metrics = linear_eval(args.encoder, seed=args.seed, **_probe_kwargs(args), **_frozen_kwargs(args))
     return _emit_metrics(metrics, _out(args, "linear"))
 
 
@@ -212,17 +201,7 @@ def cmd_eval_lowshot(args: argparse.Namespace) -> int:
         )
     else:
         metrics = lowshot_eval(
-            args.encoder,
-            fractions=args.fractions,
-            seeds=args.seeds,
-            mode="linear",
-            pool=args.pool,
-            epochs=args.epochs,
-            optimizer=args.optimizer,
-            base_lr=args.base_lr,
-            weight_decay=args.weight_decay,
-            warmup_epochs=args.warmup_epochs,
-            **kw,
+            args.encoder, fractions=args.fractions, seeds=args.seeds, mode="linear", **_probe_kwargs(args), **kw
         )
     return _emit_metrics(metrics, _out(args, "lowshot"))
 
