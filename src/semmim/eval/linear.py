@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from semmim.engine.optim import cosine_lr
-from semmim.eval.protocols import frozen_split_features
+from semmim.eval.protocols import frozen_split_features, pools_of
 
 __all__ = ["LARS", "linear_eval", "linear_probe", "probe_head"]
 
@@ -247,13 +247,6 @@ def linear_probe(
         "lr": lr,
         "batch_size": batch,
     }
-
-
-def pools_of(pool: str) -> tuple[str, ...]:
-    """The poolings a ``pool`` argument asks for: "cls", "mean", or both for "both"."""
-    if pool not in ("cls", "mean", "both"):
-        raise ValueError(f"pool must be 'cls', 'mean' or 'both', got '{pool}'")
-    return ("cls", "mean") if pool == "both" else (pool,)
 
 
 def linear_eval(

@@ -225,6 +225,13 @@ def frozen_split_features(
     return f_train, y_train, f_test, y_test, info
 
 
+def pools_of(pool: str) -> tuple[str, ...]:
+    """The poolings a ``pool`` argument asks for: "cls", "mean", or both for "both"."""
+    if pool not in ("cls", "mean", "both"):
+        raise ValueError(f"pool must be 'cls', 'mean' or 'both', got '{pool}'")
+    return ("cls", "mean") if pool == "both" else (pool,)
+
+
 def knn_eval(
     encoder: str | os.PathLike[str] | nn.Module,
     data: str = "fashion_mnist",
@@ -246,13 +253,11 @@ def knn_eval(
     For ``data="imagefolder"`` the root must hold ``train/`` and ``val/`` class folders. Features of
     an exported encoder are cached (see :func:`cached_features`).
     """
-    if pool not in ("cls", "mean", "both"):
-        raise ValueError(f"pool must be 'cls', 'mean' or 'both', got '{pool}'")
+    pools = pools_of(pool)
     f_train, y_train, f_test, y_test, info = frozen_split_features(
         encoder, data, root, train_limit, test_limit, batch_size, num_workers, mean, std, device, cache_dir
     )
     out: dict[str, Any] = {}
-    pools = ("cls", "mean") if pool == "both" else (pool,)
     for p in pools:
         res = knn_classify(f_train[p], y_train, f_test[p], y_test, k=k, temperature=temperature)
         if not out:  # the first pooling gives the headline numbers
