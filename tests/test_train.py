@@ -132,7 +132,9 @@ def test_help_of_every_command() -> None:
         ["--help"],
         ["pretrain", "--help"],
         ["list", "--help"],
-        ["eval", "knn", "--help"],
+        *(["eval", p, "--help"] for p in ("knn", "linear", "finetune", "lowshot", "seg", "zeroshot", "classify")),
+        ["report", "--help"],
+        ["data", "shards", "--help"],
         ["demo", "--help"],
     ):
         proc = subprocess.run([sys.executable, "-m", "semmim.cli", *args], capture_output=True, text=True, timeout=120)
