@@ -32,7 +32,7 @@ __all__ = ["finetune_eval", "layer_decay_groups"]
 
 log = logging.getLogger(__name__)
 
-EMBED_NAMES = ("cls_token", "pos_embed", "reg_token", "dist_token")
+EMBED_NAMES = ("cls_token", "pos_embed", "reg_token", "dist_token", "mask_token")
 """Parameters that sit at layer 0 with the patch embedding and are never weight-decayed."""
 
 HEAD_INIT_STD = 2e-5
@@ -58,7 +58,7 @@ def layer_decay_groups(
     """AdamW parameter groups with layer-wise learning-rate decay (the semantics of MAE's ``lr_decay.py``).
 
     With ``L = len(model.blocks)``, parameter ``p`` gets a layer id: 0 for ``cls_token``, ``pos_embed``,
-    ``reg_token``, ``dist_token`` and ``patch_embed.*``; ``i + 1`` for ``blocks.i.*``; ``L + 1`` for
+    ``reg_token``, ``dist_token``, ``mask_token`` and ``patch_embed.*``; ``i + 1`` for ``blocks.i.*``; ``L + 1`` for
     everything else (``norm``, ``fc_norm``, ``head``). Its learning-rate scale is
     ``layer_decay ** (L + 1 - layer_id)``, so the head trains at ``lr`` and the patch embedding at
     ``lr * layer_decay ** (L + 1)``. Parameters with ``ndim <= 1`` (biases, norms) and those named in

@@ -331,46 +331,44 @@ def miou(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int = IGN
     return metric.compute()
 
 
-_NO_DECAY = ("pos_embed", "cls_token", "reg_token", "mask_token", "dist_token")
-
-
-def _encoder_layer_id(name: str, depth: int) -> int:
-    if name.split(".", 1)[0] in (*_NO_DECAY, "patch_embed"):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return depth + 1
-
-
 def seg_param_groups(model: SegModel, weight_decay: float, layer_decay: float = 0.65) -> list[dict[str, Any]]:
     """AdamW groups with an ``lr_scale``: 1 for the head, ``layer_decay ** (depth + 1 - layer)`` for the encoder.
 
-    Encoder layers: patch embedding / position / class tokens = 0, block i = i + 1, the final norm =
-    depth + 1 (BEiT's layer-wise lr decay). Biases, norms and 1-D parameters get no weight decay. Frozen
-    parameters are left out.
+    The encoder's groups are fine-tuning's :func:`semmim.eval.finetune.layer_decay_groups` (BEiT's
+    layer-wise lr decay: patch embedding / position / class tokens = 0, block i = i + 1, the final norm
+    = depth + 1); the head trains at the full rate. Biases, norms and 1-D parameters get no weight
+    decay. Frozen parameters are left out.
     """
+    from semmim.eval.finetune import layer_decay_groups
+
     depth = len(model.encoder.get_submodule("blocks"))  # type: ignore[arg-type]
-    groups: dict[tuple[str, int, bool], dict[str, Any]] = {}
-    named = [("head", n, p) for n, p in model.head.named_parameters()]
-    named += [("encoder", n, p) for n, p in model.encoder.named_parameters()]
-    for part, name, p in named:
-        if not p.requires_grad:
-            continue
-        layer = _encoder_layer_id(name, depth) if part == "encoder" else depth + 1
-        no_decay = p.ndim <= 1 or name.endswith(".bias") or name.split(".", 1)[0] in _NO_DECAY
-        key = (part, layer, no_decay)
-        if key not in groups:
-            scale = layer_decay ** (depth + 1 - layer) if part == "encoder" else 1.0
-            groups[key] = {
-                "params": [],
-                "weight_decay": 0.0 if no_decay else weight_decay,
-                "lr_scale": scale,
-                "name": f"{part}.{layer}.{'no_decay' if no_decay else 'decay'}",
-            }
-        groups[key]["params"].append(p)
+    groups: list[dict[str, Any]] = []
+    head_params = [p for p in model.head.parameters() if p.requires_grad]
+    for no_decay in (False, True):
+        params = [p for p in head_params if (p.ndim <= 1) == no_decay]
+        if params:
+            groups.append(
+                {
+                    "params": params,
+                    "weight_decay": 0.0 if no_decay else weight_decay,
+                    "lr_scale": 1.0,
+                    "name": f"head.{depth + 1}.{'no_decay' if no_decay else 'decay'}",
+                }
+            )
+    if any(p.requires_grad for p in model.encoder.parameters()):
+        for g in layer_decay_groups(model.encoder, 1.0, weight_decay, layer_decay):
+            kind = "decay" if g["weight_decay"] else "no_decay"
+            groups.append(
+                {
+                    "params": g["params"],
+                    "weight_decay": g["weight_decay"],
+                    "lr_scale": g["lr_scale"],
+                    "name": f"encoder.{g['layer_id']}.{kind}",
+                }
+            )
     if not groups:
         raise ValueError("the segmentation model has no trainable parameters")
-    return list(groups.values())
+    return groups
 
 
 def _prepare_encoder(
