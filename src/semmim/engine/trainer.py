@@ -166,9 +166,11 @@ def pretrain(
     check_writable(out)
     (out / CKPT_DIR).mkdir(exist_ok=True)
     stale = ckpt_path.with_name(ckpt_path.name + ".tmp")
-    if stale.exists() and int(os.environ.get("RANK", 0)) == 0:
+    # before the processes are launched: RANK / LOCAL_RANK tell launched children apart from rank 0
+    is_rank0 = int(os.environ.get("RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if stale.exists() and is_rank0:
         print(f"[semmim] removing {stale}, left by a run that stopped while saving", flush=True)
-        stale.unlink()
+        stale.unlink(missing_ok=True)
 
     t = cfg.trainer
     precision = resolve_precision(t.precision, t.accelerator)
