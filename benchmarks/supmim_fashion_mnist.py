@@ -54,7 +54,7 @@ def main() -> None:
                 ],
             )
             t0 = time.perf_counter()
-            result = pretrain(cfg, out / name)
+            result = pretrain(cfg, out / name, overwrite=True)  # an unfinished earlier try is replaced
             seconds = time.perf_counter() - t0
             top1 = classify_eval(out / name, data="fashion_mnist", split="test")["top1"]
             knn = knn_eval(out / name, train_limit=args.knn_train, test_limit=args.knn_test)["top1"]

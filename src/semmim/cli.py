@@ -73,7 +73,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     else:
         config_path = resolve_config(args.config)
     cfg = load_config(config_path, args.overrides)
-    result = pretrain(cfg, out, resume=args.resume)
+    result = pretrain(cfg, out, resume=args.resume, overwrite=args.overwrite)
     print(
         json.dumps(
             {
@@ -335,7 +335,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="YAML config (a path, or a shipped name such as demo/mae)")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoints/last.ckpt")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from DIR/checkpoints/last.ckpt; overrides may change only how long the run goes on and how "
+        "it is logged and fed (trainer.max_steps, trainer.max_epochs, trainer.log_every_n_steps, "
+        "trainer.ckpt_every_n_steps, trainer.progress_bar, trainer.max_nonfinite_steps, data.num_workers, "
+        "data.pin_memory, data.max_bad_fraction)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a previous run in DIR (its checkpoints, metrics, TensorBoard logs, eval results and export "
+        "are deleted); without it a folder that holds a run is refused",
+    )
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=100 data.root=PATH")
     p.set_defaults(func=cmd_pretrain)
 

@@ -358,6 +358,42 @@ def _check_parts(cfg: Config) -> None:
         )
 
 
+_AT_LEAST: dict[str, int] = {
+    "trainer.max_steps": 1,
+    "trainer.max_epochs": 1,
+    "trainer.log_every_n_steps": 1,
+    "trainer.ckpt_every_n_steps": 1,
+    "trainer.max_nonfinite_steps": 0,
+    "trainer.num_nodes": 1,
+    "data.num_workers": 0,
+    "data.limit": 1,
+    "data.num_samples": 1,
+    "data.shuffle_buffer": 0,
+    "optim.warmup_steps": 0,
+    "optim.effective_batch": 1,
+}
+"""Lower bounds of counts and intervals: a zero step count or interval is an error before any work (a
+``None`` value means "not set" and is not checked)."""
+
+
+def _check_counts(cfg: Config) -> None:
+    for key, low in _AT_LEAST.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is None or value >= low:
+            continue
+        if key == "trainer.max_epochs" and cfg.trainer.max_steps is not None:
+            continue  # max_steps decides the length of the run
+        fix = " (set trainer.max_steps to train a given number of steps)" if key == "trainer.max_epochs" else ""
+        raise ConfigError(f"{key} must be >= {low}, got {value}{fix}")
+    if cfg.optim.warmup_epochs < 0:
+        raise ConfigError(f"optim.warmup_epochs must be >= 0, got {cfg.optim.warmup_epochs}")
+    if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
+        raise ConfigError(f"data.max_bad_fraction must lie in [0, 1], got {cfg.data.max_bad_fraction}")
+    if cfg.optim.clip_grad is not None and cfg.optim.clip_grad <= 0:
+        raise ConfigError(f"optim.clip_grad must be > 0 (or null for no clipping), got {cfg.optim.clip_grad}")
+
+
 def validate(cfg: Config) -> None:
     """Reject impossible combinations before any work starts."""
     m = cfg.model
@@ -381,8 +417,7 @@ def validate(cfg: Config) -> None:
         )
     if len(cfg.data.crop_scale) != 2 or not 0 < cfg.data.crop_scale[0] <= cfg.data.crop_scale[1] <= 1:
         raise ConfigError(f"data.crop_scale must be [low, high] with 0 < low <= high <= 1, got {cfg.data.crop_scale}")
-    if cfg.trainer.max_steps is not None and cfg.trainer.max_steps < 1:
-        raise ConfigError(f"trainer.max_steps must be >= 1, got {cfg.trainer.max_steps}")
+    _check_counts(cfg)
     if cfg.optim.accumulate < 1:
         raise ConfigError(f"optim.accumulate must be >= 1, got {cfg.optim.accumulate}")
     if len(cfg.optim.betas) != 2:

@@ -102,7 +102,8 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         print(f"== {i}/{len(stages) + 1} {what}: {steps} steps", flush=True)
         cfg = load_config(resolve_config(f"demo/{config}"), [*common, f"trainer.max_steps={steps}", *extra])
         t0 = time.perf_counter()
-        runs[name] = (pretrain(cfg, out / name), time.perf_counter() - t0)
+        # the demo owns its folder: running it again replaces its runs
+        runs[name] = (pretrain(cfg, out / name, overwrite=True), time.perf_counter() - t0)
 
     n_eval = len(stages) + 1
     print(f"== {n_eval}/{n_eval} evaluation: kNN (k=20, T=0.07; CLS and mean-pooled tokens), zero-shot", flush=True)

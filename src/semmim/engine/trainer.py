@@ -23,15 +23,19 @@ import torch
 from torch import nn
 from torch.utils.data import IterableDataset
 
-from semmim.config import Config, ConfigError, to_dict, to_yaml
+from semmim import run as rundir
+from semmim.config import Config, ConfigError, load_config, to_dict, to_yaml
+from semmim.engine.checkpoint import CheckpointError, ChecksummedCheckpointIO
 from semmim.engine.metrics import MetricsWriter
 from semmim.engine.optim import build_adamw, cosine_lr
 
 INPUT_BOUND_FRACTION = 0.25
 """A run that waits for data more than this share of the time is reported as input-bound."""
 
-CKPT_DIR = "checkpoints"
-LAST_CKPT = "last.ckpt"
+CKPT_DIR = rundir.CKPT_DIR
+LAST_CKPT = rundir.LAST_CKPT
+CKPT_KEYS = ("model", "optimizer", "step", "epoch", "batch_in_epoch")
+"""What a checkpoint must hold to be resumed."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -132,19 +136,97 @@ def _save_atomic(fabric: Any, path: Path, state: dict[str, Any], step: int) -> N
     fabric.barrier()
 
 
+class NonFiniteGuard:
+    """Counts non-finite optimizer steps on the device and reads the count every step.
+
+    On a CPU the count is read at once (there is no device to wait for). On a GPU the count of step ``s``
+    is copied to pinned host memory without blocking and read after step ``s + 1`` has been queued, so the
+    check never stalls the device queue and a streak is seen one step late at most.
+
+    Args:
+        device: the training device.
+        limit: ``trainer.max_nonfinite_steps``.
+    """
+
+    def __init__(self, device: torch.device, limit: int) -> None:
+        self.limit = limit
+        self.lagged = device.type == "cuda"
+        self.row = torch.zeros((), device=device, dtype=torch.long)
+        self.total = torch.zeros((), device=device, dtype=torch.long)
+        self.loss = torch.zeros((), device=device)
+        self._host: torch.Tensor | None = None
+        self._event: Any = None
+
+    def update(self, finite: torch.Tensor, loss: torch.Tensor) -> None:
+        """Record one step: ``finite`` (bool scalar) and its ``loss`` (scalar)."""
+        bad = (~finite).long()
+        self.row = (self.row + 1) * bad
+        self.total = self.total + bad
+        self.loss = loss.detach().float()
+
+    def _packed(self) -> torch.Tensor:
+        return torch.stack([self.row.double(), self.total.double(), self.loss.double()])
+
+    def read_now(self) -> tuple[int, int, float]:
+        """(non-finite steps in a row, in total, last loss), now (a sync on a GPU)."""
+        row, total, loss = self._packed().tolist()
+        return int(row), int(total), loss
+
+    def read(self) -> tuple[int, int, float] | None:
+        """The latest count that can be read without waiting for the device (None: none yet)."""
+        if not self.lagged:
+            return self.read_now()
+        previous = None
+        if self._event is not None and self._host is not None:
+            self._event.synchronize()  # the copy queued one step ago: done unless the device lags by a step
+            row, total, loss = self._host.tolist()
+            previous = (int(row), int(total), loss)
+        if self._host is None:
+            self._host = torch.zeros(3, dtype=torch.float64, pin_memory=True)
+        self._host.copy_(self._packed(), non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
+        return previous
+
+    def step_of_state(self, step: int) -> int:
+        """The optimizer step (0-based) whose state :meth:`read` returned after ``step`` steps."""
+        return step - (2 if self.lagged else 1)
+
+
+def grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    """The total 2-norm of the parameters' gradients, on the device (no sync)."""
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=params[0].device if params else "cpu")
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def all_finite(module: nn.Module) -> bool:
+    """Whether every parameter and buffer of ``module`` is finite (one sync)."""
+    tensors = [t for t in module.state_dict().values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
 def pretrain(
     cfg: Config,
     out_dir: str | os.PathLike[str],
     resume: bool = False,
     teacher: nn.Module | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    overwrite: bool = False,
 ) -> RunResult:
     """Pretrain ``cfg.method.name`` and write the run directory.
 
     ``out_dir`` receives ``config.yaml`` (resolved), ``checkpoints/last.ckpt`` (every
     ``trainer.ckpt_every_n_steps`` optimizer steps and at the end), ``metrics.jsonl`` /
     ``metrics.csv``, TensorBoard events under ``tensorboard/`` and, at the end,
-    ``encoder.safetensors`` (timm-compatible).
+    ``encoder.safetensors`` (timm-compatible); :mod:`semmim.run` describes the folder.
+
+    One process writes a run directory at a time (a lock file names it). A new run is refused in a folder
+    that holds another one unless ``overwrite``; a resume may change only the keys of
+    :data:`semmim.run.RESUME_MAY_CHANGE` (recorded in ``events.jsonl`` and ``config.yaml``).
 
     Args:
         cfg: the run configuration.
@@ -152,21 +234,55 @@ def pretrain(
         resume: continue from ``out_dir/checkpoints/last.ckpt`` (model, optimizer, step, data position).
         teacher: a :class:`semmim.teachers.Teacher` overriding ``cfg.teacher`` (Python use).
         on_step: called as ``on_step(step, loss)`` after every optimizer step on rank 0.
+        overwrite: delete a previous run in ``out_dir`` and start anew.
+
+    Raises:
+        RunFolderError: the folder is written by another process, holds another run (without
+            ``overwrite``), or the resume changes a key that defines the run.
     """
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other: choose one")
+    out = Path(out_dir)
+    ckpt_path = rundir.ckpt_path(out)
+    if resume and not ckpt_path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+    # before the processes are launched: RANK / LOCAL_RANK tell launched children apart from rank 0
+    is_rank0 = int(os.environ.get("RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if not is_rank0:  # rank 0 owns the folder; it checked it before launching this process
+        return _pretrain(cfg, out, resume, teacher, on_step, changes={})
+    check_writable(out)
+    lock = rundir.RunLock(out)
+    lock.acquire()
+    try:
+        changes: dict[str, tuple[Any, Any]] = {}
+        if resume:
+            saved = out / rundir.CONFIG
+            if saved.is_file():
+                changes = rundir.resume_changes(to_dict(load_config(saved)), to_dict(cfg))
+        else:
+            rundir.prepare_new_run(out, overwrite)
+        return _pretrain(cfg, out, resume, teacher, on_step, changes)
+    finally:
+        lock.release()
+
+
+def _pretrain(
+    cfg: Config,
+    out: Path,
+    resume: bool,
+    teacher: nn.Module | None,
+    on_step: Callable[[int, float], None] | None,
+    changes: dict[str, tuple[Any, Any]],
+) -> RunResult:
     import lightning as L
     from lightning.fabric.loggers import TensorBoardLogger
 
     from semmim.data import ResumableSampler, build_dataset, build_loader
     from semmim.methods import build_method
 
-    out = Path(out_dir)
-    ckpt_path = out / CKPT_DIR / LAST_CKPT
-    if resume and not ckpt_path.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-    check_writable(out)
+    ckpt_path = rundir.ckpt_path(out)
     (out / CKPT_DIR).mkdir(exist_ok=True)
     stale = ckpt_path.with_name(ckpt_path.name + ".tmp")
-    # before the processes are launched: RANK / LOCAL_RANK tell launched children apart from rank 0
     is_rank0 = int(os.environ.get("RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
     if stale.exists() and is_rank0:
         print(f"[semmim] removing {stale}, left by a run that stopped while saving", flush=True)
@@ -180,7 +296,8 @@ def pretrain(
         num_nodes=t.num_nodes,
         strategy=t.strategy,
         precision=precision,  # type: ignore[arg-type]
-        loggers=[TensorBoardLogger(root_dir=str(out), name="tensorboard", version="")],
+        loggers=[TensorBoardLogger(root_dir=str(out), name=rundir.TENSORBOARD, version="")],
+        plugins=[ChecksummedCheckpointIO(required_keys=CKPT_KEYS)],
     )
     fabric.launch()
     rank, world = fabric.global_rank, fabric.world_size
@@ -267,21 +384,32 @@ def pretrain(
             dynamo.config.suppress_errors = True
         module = torch.compile(method)  # type: ignore[assignment]
     model, optimizer = fabric.setup(module, optimizer)
-    loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False)  # type: ignore[assignment]
+    # the loader is not wrapped by fabric.setup_dataloaders: its wrapper calls sampler.set_epoch(<number of
+    # iter() calls>) at every iter(), which would override the epoch set below after a resume; batches are
+    # moved to the device with fabric.to_device instead
 
     step, epoch, batch_in_epoch = 0, 0, 0
     if resume:
         state = {"model": model, "optimizer": optimizer}
         try:
             rest = fabric.load(ckpt_path, state, weights_only=True)
+        except CheckpointError as e:
+            raise CheckpointError(f"--resume: {e}") from e
         except Exception as e:
-            raise RuntimeError(
+            raise CheckpointError(
                 f"--resume: cannot load the checkpoint {ckpt_path} ({type(e).__name__}: {e}); it may be truncated "
                 "or written by an incompatible version"
             ) from e
         step, epoch, batch_in_epoch = int(rest["step"]), int(rest["epoch"]), int(rest["batch_in_epoch"])
+        if changes and is_main:
+            print(
+                "[semmim] resuming with changed settings: "
+                + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()),
+                flush=True,
+            )
+            (out / rundir.CONFIG).write_text(to_yaml(cfg))
     elif is_main:
-        (out / "config.yaml").write_text(to_yaml(cfg))
+        (out / rundir.CONFIG).write_text(to_yaml(cfg))
 
     if getattr(method, "needs_captions", False) and not streaming and "caption" not in stream[0]:
         raise ConfigError(
@@ -302,8 +430,31 @@ def pretrain(
             flush=True,
         )
     writer = MetricsWriter(out, enabled=is_main, resume_step=step if resume else None)
+    if resume:
+        writer.note({"event": "resume", "step": step, "changed": {k: list(v) for k, v in changes.items()}})
+
+    guard = NonFiniteGuard(fabric.device, t.max_nonfinite_steps)
+    trainable = [p for p in method.parameters() if p.requires_grad]
+    check_grads = "fsdp" not in str(t.strategy).lower()  # sharded gradients give per-rank norms
 
     def save_checkpoint() -> None:
+        """Write ``last.ckpt``, never from a non-finite state (the previous checkpoint stays then)."""
+        in_row, _, _ = guard.read_now()
+        if in_row:
+            if is_main:
+                print(
+                    f"[semmim] warning: step {step} had a non-finite loss: no checkpoint written at it"
+                    + (f"; {ckpt_path} keeps the last good one" if ckpt_path.exists() else ""),
+                    flush=True,
+                )
+            return
+        if not all_finite(method):
+            raise NonFiniteLossError(
+                f"the weights or optimizer state of method '{cfg.method.name}' became non-finite by step {step} "
+                f"(epoch {epoch}); no checkpoint was written"
+                + (f", the last good one is {ckpt_path}" if ckpt_path.exists() else "")
+                + ". Lower the learning rate, set optim.clip_grad, or check the data."
+            )
         state = {
             "model": model,
             "optimizer": optimizer,
@@ -320,10 +471,7 @@ def pretrain(
 
         bar = tqdm(total=total_steps, initial=step, desc=cfg.method.name, dynamic_ncols=True, mininterval=1.0)
 
-    nonfinite_total = warned = 0
     input_bound_warned = False
-    nonfinite_row = torch.zeros((), device=fabric.device, dtype=torch.long)
-    nonfinite_count = torch.zeros((), device=fabric.device, dtype=torch.long)
     last_loss_t: torch.Tensor | None = None
     window_imgs, window_compute, window_wait = 0, 0.0, 0.0
     t_start = time.perf_counter()
@@ -347,6 +495,29 @@ def pretrain(
                 f"data.max_bad_fraction={cfg.data.max_bad_fraction} allows; the warnings above name the files"
             )
 
+    reported = [0]  # non-finite steps already warned about
+
+    def check_nonfinite(state: tuple[int, int, float] | None) -> None:
+        """Warn about a skipped step; stop when more than max_nonfinite_steps came in a row."""
+        if state is None:
+            return
+        in_row, total, loss_value = state
+        if not in_row or total <= reported[0]:
+            return
+        reported[0] = total
+        at = guard.step_of_state(step)
+        msg = f"non-finite loss ({loss_value}) at step {at} (epoch {epoch}) of method '{cfg.method.name}'"
+        if in_row > t.max_nonfinite_steps:
+            if bar is not None:
+                bar.close()
+            good = f"; the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else ""
+            raise NonFiniteLossError(
+                f"{msg}: stopping after {in_row} in a row (trainer.max_nonfinite_steps="
+                f"{t.max_nonfinite_steps}){good}. Lower the learning rate or check the data."
+            )
+        if is_main:
+            print(f"[semmim] warning: {msg}; update skipped ({total} so far)", flush=True)
+
     model.train()
     while step < total_steps:
         dataset.set_epoch(epoch)
@@ -359,12 +530,15 @@ def pretrain(
         running.zero_()
         skipped.zero_()
         epoch_samples = 0
+        ended_early = False
         while batch_in_epoch < steps_per_epoch * accumulate and step < total_steps:
             t0 = time.perf_counter()
             try:
                 batch = next(iterator)
             except StopIteration:
+                ended_early = True
                 break
+            batch = fabric.to_device(batch)
             t1 = time.perf_counter()
             micro = batch_in_epoch % accumulate
             torch.manual_seed(step_seed(t.seed, rank, step * accumulate + micro))
@@ -393,48 +567,36 @@ def pretrain(
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             finite = torch.isfinite(reduced)  # type: ignore[arg-type]
+            if cfg.optim.clip_grad:
+                norm = fabric.clip_gradients(model, optimizer, max_norm=cfg.optim.clip_grad, error_if_nonfinite=False)
+                finite = finite & torch.isfinite(norm)  # type: ignore[arg-type]
+            elif check_grads:  # a finite loss can still give inf gradients (overflow in the backward pass)
+                finite = finite & torch.isfinite(grad_norm(trainable))
             if sync_free:
                 # no host-device sync: the fused AdamW skips its update on the device when found_inf is 1
                 inner_optimizer.found_inf = (~finite).float()  # type: ignore[attr-defined]
             elif not bool(finite):
                 optimizer.zero_grad(set_to_none=True)
-            if cfg.optim.clip_grad:
-                fabric.clip_gradients(model, optimizer, max_norm=cfg.optim.clip_grad, error_if_nonfinite=False)
             if sync_free or bool(finite):
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            nonfinite_row = (nonfinite_row + 1) * (~finite)
-            nonfinite_count += ~finite
+            guard.update(finite, reduced)
             last_loss_t = reduced
             step += 1
+            # every step: exact on a CPU, the previous step's count on a GPU (read without stalling the queue)
+            check_nonfinite(guard.read())
             t2 = time.perf_counter()
             window_wait += t1 - t0
             window_compute += t2 - t1
             if bar is not None:
                 bar.update(1)
-            must_read = on_step is not None or step % t.log_every_n_steps == 0 or step == total_steps
-            if must_read or not sync_free:  # the one sync: every log_every_n_steps steps on a GPU
+            log_now = step % t.log_every_n_steps == 0 or step == total_steps
+            loss_value = float("nan")
+            if on_step is not None or log_now:
                 loss_value = float(reduced.item())  # type: ignore[union-attr]
-                in_row, nonfinite_total = int(nonfinite_row.item()), int(nonfinite_count.item())
-                if in_row and nonfinite_total > warned:
-                    warned = nonfinite_total
-                    msg = (
-                        f"non-finite loss ({loss_value}) at step {step - 1} (epoch {epoch}, batch {batch_in_epoch}) "
-                        f"of method '{cfg.method.name}'"
-                    )
-                    if in_row > t.max_nonfinite_steps:
-                        if bar is not None:
-                            bar.close()
-                        good = f"; the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else ""
-                        raise NonFiniteLossError(
-                            f"{msg}: stopping after {in_row} in a row (trainer.max_nonfinite_steps="
-                            f"{t.max_nonfinite_steps}){good}. Lower the learning rate or check the data."
-                        )
-                    if is_main:
-                        print(f"[semmim] warning: {msg}; update skipped ({nonfinite_total} so far)", flush=True)
                 if on_step is not None and is_main:
                     on_step(step, loss_value)
-            if step % t.log_every_n_steps == 0 or step == total_steps:
+            if log_now:
                 now = time.perf_counter()
                 ips = window_imgs / max(now - window_start, 1e-9)
                 wait_frac = window_wait / max(window_wait + window_compute, 1e-9)
@@ -460,7 +622,7 @@ def pretrain(
                     "images_per_s": ips,
                     "data_wait_frac": wait_frac,
                     "elapsed_s": now - t_start,
-                    "skipped_nonfinite": nonfinite_total,
+                    "skipped_nonfinite": guard.read_now()[1],
                 }
                 writer.write(row)
                 scalars = {"train/loss": loss_value, "train/lr": lr, "train/images_per_s": ips}
@@ -474,11 +636,29 @@ def pretrain(
             if _fault("kill_after_step", step) and is_main:
                 _sigkill_self()
         report_skipped(epoch, epoch_samples)
+        if ended_early and batch_in_epoch < steps_per_epoch * accumulate:
+            # a stream that yields fewer batches than its epoch size ends its epoch where it ends
+            if batch_in_epoch == 0:
+                raise RuntimeError(
+                    f"epoch {epoch}: the data yielded no batch of {cfg.data.batch_size} (dataset "
+                    f"'{cfg.data.name}', root {cfg.data.root}); check that it holds readable samples"
+                )
+            if is_main:
+                print(
+                    f"[semmim] epoch {epoch} ended after {batch_in_epoch} of {steps_per_epoch * accumulate} "
+                    "planned batches: the data stream ran out (unreadable samples or a truncated shard)",
+                    flush=True,
+                )
+            if batch_in_epoch % accumulate:  # an unfinished accumulation does not leak into the next epoch
+                optimizer.zero_grad(set_to_none=True)
+                running.zero_()
+            batch_in_epoch = steps_per_epoch * accumulate
         if batch_in_epoch >= steps_per_epoch * accumulate:
             epoch += 1
             batch_in_epoch = 0
     if bar is not None:
         bar.close()
+    check_nonfinite(guard.read_now())
     save_checkpoint()
     elapsed = time.perf_counter() - t_start
     encoder_path = None
