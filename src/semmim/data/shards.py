@@ -17,6 +17,12 @@ bounded shuffle buffer seeded by ``(seed, e, r, w)``, so the order is a function
 Resuming: ``resume_samples=k`` (or :meth:`ShardStream.set_start`) drops the first ``k`` samples of
 this rank's epoch stream, exactly as a DataLoader delivered them, without decoding their images.
 
+Hostile shards: a bad sample (undecodable, too large, lost to a truncated shard, without a required
+caption) is replaced by the next good one and counted in the item's ``"skipped"``; every cut or
+corrupt tar warns, naming the shard. With known shard counts an epoch has exactly its promised length
+(whole batches evened out between workers), so an epoch ends when the stream ends. See
+:class:`ShardStream`.
+
 Command line::
 
     semmim data shards --src fashion_mnist --out data/fmnist-shards --captions templates --shard-size 1000
@@ -571,8 +577,8 @@ class ShardStream(IterableDataset[Sample]):
         self._counts: dict[str, int] | None = dict(zip(self.urls, counts, strict=True)) if counts else None
         if len(self.urls) % self.world_size:
             warnings.warn(
-                f"{len(self.urls)} shards do not split evenly over {self.world_size} ranks: ranks will read "
-                f"different numbers of samples",
+                f"{len(self.urls)} shards do not split evenly over {self.world_size} ranks: ranks hold different "
+                f"numbers of samples (with num_samples set, each rank repeats or leaves out some to yield its share)",
                 RuntimeWarning,
                 stacklevel=2,
             )
