@@ -389,11 +389,13 @@ def test_shard_stream_corrupt_samples(tmp_path: Path) -> None:
     with pytest.warns(RuntimeWarning) as record:
         items = list(ShardStream(tmp_path, transform=None, shuffle=False))
     messages = " ".join(str(w.message) for w in record)
-    assert "corrupt sample 'a/0002'" in messages and "'a/0003'" in messages and "no image part" in messages
+    assert "bad sample 'a/0002'" in messages and "'a/0003'" in messages and "no image part" in messages
     assert items[0]["index"] == 1 and items[0]["caption"] == "good one" and items[0]["label"] == -1
-    assert items[1]["label"] == 4 and items[1]["caption"] == "" and items[1]["index"] >= 0
+    # the bad a/0002 is replaced by the next good sample (counted once), which then comes at its own place
+    assert [it["skipped"] for it in items] == [0, 1, 0] and items[1]["index"] == items[2]["index"] >= 0
+    assert items[2]["label"] == 4 and items[2]["caption"] == ""
     assert len(ShardStream(tmp_path, transform=None)) == 3  # counted from the headers: samples with an image part
-    # a truncated shard is read up to the damage
+    # a truncated shard is read up to the damage; the lost sample is replaced by the first good one
     big = io.BytesIO()
     _img(1, size=(64, 64)).save(big, format="PNG")
     buf = io.BytesIO()
@@ -403,8 +405,9 @@ def test_shard_stream_corrupt_samples(tmp_path: Path) -> None:
     cut = tmp_path / "cut"
     cut.mkdir()
     (cut / "t.tar").write_bytes(buf.getvalue()[: 2 * 512 + len(png.getvalue()) + 4000])
-    with pytest.warns(RuntimeWarning, match="unreadable or truncated"):
-        assert [it["index"] for it in ShardStream(cut, transform=None, shuffle=False)] == [1]
+    with pytest.warns(RuntimeWarning, match="truncated or corrupt"):
+        items = list(ShardStream(cut, transform=None, shuffle=False, max_bad_fraction=0.5))
+    assert [(it["index"], it["skipped"]) for it in items] == [(1, 0), (1, 1)]
 
 
 def test_expand_urls(tmp_path: Path) -> None:

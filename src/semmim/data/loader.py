@@ -60,7 +60,9 @@ def _rank_world() -> tuple[int, int]:
         return 0, 1
 
 
-def _build_shard_stream(cfg: DataConfig, transform: Any, *, in_chans: int, train: bool, seed: int) -> ShardStream:
+def _build_shard_stream(
+    cfg: DataConfig, transform: Any, *, in_chans: int, train: bool, seed: int, require_captions: bool = False
+) -> ShardStream:
     if cfg.root is None:
         raise ValueError(
             "data.root is not set; for data.name=webdataset point it at the shards: a folder, a brace pattern "
@@ -86,11 +88,13 @@ def _build_shard_stream(cfg: DataConfig, transform: Any, *, in_chans: int, train
         in_chans=in_chans,
         batch_size=cfg.batch_size,
         drop_last=train,
+        max_bad_fraction=cfg.max_bad_fraction,
+        require_captions=require_captions,
     )
 
 
 def build_dataset(
-    cfg: DataConfig, *, img_size: int, in_chans: int, train: bool = True, seed: int = 0
+    cfg: DataConfig, *, img_size: int, in_chans: int, train: bool = True, seed: int = 0, require_captions: bool = False
 ) -> SeededDataset | ShardStream:
     """The dataset named by ``cfg.name``, limited to ``cfg.limit`` samples, with seeded augmentation.
 
@@ -107,7 +111,9 @@ def build_dataset(
     ``webdataset`` is different: it returns a :class:`semmim.data.ShardStream` (an ``IterableDataset``,
     use it without a sampler) over the shards ``cfg.root``, split over the ranks of an initialised
     ``torch.distributed`` group, with ``cfg.shuffle_buffer`` and ``cfg.num_samples``; samples and
-    shards are shuffled only when ``train``. Resume it with ``set_epoch(e); set_start(samples)``.
+    shards are shuffled only when ``train``. Resume it with ``set_epoch(e); set_start(samples)``. Its bad
+    samples (undecodable, lost to a truncated shard, too large, and with ``require_captions`` those without a
+    caption) are replaced and counted against ``cfg.max_bad_fraction`` (see :class:`ShardStream`).
 
     Args:
         cfg: the data section of the run config.
@@ -115,6 +121,8 @@ def build_dataset(
         in_chans: 1 or 3 image channels.
         train: pretraining augmentation (random resized crop + flip) if true, else the eval transform.
         seed: base seed of the augmentation.
+        require_captions: the method trains on captions (``clip``, ``rils``): for ``webdataset``, a sample
+            without a caption is a bad sample instead of an empty string (``ShardStream.require_captions``).
 
     Returns:
         A :class:`SeededDataset` whose items are ``{"image": (in_chans, img_size, img_size) in [0, 1],
@@ -136,7 +144,9 @@ def build_dataset(
     else:
         transform = eval_transform(img_size, uint8=cfg.uint8)
     if name == "webdataset":
-        return _build_shard_stream(cfg, transform, in_chans=in_chans, train=train, seed=seed)
+        return _build_shard_stream(
+            cfg, transform, in_chans=in_chans, train=train, seed=seed, require_captions=require_captions
+        )
     factory = DATASETS.get(name)
     kwargs: dict[str, Any]
     if name == "manifest":

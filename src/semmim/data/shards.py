@@ -17,6 +17,12 @@ bounded shuffle buffer seeded by ``(seed, e, r, w)``, so the order is a function
 Resuming: ``resume_samples=k`` (or :meth:`ShardStream.set_start`) drops the first ``k`` samples of
 this rank's epoch stream, exactly as a DataLoader delivered them, without decoding their images.
 
+Hostile shards: a bad sample (undecodable, too large, lost to a truncated shard, without a required
+caption) is replaced by the next good one and counted in the item's ``"skipped"``; every cut or
+corrupt tar warns, naming the shard. With known shard counts an epoch has exactly its promised length
+(whole batches evened out between workers), so an epoch ends when the stream ends. See
+:class:`ShardStream`.
+
 Command line::
 
     semmim data shards --src fashion_mnist --out data/fmnist-shards --captions templates --shard-size 1000
@@ -36,8 +42,10 @@ import tarfile
 import warnings
 import zlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import torch
 from PIL import Image
@@ -56,6 +64,8 @@ from semmim.registry import DATASETS
 
 __all__ = [
     "IMAGE_EXTS",
+    "MAX_IMAGE_PIXELS",
+    "MAX_MEMBER_BYTES",
     "SHARD_MANIFEST",
     "ShardStream",
     "add_data_parser",
@@ -75,6 +85,15 @@ IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff
 SHARD_SUFFIXES: tuple[str, ...] = (".tar", ".tar.gz", ".tgz")
 """File endings :func:`expand_urls` picks up in a directory."""
 
+MAX_MEMBER_BYTES: int = 64 * 2**20
+"""Largest tar member, and largest sample (its parts together), read into memory: 64 MiB. A larger one is
+skipped over in bounded chunks and counted as a bad sample (a ``.tar.gz`` member bomb costs time, not memory)."""
+
+MAX_IMAGE_PIXELS: int = 89_478_485
+"""Largest image (width x height) decoded, Pillow's default ``Image.MAX_IMAGE_PIXELS``; a larger one is a bad
+sample, read from its header without decoding (``ShardStream(max_pixels=...)`` changes it)."""
+
+_USED_PARTS = frozenset((*IMAGE_EXTS, "txt", "cls"))
 _FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
 _TAR_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
@@ -176,6 +195,36 @@ def _image_part(parts: dict[str, bytes]) -> str | None:
     return next((e for e in IMAGE_EXTS if parts.get(e)), None)
 
 
+class _EndRecorder(tarfile.TarInfo):
+    """A ``TarInfo`` that remembers on its ``TarFile`` the header error that ended the archive.
+
+    ``tarfile`` ends an archive quietly at a header cut in the middle, at a missing end-of-archive block
+    and at a corrupt header; :func:`_damage` tells those apart from a proper end.
+    """
+
+    @classmethod
+    def fromtarfile(cls, archive: tarfile.TarFile) -> _EndRecorder:
+        """Read the next header of ``archive``, remembering the error that ends it."""
+        try:
+            return super().fromtarfile(archive)
+        except tarfile.HeaderError as err:
+            archive.semmim_end = err  # type: ignore[attr-defined]
+            raise
+
+
+def _damage(tar: tarfile.TarFile) -> str | None:
+    """Why a tar whose members ran out did not end properly (``None``: it ended with an end-of-archive block)."""
+    err = getattr(tar, "semmim_end", None)
+    kind = type(err).__name__  # tarfile's undocumented subclasses of HeaderError
+    if err is None or kind == "EOFHeaderError":
+        return None
+    if kind == "EmptyHeaderError":
+        return "it ends without the end-of-archive blocks (cut at a block boundary)"
+    if kind == "TruncatedHeaderError":
+        return "it is cut in the middle of a header"
+    return f"corrupt header after byte {tar.offset} ({kind}: {err})"
+
+
 def count_shard_samples(url: str) -> int:
     """Samples with an image in a local shard, counted from the tar headers (no image is read).
 
@@ -183,14 +232,19 @@ def count_shard_samples(url: str) -> int:
     """
     keys: set[str] = set()
     try:
-        with tarfile.open(_local(url), mode="r:*") as tar:
+        with tarfile.open(_local(url), mode="r:*", tarinfo=_EndRecorder) as tar:
             for m in tar:
                 split = _split_name(m.name) if m.isfile() and m.size > 0 else None
                 if split is not None and split[1] in IMAGE_EXTS:
                     keys.add(split[0])
+            damage = _damage(tar)
     except _TAR_ERRORS as err:
+        damage = f"{type(err).__name__}: {err}"
+    if damage is not None:
         warnings.warn(
-            f"cannot count the samples of shard {url}: {type(err).__name__}: {err}", RuntimeWarning, stacklevel=2
+            f"shard {url} is truncated or corrupt: {damage}; counted {len(keys)} samples before the damage",
+            RuntimeWarning,
+            stacklevel=2,
         )
     return len(keys)
 
@@ -204,32 +258,63 @@ def _open(url: str) -> IO[bytes]:
     return open(_local(url), "rb")  # the caller closes it
 
 
-def _iter_tar(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """``(key, {ext: bytes})`` for each group of consecutive files with the same key in a shard."""
+def _iter_tar(
+    url: str, max_bytes: int = MAX_MEMBER_BYTES, *, quiet: bool = False
+) -> Iterator[tuple[str, dict[str, bytes], str | None]]:
+    """``(key, {ext: bytes}, problem)`` for each group of consecutive files with the same key in a shard.
+
+    Only the parts a sample uses (images, ``txt``, ``cls``) are read, and only up to ``max_bytes`` per
+    sample: a larger member is skipped over without being held in memory and ``problem`` says so (it is
+    ``None`` for a sample read whole). A shard that is cut or corrupt anywhere (in a header, in a member's
+    data, at a block boundary before its end-of-archive blocks) is read up to the damage, with a warning
+    (unless ``quiet``) naming it; the sample being read at the damage is dropped, since its parts may be
+    incomplete.
+    """
     key: str | None = None
     parts: dict[str, bytes] = {}
+    problem: str | None = None
+    held = 0
+    count = 0
+    damage: str | None = None
     try:
-        with _open(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with _open(url) as stream, tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndRecorder) as tar:
             for m in tar:
                 split = _split_name(m.name) if m.isfile() else None
                 if split is None:
                     continue
                 if split[0] != key:  # the previous sample is complete
                     if key is not None and parts:
-                        yield key, parts
-                    key, parts = split[0], {}
+                        count += 1
+                        yield key, parts, problem
+                    key, parts, problem, held = split[0], {}, None, 0
+                if split[1] not in _USED_PARTS or problem is not None:
+                    parts[split[1]] = b""  # not read: tarfile skips the data in bounded chunks
+                    continue
+                if held + m.size > max_bytes:
+                    parts[split[1]] = b""
+                    problem = (
+                        f"part {split[1]!r} of {m.size} bytes makes the sample larger than the {max_bytes}-byte limit "
+                        f"(semmim.data.shards.MAX_MEMBER_BYTES)"
+                    )
+                    continue
                 f = tar.extractfile(m)
+                # at most m.size <= max_bytes bytes (read(n) would allocate n bytes up front)
                 parts[split[1]] = f.read() if f is not None else b""
+                held += len(parts[split[1]])
+            damage = _damage(tar)
     except _TAR_ERRORS as err:
-        warnings.warn(
-            f"shard {url} is unreadable or truncated at sample {key!r} ({type(err).__name__}: {err}); "
-            f"skipping the rest of it",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        damage = f"{type(err).__name__}: {err}"
+    if damage is not None:
+        if not quiet:
+            lost = f"; sample {key!r}, being read there, is dropped" if key is not None else ""
+            warnings.warn(
+                f"shard {url} is truncated or corrupt after {count} samples: {damage}{lost}; skipping the rest of it",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return
     if key is not None and parts:
-        yield key, parts
+        yield key, parts, problem
 
 
 def _mix(*values: int | str) -> int:
@@ -286,6 +371,72 @@ def _split_resume(start: int, counts: Sequence[int], batch_size: int, drop_last:
     return skips, w
 
 
+def _worker_targets(counts: Sequence[int], samples: int, batch_size: int | None, drop_last: bool) -> list[int]:
+    """Samples each worker yields so that a rank delivers exactly ``samples`` (whole batches with ``drop_last``).
+
+    Workers start from ``counts`` (the samples of their shards). Without ``drop_last`` (or a batch size) the
+    targets sum to ``samples``; with it, each target is a multiple of ``batch_size`` and the DataLoader
+    delivers exactly ``samples // batch_size`` batches. Missing batches are added to the workers with the
+    largest partial batch first (they repeat their own samples), then round-robin; surplus batches are taken
+    from the workers with the most. Workers without samples get none.
+    """
+    unit = batch_size if batch_size and drop_last else 1
+    want = samples // unit
+    full = [c // unit for c in counts]
+    have = sum(full)
+    while have > want:
+        w = max(range(len(full)), key=lambda i: (full[i], i))
+        full[w] -= 1
+        have -= 1
+    live = [w for w, c in enumerate(counts) if c > 0]
+    if have < want and live:
+        for w in sorted((w for w in live if counts[w] % unit), key=lambda i: (-(counts[i] % unit), i)):
+            if have == want:
+                break
+            full[w] += 1
+            have += 1
+        k = 0
+        while have < want:
+            full[live[k % len(live)]] += 1
+            have += 1
+            k += 1
+    return [f * unit for f in full]
+
+
+class _Entry(NamedTuple):
+    """One sample of a worker's stream before decoding."""
+
+    url: str
+    key: str
+    parts: dict[str, bytes]
+    problem: str | None
+    """Why the sample is bad before any decoding (too large, lost to damage); ``None`` if it may be good."""
+    quiet: bool = False
+    """Already warned about (per shard): no warning of its own."""
+
+
+_Loaded = tuple[Image.Image, int, str, int]
+"""A decoded sample: ``(image, label, caption, index)``."""
+
+
+@dataclass
+class _WorkerState:
+    """Bad-sample bookkeeping of one worker's pass over its shards."""
+
+    shards: list[str]
+    total: int | None
+    """Samples of the worker's shards; ``None`` when unknown (the tolerated share then refers to ``read``)."""
+    max_bad_fraction: float
+    bad: int = 0
+    read: int = 0
+    first_good: _Loaded | None = None
+
+    @property
+    def limit(self) -> int:
+        """Bad samples tolerated: ``max(1, max_bad_fraction x samples)``."""
+        return max(1, int(self.max_bad_fraction * (self.total if self.total is not None else self.read)))
+
+
 # --------------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------------
@@ -294,16 +445,37 @@ def _split_resume(start: int, counts: Sequence[int], batch_size: int, drop_last:
 class ShardStream(IterableDataset[Sample]):
     """Streams WebDataset shards (img2dataset layout) as items like every other semmim dataset.
 
-    Items are ``{"image": (C, H, W) float in [0, 1], "caption": str, "label": int, "index": int}``:
-    the caption is the ``.txt`` part (``""`` when absent), the label the ``.cls`` part (``-1`` when
-    absent) and the index the sample key when it is a number (as :func:`write_shards` and
-    img2dataset write them), a stable hash of it otherwise. The transform runs in a random scope
-    seeded by ``(seed, epoch, index)`` as in :class:`semmim.data.SeededDataset`.
+    Items are ``{"image": (C, H, W) float in [0, 1], "caption": str, "label": int, "index": int,
+    "skipped": int}``: the caption is the ``.txt`` part (``""`` when absent, unless ``require_captions``),
+    the label the ``.cls`` part (``-1`` when absent) and the index the sample key when it is a number (as
+    :func:`write_shards` and img2dataset write them), a stable hash of it otherwise. The transform runs
+    in a random scope seeded by ``(seed, epoch, index)`` as in :class:`semmim.data.SeededDataset`.
 
-    See the module docstring for how shards are split between ranks and workers. Samples whose
-    image does not decode, or whose ``.cls`` is not an integer, are skipped with a warning; a
-    truncated shard is read up to the damage. Samples without an image part are dropped before
-    shuffling (so they do not shift a resume point); an image that fails to decode does, by one.
+    See the module docstring for how shards are split between ranks and workers.
+
+    Bad samples: a sample whose image does not decode, has more than ``max_pixels`` pixels or a part
+    larger than :data:`MAX_MEMBER_BYTES`, whose ``.cls`` is not an integer, whose caption is missing or
+    empty while ``require_captions``, or that a truncated or corrupt shard lost (the shard holds fewer
+    samples than its count), is warned about and replaced by the next good sample of the same worker's
+    stream (wrapping around to its first), like :class:`semmim.data.ImageFolderDataset` does. The
+    replacement has ``"skipped": 1`` (each bad sample is counted once, in the pass that meets it; the
+    trainer sums the field per epoch against ``data.max_bad_fraction``); every other item has 0. A
+    worker stops with a ``RuntimeError`` as soon as more than ``max(1, max_bad_fraction x its samples)``
+    of its samples are bad, or when none is good. Samples without an image part are dropped before
+    shuffling (the header count does not count them either).
+
+    Exact length: when the shard counts are known (``manifest.json``, or local shards), the rank's
+    workers together yield exactly ``len(stream)`` samples, and with ``batch_size`` and ``drop_last`` a
+    DataLoader with any number of workers delivers exactly ``epoch_size() // batch_size`` batches per
+    epoch (fewer after :meth:`set_start`, by the batches before the start). Each shard yields exactly
+    its count (bad and lost samples are replaced; a shard holding more is cut, with a warning), and the
+    workers' shares are evened out to whole batches by repeating a few of their own samples (at most
+    one partial batch per worker when ``num_samples`` is the shards' total). An iteration positioned at
+    or after that end yields nothing; before it, it never yields nothing.
+
+    Call :meth:`set_epoch` before each epoch in the main process (the DataLoader's workers get a
+    fresh copy every epoch unless ``persistent_workers``); it also counts local shards without a
+    ``manifest.json`` once, before the workers start.
 
     Call :meth:`set_epoch` before each epoch in the main process (the DataLoader's workers get a
     fresh copy every epoch unless ``persistent_workers``).
@@ -325,6 +497,11 @@ class ShardStream(IterableDataset[Sample]):
         batch_size: the DataLoader's batch size; needed (with ``drop_last``) to split ``resume_samples``
             between more than one worker.
         drop_last: the DataLoader's ``drop_last``.
+        max_bad_fraction: tolerated fraction of bad samples per worker (``data.max_bad_fraction``).
+        require_captions: a sample with a missing or empty ``.txt`` is bad (set it for methods that
+            train on captions, such as ``clip`` and ``rils``).
+        max_pixels: largest image (width x height) decoded; a larger one is a bad sample.
+        max_member_bytes: largest sample part read into memory; a larger one is a bad sample.
 
     Attributes:
         urls: the expanded shard list.
@@ -356,6 +533,10 @@ class ShardStream(IterableDataset[Sample]):
         in_chans: int = 3,
         batch_size: int | None = None,
         drop_last: bool = False,
+        max_bad_fraction: float = 0.01,
+        require_captions: bool = False,
+        max_pixels: int = MAX_IMAGE_PIXELS,
+        max_member_bytes: int = MAX_MEMBER_BYTES,
     ) -> None:
         super().__init__()
         if world_size < 1:
@@ -366,6 +547,10 @@ class ShardStream(IterableDataset[Sample]):
             raise ValueError(f"num_samples must be >= 0, got {num_samples}")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction must lie in [0, 1], got {max_bad_fraction}")
+        if max_pixels < 1 or max_member_bytes < 1:
+            raise ValueError(f"max_pixels and max_member_bytes must be >= 1, got {max_pixels} and {max_member_bytes}")
         self.urls = expand_urls(urls)
         self.root = urls if isinstance(urls, str) else None
         self.transform = transform
@@ -379,6 +564,10 @@ class ShardStream(IterableDataset[Sample]):
         self.in_chans = in_chans
         self.batch_size = batch_size
         self.drop_last = bool(drop_last)
+        self.max_bad_fraction = float(max_bad_fraction)
+        self.require_captions = bool(require_captions)
+        self.max_pixels = int(max_pixels)
+        self.max_member_bytes = int(max_member_bytes)
         self.epoch = int(epoch)
         self.start = 0
         self.set_start(resume_samples)
@@ -388,19 +577,24 @@ class ShardStream(IterableDataset[Sample]):
         self._counts: dict[str, int] | None = dict(zip(self.urls, counts, strict=True)) if counts else None
         if len(self.urls) % self.world_size:
             warnings.warn(
-                f"{len(self.urls)} shards do not split evenly over {self.world_size} ranks: ranks will read "
-                f"different numbers of samples",
+                f"{len(self.urls)} shards do not split evenly over {self.world_size} ranks: ranks hold different "
+                f"numbers of samples (with num_samples set, each rank repeats or leaves out some to yield its share)",
                 RuntimeWarning,
                 stacklevel=2,
             )
 
     # ------------------------------------------------------------------ state
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch; a different epoch than the current one resets the start to 0."""
+        """Select the epoch; a different epoch than the current one resets the start to 0.
+
+        Also counts the samples of local shards without a ``manifest.json`` (once), so that the
+        DataLoader's workers inherit the counts instead of each reading every tar header again.
+        """
         epoch = int(epoch)
         if epoch != self.epoch:
             self.start = 0
         self.epoch = epoch
+        self._known_counts()
 
     def set_start(self, start: int) -> None:
         """Skip the first ``start`` samples of this rank's stream in the current epoch."""
@@ -438,6 +632,12 @@ class ShardStream(IterableDataset[Sample]):
             self._counts = {u: count_shard_samples(u) for u in self.urls}
         return self._counts
 
+    def _known_counts(self) -> dict[str, int] | None:
+        """:meth:`shard_counts`, or ``None`` for remote shards without a manifest."""
+        if self._counts is None and any(_is_remote(u) for u in self.urls):
+            return None
+        return self.shard_counts()
+
     def epoch_size(self) -> int:
         """Samples of this rank in a full epoch (``num_samples // world_size`` when ``num_samples`` is set)."""
         if self.num_samples is not None:
@@ -446,62 +646,131 @@ class ShardStream(IterableDataset[Sample]):
         return sum(counts[u] for u in self.epoch_shards())
 
     def __len__(self) -> int:
-        """Samples of this rank left in the current epoch (after the resume point)."""
+        """Samples of this rank left in the current epoch (after the resume point).
+
+        Exact when the shard counts are known (see the class docstring); with ``batch_size`` and
+        ``drop_last`` the DataLoader delivers ``epoch_size() // batch_size - start // batch_size`` batches.
+        """
         return max(0, self.epoch_size() - self.start)
 
     # ------------------------------------------------------------------ iteration
-    def _worker_plan(self, groups: list[list[str]], worker: int) -> tuple[int, int]:
-        """``(logical worker, samples to skip)`` for DataLoader worker ``worker``.
+    def _worker_plan(self, groups: list[list[str]], worker: int) -> tuple[int, int, int | None]:
+        """``(logical worker, samples to skip, samples to yield or None if unknown)`` for DataLoader worker ``worker``.
 
         A resumed DataLoader asks its worker 0 first, but the interrupted one would have asked
         ``next_worker`` next; so worker ``w`` plays the part of worker ``(w + next_worker) % K``.
         """
+        counts = self._known_counts()
+        if counts is None:  # remote shards without a manifest: each worker yields what its shards hold
+            if self.start and len(groups) > 1:
+                self.shard_counts()  # raises: the split of a resume point needs the counts
+            return worker, self.start, None
+        per_worker = [sum(counts[u] for u in g) for g in groups]
+        targets = _worker_targets(per_worker, self.epoch_size(), self.batch_size, self.drop_last)
         if self.start == 0:
-            return worker, 0
+            return worker, 0, targets[worker]
         if len(groups) == 1:
-            return worker, self.start
+            return worker, self.start, targets[0]
         if self.batch_size is None:
             raise ValueError(
                 "resume_samples with more than one DataLoader worker needs batch_size (and drop_last) of the "
                 "DataLoader, to know which worker delivered which batch"
             )
-        counts = self.shard_counts()
-        per_worker = [sum(counts[u] for u in g) for g in groups]
-        skips, next_worker = _split_resume(self.start, per_worker, self.batch_size, self.drop_last)
+        skips, next_worker = _split_resume(self.start, targets, self.batch_size, self.drop_last)
         logical = (worker + next_worker) % len(groups)
-        return logical, skips[logical]
+        return logical, skips[logical], targets[logical]
 
-    def _raw(self, shards: list[str]) -> Iterator[tuple[str, str, dict[str, bytes]]]:
-        """``(url, key, parts)`` of the samples with an image part, in shard order."""
-        for url in shards:
-            for key, parts in _iter_tar(url):
-                if _image_part(parts) is None:
+    def _shard_entries(self, url: str, *, quiet: bool) -> Iterator[_Entry]:
+        """The samples of a shard that have an image part; exactly its count of them when that is known.
+
+        Missing samples (a truncated shard, a wrong count) become bad entries at the shard's end; samples
+        beyond the count are not read. ``quiet`` drops the warnings (a second pass over the same shard).
+        """
+        expected = self._counts.get(url) if self._counts is not None else None
+        got = extra = 0
+        for key, parts, problem in _iter_tar(url, self.max_member_bytes, quiet=quiet):
+            if problem is None and _image_part(parts) is None:
+                if not quiet:
                     warnings.warn(
                         f"skipping sample {key!r} of {url}: no image part (found {', '.join(sorted(parts))})",
                         RuntimeWarning,
                         stacklevel=2,
                     )
-                    continue
-                yield url, key, parts
-
-    def _decode(self, url: str, key: str, parts: dict[str, bytes]) -> Sample | None:
-        ext = _image_part(parts)
-        assert ext is not None
-        index = _sample_index(key)
-        try:
-            with Image.open(io.BytesIO(parts[ext])) as img:
-                img.load()
-                image = _to_8bit(img)
-                image = image.convert(self.mode) if image.mode != self.mode else image.copy()
-            label = int(parts["cls"].decode("utf-8").strip()) if parts.get("cls") else -1
-        except Exception as err:  # PIL raises many types for corrupt data; all mean "bad sample"
+                continue
+            if expected is not None and got >= expected:
+                extra += 1
+                continue
+            got += 1
+            yield _Entry(url, key, parts, problem)
+        if expected is None:
+            return
+        if extra and not quiet:
             warnings.warn(
-                f"skipping corrupt sample {key!r} of {url}: {type(err).__name__}: {err}", RuntimeWarning, stacklevel=2
+                f"shard {url} holds {got + extra} samples, more than the {expected} of its count (manifest.json or "
+                f"tar headers); the last {extra} are not read, to keep the epoch length",
+                RuntimeWarning,
+                stacklevel=2,
             )
-            return None
-        caption = parts.get("txt", b"").decode("utf-8", errors="replace")
+        if got < expected:
+            if not quiet:
+                warnings.warn(
+                    f"shard {url} gave {got} of its {expected} samples: {expected - got} lost (truncated or corrupt "
+                    f"shard, or a wrong count) are counted as bad and replaced",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            for n in range(expected - got):
+                yield _Entry(url, f"{url}#lost-{n}", {}, "lost: the shard is truncated or corrupt", quiet=True)
+
+    def _positions(self, mine: list[str], logical: int, skip: int, *, quiet: bool) -> Iterator[tuple[int, _Entry]]:
+        """``(position, entry)`` of worker ``logical``'s stream from the start; shards wholly before ``skip``
+        are passed over unread when there is no shuffle buffer (their counts are exact)."""
+        size = self.shuffle_buffer if self.shuffle else 0
+        pos = 0
+        if size <= 1 and self._counts is not None:
+            while mine and pos + self._counts[mine[0]] <= skip:
+                pos += self._counts[mine[0]]
+                mine = mine[1:]
+        rng = random.Random(_mix(self.seed, self.epoch, self.rank, logical, "samples"))
+        entries = chain.from_iterable(self._shard_entries(u, quiet=quiet) for u in mine)
+        return enumerate(_buffer_shuffle(entries, size, rng), start=pos)
+
+    def _load(self, entry: _Entry) -> _Loaded | str:
+        """Decode a sample: ``(image, label, caption, index)``, or why it is bad."""
+        if entry.problem is not None:
+            return entry.problem
+        ext = _image_part(entry.parts)
+        assert ext is not None
+        try:
+            label = int(entry.parts["cls"].decode("utf-8").strip()) if entry.parts.get("cls") else -1
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the explicit budget below
+                with Image.open(io.BytesIO(entry.parts[ext])) as img:
+                    w, h = img.size
+                    if w * h > self.max_pixels:
+                        return f"{w}x{h} image has more than max_pixels={self.max_pixels} pixels (decompression bomb?)"
+                    img.load()
+                    image = _to_8bit(img)
+                    image = image.convert(self.mode) if image.mode != self.mode else image.copy()
+        except Exception as err:  # PIL raises many types for corrupt data; all mean "bad sample"
+            return f"{type(err).__name__}: {err}"
+        caption = entry.parts.get("txt", b"").decode("utf-8", errors="replace")
+        if self.require_captions and not caption.strip():
+            return "no caption: the .txt part is missing or empty, and captions are required (require_captions)"
+        return image, label, caption, _sample_index(entry.key)
+
+    def _item(self, loaded: _Loaded, slot: _Entry, rnd: int, skipped: int) -> Sample:
+        """The item of ``loaded`` served at the position of ``slot`` in round ``rnd`` of the stream.
+
+        The augmentation is seeded by ``(seed, epoch, index of slot)``: a sample at its own place gets
+        the same augmentation as ever; a replacement or a repeat gets another one.
+        """
+        image, label, caption, index = loaded
+        aug = _sample_index(slot.key)
+        if rnd:
+            aug = _mix(aug, "repeat", rnd)
         with torch.random.fork_rng(devices=[]):
-            s = sample_seed(self.seed, self.epoch, index)
+            s = sample_seed(self.seed, self.epoch, aug)
             torch.default_generator.manual_seed(s)
             py_state = random.getstate()
             random.seed(s)
@@ -509,29 +778,104 @@ class ShardStream(IterableDataset[Sample]):
                 tensor = _apply(self.transform, image)
             finally:
                 random.setstate(py_state)
-        return {"image": tensor, "caption": caption, "label": label, "index": index}
+        return {"image": tensor, "caption": caption, "label": label, "index": index, "skipped": skipped}
+
+    def _where(self, state: _WorkerState) -> str:
+        shown = ", ".join(state.shards[:3]) + (", ..." if len(state.shards) > 3 else "")
+        return f"shard(s) {shown} (rank {self.rank}, epoch {self.epoch})"
+
+    def _bad(self, entry: _Entry, why: str, state: _WorkerState) -> None:
+        state.bad += 1
+        if not entry.quiet:
+            warnings.warn(
+                f"skipping bad sample {entry.key!r} of {entry.url}: {why}; replaced by the next good one",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        if state.bad > state.limit:
+            among = f"the {state.total}" if state.total is not None else f"{state.read} read"
+            raise RuntimeError(
+                f"{state.bad} bad samples among {among} samples of {self._where(state)}, more than "
+                f"data.max_bad_fraction={self.max_bad_fraction} allows ({state.limit}); the warnings name them"
+            )
+
+    def _first_good(self, mine: list[str], logical: int, state: _WorkerState) -> _Loaded:
+        """The first good sample of the worker's stream (the replacement for bad samples at its end)."""
+        if state.first_good is None:
+            for _, entry in self._positions(mine, logical, 0, quiet=True):
+                loaded = self._load(entry)
+                if not isinstance(loaded, str):
+                    state.first_good = loaded
+                    break
+            else:
+                raise RuntimeError(
+                    f"no good sample in {self._where(state)}: all are bad (undecodable, lost or without a required "
+                    f"caption), so none can replace them (data.max_bad_fraction={self.max_bad_fraction})"
+                )
+        return state.first_good
+
+    def _serve_round(
+        self, mine: list[str], logical: int, rnd: int, lo: int, hi: int | None, state: _WorkerState
+    ) -> Iterator[Sample]:
+        """Items at positions ``[lo, hi)`` of one round over the worker's entries (``hi=None``: to the end).
+
+        A bad entry is served as the next good entry (read ahead past ``hi`` if need be, else the first
+        good one of the stream); bad entries are warned about and counted in round 0 only.
+        """
+        first = rnd == 0
+        pending: list[_Entry] = []
+        for q, entry in self._positions(mine, logical, lo, quiet=not first):
+            if q < lo:
+                continue
+            inside = hi is None or q < hi
+            if not inside and not pending:
+                break
+            if inside and first:
+                state.read += 1
+            loaded = self._load(entry)
+            if isinstance(loaded, str):
+                if inside:
+                    if first:
+                        self._bad(entry, loaded, state)
+                    pending.append(entry)
+                continue
+            for slot in pending:
+                yield self._item(loaded, slot, rnd, int(first))
+            pending = []
+            if not inside:
+                break
+            yield self._item(loaded, entry, rnd, 0)
+        if pending:
+            loaded = self._first_good(mine, logical, state)
+            for slot in pending:
+                yield self._item(loaded, slot, rnd, int(first))
 
     def __iter__(self) -> Iterator[Sample]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         shards = self.epoch_shards()
         groups = [shards[w::num_workers] for w in range(num_workers)]
-        logical, skip = self._worker_plan(groups, worker)
+        logical, skip, target = self._worker_plan(groups, worker)
         mine = groups[logical]
-        size = self.shuffle_buffer if self.shuffle else 0
-        if size <= 1 and self._counts is not None:
-            # without a shuffle buffer, whole shards inside the skipped prefix need not be read at all
-            while mine and skip >= self._counts[mine[0]]:
-                skip -= self._counts[mine[0]]
-                mine = mine[1:]
-        rng = random.Random(_mix(self.seed, self.epoch, self.rank, logical, "samples"))
-        stream = _buffer_shuffle(self._raw(mine), size, rng)
-        for pos, (url, key, parts) in enumerate(stream):
-            if pos < skip:
-                continue
-            item = self._decode(url, key, parts)
-            if item is not None:
-                yield item
+        counts = self._counts
+        if target is None or counts is None:
+            # counts unknown (remote shards without a manifest): one round, as long as the shards last
+            state = _WorkerState(mine, None, self.max_bad_fraction)
+            yield from self._serve_round(mine, logical, 0, skip, None, state)
+            return
+        if skip == 0 and self.epoch_size() > 0 and not sum(counts[u] for u in shards):
+            raise ValueError(
+                f"rank {self.rank} of {self.world_size} has no samples in epoch {self.epoch} ({len(shards)} of the "
+                f"{len(self.urls)} shards), but the epoch is sized to {self.epoch_size()} samples per rank"
+            )
+        total = sum(counts[u] for u in mine)
+        state = _WorkerState(mine, total, self.max_bad_fraction)
+        pos = skip
+        while pos < target:  # positions past the worker's total repeat its stream (evening out whole batches)
+            rnd, lo = divmod(pos, total)
+            hi = min(total, lo + target - pos)
+            yield from self._serve_round(mine, logical, rnd, lo, hi, state)
+            pos += hi - lo
 
     def __repr__(self) -> str:
         return (
