@@ -224,3 +224,111 @@ def test_recursive_alias_huge_and_deep_configs_are_one_line_errors(tmp_path: Pat
     p.write_text("base: &base {embed_dim: 64, depth: 2}\nmodel:\n  <<: *base\n  num_heads: 4\n")
     with pytest.raises(ConfigError, match="unknown config key 'base'"):  # small aliases still work
         load_config(p)
+
+
+# ---------------------------------------------------------------------------- image folders
+def _png(path: Path, seed: int, size: int = 8) -> None:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+
+
+def _run_of_bad_files(root: Path, good: int = 48, bad: int = 7) -> list[int]:
+    root.mkdir()
+    for i in range(good):
+        _png(root / f"img{i:03d}.png", i)
+    for i in range(bad):  # sorted between img019 and img020: a run of consecutive broken files
+        (root / f"img019_{i}.png").write_bytes(b"not a png" if i % 2 else b"")
+    return list(range(20, 20 + bad))
+
+
+def test_a_run_of_bad_files_is_counted_once_each_and_served_by_different_substitutes(tmp_path: Path) -> None:
+    from torch.utils.data import DataLoader
+
+    from semmim.data import ImageFolderDataset, SeededDataset
+
+    bad = _run_of_bad_files(tmp_path / "imgs")
+    folder = ImageFolderDataset(tmp_path / "imgs", max_bad_fraction=0.5)
+    ds = SeededDataset(folder)
+    assert len(ds) == 55
+    with pytest.warns(RuntimeWarning):
+        counts = [ds[i]["skipped"] for i in range(len(ds))]
+    assert sum(counts) == 7 and [i for i, c in enumerate(counts) if c] == bad  # was 28 = 7 * 8 / 2
+    assert sum(ds[i]["skipped"] for i in range(len(ds))) == 7  # next epoch, same worker: again once each
+    served = [folder.served_index(i) for i in bad]
+    assert len(set(served)) > 1 and not set(served) & set(bad)
+    for i, j in zip(bad, served, strict=True):
+        assert torch.equal(ds[i]["image"], ds[j]["image"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fresh = ImageFolderDataset(tmp_path / "imgs", max_bad_fraction=0.5)
+        assert [fresh.served_index(i) for i in bad] == bad  # nothing known to be broken yet
+        assert torch.equal(SeededDataset(fresh)[bad[3]]["image"], ds[bad[3]]["image"])  # same substitute
+        assert fresh.served_index(bad[3]) == served[3]
+        # two workers: each counts the broken files of the indices it was asked for; the epoch total is exact
+        loader = DataLoader(SeededDataset(fresh), batch_size=5, num_workers=2, shuffle=True)
+        assert sum(int(b["skipped"].sum()) for b in loader) == 7
+
+
+def test_fifo_named_like_an_image_is_not_listed_and_never_blocks(tmp_path: Path) -> None:
+    import signal
+
+    from semmim.data import ImageFolderDataset
+
+    for i in range(3):
+        _png(tmp_path / f"img{i}.png", i)
+    os.mkfifo(tmp_path / "a_fifo.png")
+    ds = ImageFolderDataset(tmp_path, max_bad_fraction=0.5)
+    assert [Path(p).name for p, _ in ds.samples] == ["img0.png", "img1.png", "img2.png"]
+    (tmp_path / "img1.png").unlink()
+    os.mkfifo(tmp_path / "img1.png")  # became a FIFO after the listing: a broken file, not a hang
+    signal.alarm(10)
+    try:
+        with pytest.warns(RuntimeWarning, match=r"img1\.png: OSError: .*img1\.png is a FIFO, not a regular file"):
+            item = ds[1]
+    finally:
+        signal.alarm(0)
+    assert ds.served_index(1) in (0, 2) and item["image"].shape == (3, 8, 8)
+
+
+def test_image_over_the_pixel_budget_is_a_bad_file_before_decoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from semmim.config import DataConfig
+    from semmim.data import ImageFolderDataset, ImageTooLargeError, build_dataset, decode_image
+
+    _png(tmp_path / "a_big.png", 0, size=100)
+    _png(tmp_path / "b_small.png", 1, size=8)
+    real_load = Image.Image.load
+
+    def load(self: Image.Image) -> Any:
+        if self.size == (100, 100):
+            raise AssertionError("the oversized image was decoded")
+        return real_load(self)
+
+    monkeypatch.setattr(Image.Image, "load", load)
+    with pytest.raises(ImageTooLargeError, match=r"100x100 = 10000 pixels, more than data.max_image_pixels=5000"):
+        decode_image(tmp_path / "a_big.png", max_pixels=5000)
+    ds = ImageFolderDataset(tmp_path, max_bad_fraction=0.5, max_image_pixels=5000)
+    with pytest.warns(RuntimeWarning, match=r"a_big\.png: ImageTooLargeError"):
+        assert ds[0]["image"].shape == (3, 8, 8)
+    assert load_config(None, ["data.max_image_pixels=5000"]).data.max_image_pixels == 5000
+    with pytest.raises(ConfigError, match="data.max_image_pixels"):
+        load_config(None, ["data.max_image_pixels=0"])
+    built = build_dataset(DataConfig(root=str(tmp_path), max_image_pixels=5000), img_size=8, in_chans=3)
+    assert built.dataset.max_image_pixels == 5000
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    from semmim.data import ImageFolderDataset
+
+    arr = np.zeros((16, 32, 3), dtype=np.uint8)
+    arr[:, :16, 0] = 255  # left half red
+    arr[:, 16:, 2] = 255  # right half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: turn 90 degrees clockwise to show upright
+    Image.fromarray(arr).save(tmp_path / "rotated.jpg", exif=exif.tobytes(), quality=95)
+    x = ImageFolderDataset(tmp_path, max_bad_fraction=0.0)[0]["image"]
+    assert tuple(x.shape) == (3, 32, 16)  # upright: taller than wide
+    top, bottom = x[:, :14], x[:, 18:]
+    assert top[0].mean() > 0.8 and top[2].mean() < 0.2  # the red half is now on top
+    assert bottom[2].mean() > 0.8 and bottom[0].mean() < 0.2

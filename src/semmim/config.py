@@ -288,6 +288,10 @@ class DataConfig:
     """Batches of uint8 images (4x less to collate and copy), turned into floats and normalised on the device."""
     max_bad_fraction: float = 0.01
     """Stop with an error once more than this fraction of images failed to decode."""
+    max_image_pixels: int | None = 64_000_000
+    """Image files whose header announces more pixels (width x height) are skipped as broken before any
+    decoding (64 MP = 8000 x 8000, about 192 MB as RGB; ImageNet's largest have about 12 MP); null = only
+    Pillow's own limit (89 MP)."""
     limit: int | None = None
     """Use only the first N samples (quick runs)."""
     download: bool = False
@@ -497,6 +501,8 @@ def validate(cfg: Config) -> None:
     d = cfg.decoder
     if d.embed_dim % d.num_heads != 0:
         raise ConfigError(f"decoder.embed_dim={d.embed_dim} is not divisible by decoder.num_heads={d.num_heads}")
+    if cfg.data.max_image_pixels is not None and cfg.data.max_image_pixels < 1:
+        raise ConfigError(f"data.max_image_pixels must be >= 1 or null, got {cfg.data.max_image_pixels}")
     if cfg.data.batch_size < 1:
         raise ConfigError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
     if len(cfg.data.mean) != m.in_chans or len(cfg.data.std) != m.in_chans:
