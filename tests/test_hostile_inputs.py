@@ -332,3 +332,31 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     top, bottom = x[:, :14], x[:, 18:]
     assert top[0].mean() > 0.8 and top[2].mean() < 0.2  # the red half is now on top
     assert bottom[2].mean() > 0.8 and bottom[0].mean() < 0.2
+
+
+# ---------------------------------------------------------------------------- checkpoints and $TMPDIR
+def test_fabric_default_save_stages_in_tmpdir_and_direct_io_does_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    from semmim.engine.checkpoint_io import DirectCheckpointIO
+
+    staged: list[str] = []
+    real = tempfile.mkstemp
+
+    def mkstemp(*args: Any, **kwargs: Any) -> Any:
+        fd, name = real(*args, **kwargs)
+        staged.append(name)
+        return fd, name
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    state = {"step": 3, "w": torch.arange(4.0)}
+    TorchCheckpointIO().save_checkpoint(state, tmp_path / "fabric.ckpt")
+    assert staged and not staged[0].startswith(str(tmp_path))  # what the issue saw: staged in $TMPDIR
+    staged.clear()
+    DirectCheckpointIO().save_checkpoint(state, tmp_path / "direct.ckpt")
+    assert staged == []
+    assert load_checkpoint_file(tmp_path / "direct.ckpt", required=("step",))["step"] == 3
