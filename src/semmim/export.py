@@ -217,7 +217,9 @@ def load_checkpoint_file(path: str | os.PathLike[str], required: tuple[str, ...]
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"cannot load the checkpoint {p}: {type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
+        raise ValueError(
+            f"cannot load the checkpoint {p}: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        ) from None
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint {p} holds a {type(obj).__name__}, not a dict of entries")
     for key in required:

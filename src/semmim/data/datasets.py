@@ -35,9 +35,9 @@ from semmim.registry import DATASETS
 __all__ = [
     "DEFAULT_MAX_IMAGE_PIXELS",
     "IMG_EXTENSIONS",
-    "ImageTooLargeError",
     "ImageDataset",
     "ImageFolderDataset",
+    "ImageTooLargeError",
     "SeededDataset",
     "SubsetDataset",
     "SyntheticDataset",
