@@ -136,18 +136,16 @@ def check_export_architecture(
     unexpected = sorted(set(shapes) - set(expected))
     wrong = [k for k in expected if k in shapes and expected[k] != shapes[k]]
     if want != total or missing or unexpected or wrong:
-        detail = (
-            f"{len(missing)} missing (e.g. {missing[0]})"
-            if missing
-            else f"{len(unexpected)} unexpected (e.g. {unexpected[0]})"
-            if unexpected
-            else f"{wrong[0]} is {shapes[wrong[0]]} in the file but {expected[wrong[0]]} in the model"
-            if wrong
-            else "the sizes differ"
-        )
+
+        def few(keys: list[str]) -> str:
+            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+
+        parts = [f"missing {few(missing)}"] if missing else []
+        parts += [f"unexpected {few(unexpected)}"] if unexpected else []
+        parts += [f"{k} is {shapes[k]} in the file but {expected[k]} in the model" for k in wrong[:3]]
         raise ValueError(
             f"{p}: the metadata's architecture (timm {name}, {kwargs}) has {want} parameters but the file holds "
-            f"{total} values: {detail}"
+            f"{total} values: {'; '.join(parts) or 'the sizes differ'}"
         )
 
 
