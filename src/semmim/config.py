@@ -27,6 +27,134 @@ class ConfigError(ValueError):
     """A config file or override is wrong; the message names the key and what is allowed."""
 
 
+MAX_CONFIG_BYTES = 1 << 20
+"""Largest config file :func:`load_config` reads (1 MiB; the shipped configs are a few KiB)."""
+
+MAX_YAML_NODES = 100_000
+"""Most YAML nodes a document may expand to once its aliases (``*name``) are resolved. A billion-laughs
+document of a few hundred bytes expands to billions of nodes; it is refused before anything is built."""
+
+
+def _expanded_size(root: yaml.Node, limit: int) -> int:
+    """Nodes of ``root`` with every alias expanded, stopping early above ``limit``; cycles are refused."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ConfigError("an alias refers to a node that contains it (a recursive structure)")
+        active.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            children: list[yaml.Node] = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = []
+        for child in children:
+            total += size(child)
+            if total > limit:
+                break
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    return size(root)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses documents whose aliases expand beyond :data:`MAX_YAML_NODES` nodes.
+
+    The check runs on the composed node graph, where each alias is one shared node, so it costs time
+    proportional to the text, before the constructor (or OmegaConf) would expand the aliases.
+    """
+
+    def compose_document(self) -> Any:
+        node = super().compose_document()
+        if node is not None and _expanded_size(node, MAX_YAML_NODES) > MAX_YAML_NODES:
+            raise ConfigError(
+                f"its aliases (*name) expand to more than {MAX_YAML_NODES} YAML nodes (a 'billion laughs' document?)"
+            )
+        return node
+
+
+def safe_load_yaml(text: str, where: str) -> Any:
+    """Parse YAML ``text`` like ``yaml.safe_load``, bounding what aliases may expand to.
+
+    Raises:
+        ConfigError: the aliases expand to more than :data:`MAX_YAML_NODES` nodes, refer to themselves,
+            or nest too deeply; the message starts with ``where``.
+        yaml.YAMLError: the text is not valid YAML.
+    """
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: the YAML nests too deeply") from None
+
+
+def read_yaml_file(path: str | Path, max_bytes: int = MAX_CONFIG_BYTES) -> Any:
+    """Read a YAML file of at most ``max_bytes`` with :func:`safe_load_yaml`.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a regular file.
+        ConfigError: the file is too large, not valid YAML, or its aliases expand too far (names the file).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file not found: {p}")
+    with p.open("rb") as f:
+        raw = f.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise ConfigError(f"{p}: larger than {max_bytes} bytes, too large for a config file")
+    try:
+        return safe_load_yaml(raw.decode("utf-8"), str(p))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from None
+
+
+UNSAFE_LOADER_KEYS: dict[str, str] = {
+    "weights_only": "semmim always unpickles checkpoints with weights_only=True",
+    "trust_remote_code": "running code from a model repository is not allowed",
+    "pickle_module": "checkpoints are never unpickled with a custom pickle module",
+    "pickle_load_args": "checkpoints are never unpickled with custom pickle arguments",
+    "allow_pickle": "NumPy archives are never unpickled",
+    "from_tf": "TensorFlow checkpoints are not loaded",
+    "from_flax": "Flax checkpoints are not loaded",
+}
+"""Keyword arguments of model loaders (``torch.load``, ``transformers``' ``from_pretrained``,
+``open_clip.create_model``, ``timm.create_model``) that could make them run code from a file; a config
+(``teacher.kwargs``) or a loader's ``**kwargs`` naming one is refused. ``use_safetensors`` is refused
+unless it is ``true``."""
+
+
+def check_loader_kwargs(kwargs: Any, where: str) -> None:
+    """Refuse loader keyword arguments that would allow unsafe unpickling or remote code.
+
+    Args:
+        kwargs: the keyword arguments (a mapping) about to be forwarded to a model loader.
+        where: what they configure, for the message (e.g. ``teacher.kwargs``).
+
+    Raises:
+        ConfigError: one line naming the first unsafe key.
+    """
+    for key in kwargs or {}:
+        name = str(key)
+        if name in UNSAFE_LOADER_KEYS:
+            raise ConfigError(f"{where}.{name} is not allowed: {UNSAFE_LOADER_KEYS[name]}")
+        if name == "use_safetensors" and kwargs[key] is not True:
+            raise ConfigError(
+                f"{where}.use_safetensors={kwargs[key]!r} is not allowed: only true (safetensors files are preferred "
+                "and pickled .bin files are read with weights_only=True)"
+            )
+
+
 @dataclass
 class MethodConfig:
     name: str = "mae"
@@ -160,6 +288,10 @@ class DataConfig:
     """Batches of uint8 images (4x less to collate and copy), turned into floats and normalised on the device."""
     max_bad_fraction: float = 0.01
     """Stop with an error once more than this fraction of images failed to decode."""
+    max_image_pixels: int | None = 64_000_000
+    """Image files whose header announces more pixels (width x height) are skipped as broken before any
+    decoding (64 MP = 8000 x 8000, about 192 MB as RGB; ImageNet's largest have about 12 MP); null = only
+    Pillow's own limit (89 MP)."""
     limit: int | None = None
     """Use only the first N samples (quick runs)."""
     download: bool = False
@@ -270,7 +402,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"override '{text}' has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = safe_load_yaml(raw, f"override '{key}'") if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key, value
@@ -291,18 +423,14 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     """Build a :class:`Config` from defaults, an optional YAML file and ``key=value`` overrides.
 
     Raises:
-        ConfigError: unknown key, wrong type or impossible value (the message names the key).
+        ConfigError: unknown key, wrong type or impossible value (the message names the key); a YAML file
+            over :data:`MAX_CONFIG_BYTES` or whose aliases expand beyond :data:`MAX_YAML_NODES` nodes.
         FileNotFoundError: the YAML file does not exist.
     """
     cfg = OmegaConf.structured(Config)
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        data = read_yaml_file(p) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(data).__name__}")
         data.pop("defaults", None)
@@ -409,6 +537,8 @@ def validate(cfg: Config) -> None:
     d = cfg.decoder
     if d.embed_dim % d.num_heads != 0:
         raise ConfigError(f"decoder.embed_dim={d.embed_dim} is not divisible by decoder.num_heads={d.num_heads}")
+    if cfg.data.max_image_pixels is not None and cfg.data.max_image_pixels < 1:
+        raise ConfigError(f"data.max_image_pixels must be >= 1 or null, got {cfg.data.max_image_pixels}")
     if cfg.data.batch_size < 1:
         raise ConfigError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
     if len(cfg.data.mean) != m.in_chans or len(cfg.data.std) != m.in_chans:
@@ -432,6 +562,7 @@ def validate(cfg: Config) -> None:
             f"method.num_masks={cfg.method.num_masks} is supported by {', '.join(MULTI_MASK_METHODS)}, "
             f"not by '{cfg.method.name}'"
         )
+    check_loader_kwargs(cfg.teacher.kwargs, "teacher.kwargs")
     if cfg.trainer.precision not in ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"):
         raise ConfigError(
             f"trainer.precision='{cfg.trainer.precision}' is not one of auto, 32-true, bf16-mixed, 16-mixed, bf16-true"

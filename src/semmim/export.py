@@ -14,6 +14,7 @@ width, depth, ...) that rebuild it::
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -75,12 +76,105 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
         raise ValueError(f"{p} is not a readable safetensors file: {e}") from None
 
 
-def read_timm_config(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
-    """The timm model name and kwargs stored in a semmim export."""
-    meta = read_metadata(path)
+FORBIDDEN_TIMM_KWARGS = ("checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+"""``timm_kwargs`` an export may not carry: they would make ``timm.create_model`` read other files."""
+
+
+def read_tensor_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor in a safetensors file, read from its header (no tensor is loaded).
+
+    safetensors checks that the header's shapes and offsets account for exactly the bytes of the
+    file, so these shapes are bounded by the file's size.
+    """
+    p = Path(path)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            return {k: tuple(int(d) for d in f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{p} is not a readable safetensors file: {e}") from None
+
+
+def check_export_architecture(
+    path: str | os.PathLike[str], name: str, kwargs: dict[str, Any], num_classes: int = 0
+) -> None:
+    """Check that the tensors in an export's header are exactly those of the architecture its metadata claims.
+
+    Runs before any real model is built: the claimed depth is bounded by the number of tensors in the
+    file, the model is then built on the ``meta`` device (no memory for weights), and its parameter
+    names and shapes are compared with the file's. A small file whose metadata asks for a huge model
+    therefore fails in well under a second without allocating it.
+
+    Raises:
+        ValueError: one line naming the file and the first disagreement.
+    """
+    import timm
+
+    p = Path(path)
+    shapes = read_tensor_shapes(p)
+    total = sum(math.prod(s) for s in shapes.values())
+    for key in FORBIDDEN_TIMM_KWARGS:
+        if key in kwargs:
+            raise ValueError(f"{p}: metadata timm_kwargs.{key} is not allowed in a semmim export")
+    for key, value in kwargs.items():
+        if not isinstance(value, int | float | str | bool | list | type(None)):
+            raise ValueError(f"{p}: metadata timm_kwargs.{key}={value!r} is not a plain number, string or list")
+    depth = kwargs.get("depth")
+    depths = kwargs.get("depths")
+    claimed = depth if isinstance(depth, int) else sum(depths) if isinstance(depths, list) else None
+    if isinstance(claimed, int) and not 0 <= claimed <= len(shapes):
+        raise ValueError(
+            f"{p}: metadata claims depth {claimed} but the file holds only {len(shapes)} tensors ({total} values)"
+        )
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    except Exception as e:
+        raise ValueError(f"{p}: metadata timm_model={name!r} with {kwargs} cannot be built: {e}") from None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    want = sum(math.prod(s) for s in expected.values())
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = [k for k in expected if k in shapes and expected[k] != shapes[k]]
+    if want != total or missing or unexpected or wrong:
+
+        def few(keys: list[str]) -> str:
+            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+
+        parts = [f"missing {few(missing)}"] if missing else []
+        parts += [f"unexpected {few(unexpected)}"] if unexpected else []
+        parts += [f"{k} is {shapes[k]} in the file but {expected[k]} in the model" for k in wrong[:3]]
+        raise ValueError(
+            f"{p}: the metadata's architecture (timm {name}, {kwargs}) has {want} parameters but the file holds "
+            f"{total} values: {'; '.join(parts) or 'the sizes differ'}"
+        )
+
+
+def read_timm_config(path: str | os.PathLike[str], verify: bool = True) -> tuple[str, dict[str, Any]]:
+    """The timm model name and kwargs stored in a semmim export.
+
+    Args:
+        path: a run directory or an export file.
+        verify: check first (:func:`check_export_architecture`) that the file's tensors are exactly those of
+            that architecture, so a crafted metadata cannot make the caller build a huge model.
+
+    Raises:
+        ValueError: not a semmim export, malformed metadata, or tensors that do not fit the architecture.
+    """
+    p = resolve_encoder_file(path)
+    meta = read_metadata(p)
     if "timm_model" not in meta:
-        raise ValueError(f"{resolve_encoder_file(path)} has no 'timm_model' metadata: it was not written by semmim")
-    return meta["timm_model"], json.loads(meta.get("timm_kwargs", "{}"))
+        raise ValueError(f"{p} has no 'timm_model' metadata: it was not written by semmim")
+    try:
+        kwargs = json.loads(meta.get("timm_kwargs", "{}"))
+        num_classes = int(meta.get("num_classes", 0))
+    except ValueError as e:
+        raise ValueError(f"{p}: malformed timm_kwargs / num_classes metadata: {e}") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"{p}: metadata timm_kwargs is not a JSON object")
+    name = meta["timm_model"]
+    if verify:
+        check_export_architecture(p, name, kwargs, num_classes)
+    return name, kwargs
 
 
 def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
@@ -104,6 +198,32 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
             obj = obj[key]
     if not isinstance(obj, dict):
         raise ValueError(f"{p} does not hold a state dict (found {type(obj).__name__})")
+    return obj
+
+
+def load_checkpoint_file(path: str | os.PathLike[str], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read a torch checkpoint dict with ``weights_only=True`` and check that it has the ``required`` keys.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: one line naming the file: unreadable, not a dict, or the first missing key (with the
+            keys it does have).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {p}")
+    try:
+        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(
+            f"cannot load the checkpoint {p}: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        ) from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"checkpoint {p} holds a {type(obj).__name__}, not a dict of entries")
+    for key in required:
+        if key not in obj:
+            have = ", ".join(sorted(map(str, obj))[:10]) or "none"
+            raise ValueError(f"checkpoint {p} has no '{key}' entry (it has: {have}); it was not written by semmim")
     return obj
 
 

@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from semmim.config import ConfigError, read_yaml_file
 from semmim.viz import Picture, plot_curves, run_pictures
 
 PathLike = str | os.PathLike[str]
@@ -78,7 +77,11 @@ def load_run(path: PathLike, name: str | None = None) -> RunInfo:
     if not (p / "config.yaml").is_file():
         raise FileNotFoundError(f"{p} is not a semmim run directory: it has no config.yaml")
     notes: list[str] = []
-    config = yaml.safe_load((p / "config.yaml").read_text()) or {}
+    try:
+        config = read_yaml_file(p / "config.yaml") or {}
+    except ConfigError as e:  # too large, not YAML, or a billion-laughs document: report the rest of the run
+        notes.append(f"config.yaml could not be read ({e})")
+        config = {}
     if not isinstance(config, dict):
         config = {}
     rows: list[dict[str, Any]] = []

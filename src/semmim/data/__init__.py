@@ -28,9 +28,11 @@ from semmim.data.captions import (
     subset_keeping_captions,
 )
 from semmim.data.datasets import (
+    DEFAULT_MAX_IMAGE_PIXELS,
     IMG_EXTENSIONS,
     ImageDataset,
     ImageFolderDataset,
+    ImageTooLargeError,
     SeededDataset,
     SubsetDataset,
     SyntheticDataset,
@@ -53,6 +55,7 @@ from semmim.data.shards import (
 from semmim.data.transforms import Clamp01, eval_transform, pretrain_transform
 
 __all__ = [
+    "DEFAULT_MAX_IMAGE_PIXELS",
     "FASHION_MNIST_CLASSES",
     "IMG_EXTENSIONS",
     "TEMPLATES",
@@ -63,6 +66,7 @@ __all__ = [
     "IdxFormatError",
     "ImageDataset",
     "ImageFolderDataset",
+    "ImageTooLargeError",
     "ManifestDataset",
     "ResumableSampler",
     "SeededDataset",

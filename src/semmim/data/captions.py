@@ -36,6 +36,7 @@ from typing import Any
 from PIL import Image
 
 from semmim.data.datasets import (
+    DEFAULT_MAX_IMAGE_PIXELS,
     ImageDataset,
     Sample,
     SkipsBadFiles,
@@ -238,7 +239,7 @@ class ManifestDataset(SkipsBadFiles, ImageDataset):
 
     Images listed but missing on disk are skipped with one warning that counts them. Like
     :class:`semmim.data.ImageFolderDataset`, a file that fails to decode is skipped at load time
-    (the next good sample is returned, with its own caption). Missing and undecodable files together
+    (a deterministic substitute is returned, with its own caption). Missing and undecodable files together
     may number at most ``max(1, max_bad_fraction * rows)``; beyond that a ``RuntimeError`` (or, at
     construction, ``FileNotFoundError``) stops the run.
 
@@ -250,6 +251,7 @@ class ManifestDataset(SkipsBadFiles, ImageDataset):
         transform: callable on a PIL image returning a (C, H, W) tensor; ``None`` = plain conversion.
         in_chans: 3 decodes to RGB, 1 to grayscale.
         max_bad_fraction: tolerated fraction of missing or undecodable images.
+        max_image_pixels: larger images (width x height, from the header) are undecodable files.
 
     Raises:
         FileNotFoundError: the manifest does not exist, or (too many of) its images are missing.
@@ -273,6 +275,7 @@ class ManifestDataset(SkipsBadFiles, ImageDataset):
         transform: Transform | None = None,
         in_chans: int = 3,
         max_bad_fraction: float = 0.01,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         super().__init__(transform)
         mpath = Path(path).expanduser()
@@ -291,6 +294,7 @@ class ManifestDataset(SkipsBadFiles, ImageDataset):
         self.image_key = image_key
         self.caption_key = caption_key
         self.max_bad_fraction = float(max_bad_fraction)
+        self.max_image_pixels = max_image_pixels
         self.format = _manifest_format(mpath)
 
         rows = _read_rows(mpath, self.format, [image_key, caption_key])
@@ -355,15 +359,6 @@ class ManifestDataset(SkipsBadFiles, ImageDataset):
     def _source(self) -> str:
         return str(self.path)
 
-    def _resolve(self, index: int) -> int:
-        """The sample served for ``index``: itself, or the next one not known to be broken."""
-        n = len(self)
-        for step in range(n):
-            j = (index + step) % n
-            if j not in self._bad_index:
-                return j
-        raise RuntimeError(f"no image of {self.path} could be decoded")
-
     def load(self, index: int) -> tuple[Image.Image, int]:
         """Decode sample ``index`` (or the next decodable one if it is broken).
 
@@ -375,7 +370,7 @@ class ManifestDataset(SkipsBadFiles, ImageDataset):
 
     def caption(self, index: int) -> str:
         """The caption of sample ``index`` (of the sample :meth:`load` served for it)."""
-        return self.captions[self._resolve(_check_index(index, len(self)))]
+        return self.captions[self.served_index(_check_index(index, len(self)))]
 
     def __getitem__(self, index: int) -> Sample:
         """``{"image", "label", "index", "caption"}`` without seeded augmentation."""

@@ -19,8 +19,9 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import stat
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,11 @@ from torch.utils.data import Dataset
 from semmim.registry import DATASETS
 
 __all__ = [
+    "DEFAULT_MAX_IMAGE_PIXELS",
     "IMG_EXTENSIONS",
     "ImageDataset",
     "ImageFolderDataset",
+    "ImageTooLargeError",
     "SeededDataset",
     "SubsetDataset",
     "SyntheticDataset",
@@ -44,6 +47,11 @@ __all__ = [
 
 IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 """File extensions :class:`ImageFolderDataset` reads (compared case-insensitively)."""
+
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+"""Largest image (width x height) decoded by default: 64 megapixels, e.g. 8000 x 8000, about 192 MB as RGB.
+The largest ImageNet images have about 12 megapixels; larger files are treated as broken files
+(``data.max_image_pixels``). Pillow's own ``Image.MAX_IMAGE_PIXELS`` (89 megapixels) still applies."""
 
 Transform = Callable[[Image.Image], torch.Tensor]
 Sample = dict[str, Any]
@@ -134,17 +142,36 @@ def _is_image(name: str) -> bool:
 
 
 def _walk_images(top: Path) -> list[Path]:
-    """All image files under ``top`` (recursively, following symlinks), in sorted order."""
+    """All regular image files under ``top`` (recursively, following symlinks), in sorted order.
+
+    FIFOs, sockets and device files named like images are left out (``DirEntry.is_file`` follows
+    symlinks and is true only for regular files), as are broken symlinks.
+    """
     found: list[Path] = []
     seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+    stack = [str(top)]
+    while stack:
+        dirpath = stack.pop()
         real = os.path.realpath(dirpath)
         if real in seen:  # a symlink loop: do not descend twice into the same directory
-            dirnames[:] = []
             continue
         seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / f for f in sorted(filenames) if _is_image(f))
+        try:
+            with os.scandir(dirpath) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            continue
+        subdirs: list[str] = []
+        for entry in entries:
+            try:
+                if entry.is_dir():
+                    if not entry.name.startswith("."):
+                        subdirs.append(entry.path)
+                elif entry.is_file() and _is_image(entry.name):
+                    found.append(Path(entry.path))
+            except OSError:
+                continue
+        stack.extend(reversed(subdirs))  # depth first, in sorted order
     return found
 
 
@@ -169,24 +196,109 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return img
 
 
-def decode_image(path: str | os.PathLike[str], mode: str = "RGB") -> Image.Image:
-    """Decode an image file fully into memory as ``mode`` ("RGB" or "L").
+class ImageTooLargeError(ValueError):
+    """An image whose header announces more pixels than the decoding budget allows."""
 
-    Handles CMYK, palette, grayscale, alpha and 16-bit images. Raises whatever PIL raises for a
-    corrupt file (``OSError``, ``SyntaxError``, ``Image.DecompressionBombError``, ...).
+
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSE_FOR_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+"""What ``PIL.ImageOps.exif_transpose`` does for each EXIF orientation."""
+
+
+def _open_regular(path: str | os.PathLike[str]) -> Any:
+    """Open ``path`` for reading only if it is a regular file; a FIFO or device is refused without blocking."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device or directory"
+            raise OSError(f"{os.fspath(path)} is {kind}, not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def decode_image(
+    path: str | os.PathLike[str],
+    mode: str = "RGB",
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    exif_transpose: bool = True,
+) -> Image.Image:
+    """Decode an image file fully into memory as ``mode`` ("RGB" or "L"), upright.
+
+    Handles CMYK, palette, grayscale, alpha and 16-bit images, and applies the EXIF orientation (as
+    ``PIL.ImageOps.exif_transpose``). Only regular files are opened (a FIFO, socket or device named like
+    an image raises ``OSError`` at once instead of blocking), and the size in the header is checked
+    against ``max_pixels`` before anything is decoded.
+
+    Args:
+        path: the file.
+        mode: "RGB" or "L".
+        max_pixels: most width x height decoded; ``None`` = only Pillow's own ``Image.MAX_IMAGE_PIXELS``.
+        exif_transpose: apply the EXIF orientation; ``False`` keeps the stored pixel layout (segmentation,
+            whose annotation PNGs are drawn on the stored layout).
+
+    Raises:
+        ImageTooLargeError: the header announces more than ``max_pixels`` pixels.
+        Exception: whatever PIL raises for a corrupt file (``OSError``, ``SyntaxError``,
+            ``Image.DecompressionBombError``, ...).
     """
-    with Image.open(path) as img:
+    with _open_regular(path) as f, Image.open(f) as img:
+        width, height = img.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise ImageTooLargeError(
+                f"{width}x{height} = {width * height} pixels, more than data.max_image_pixels={max_pixels}"
+            )
         img.load()
+        orientation = 1
+        if exif_transpose:
+            try:
+                orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+            except Exception:  # unreadable EXIF: the pixels are still fine, keep them as stored
+                orientation = 1
         out = _to_8bit(img)
-        return out.convert(mode) if out.mode != mode else out.copy()
+        out = out.convert(mode) if out.mode != mode else out.copy()
+    transpose = _TRANSPOSE_FOR_ORIENTATION.get(orientation) if isinstance(orientation, int) else None
+    return out.transpose(transpose) if transpose is not None else out
+
+
+def _mix(index: int, attempt: int) -> int:
+    """A well-mixed 63-bit number that depends only on ``(index, attempt)`` (stable across runs)."""
+    digest = hashlib.blake2b(b"sub,%d,%d" % (int(index), int(attempt)), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+_HASH_ATTEMPTS = 16
+"""Pseudo-random substitutes tried for a broken file before a scan over the whole dataset."""
 
 
 class SkipsBadFiles:
     """Decoding of image files listed in ``samples`` that skips and counts broken files.
 
-    A broken file is warned about once, remembered, and replaced by the next decodable sample; more
-    than ``max_bad_files`` of them stop the run with a ``RuntimeError`` listing some. Used by the file
+    A broken file (corrupt, truncated, empty, not a regular file, larger than ``max_image_pixels``, a
+    decompression bomb) is warned about once, remembered, and replaced by a substitute: the first
+    decodable sample among pseudo-random candidates that depend only on the broken index (then a scan
+    from a pseudo-random start), so different broken indices are served as different images, and the
+    same index always gets the same substitute, in every run and worker (exact resume). More than
+    ``max_bad_files`` broken files stop the run with a ``RuntimeError`` listing some. Used by the file
     datasets (image folders, manifests).
+
+    Counting rule: after each load, ``last_skipped`` is 1 when the *requested* index is a broken file
+    (whether found now or known from before) and 0 otherwise; broken files met while looking for a
+    substitute are warned about and remembered but not counted there. Every index is requested by
+    exactly one worker once per epoch, so the per-item counts summed over an epoch, over all workers and
+    ranks, are exactly the number of distinct broken files among the indices the epoch requested (with
+    ``drop_last``, a broken file in the dropped tail is not counted that epoch).
     """
 
     samples: list[tuple[str, int]]
@@ -195,6 +307,7 @@ class SkipsBadFiles:
     max_bad_fraction: float
     mode: str
     last_skipped: int = 0
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
 
     def _bad_total(self) -> int:
         """The number of files the tolerated fraction refers to."""
@@ -222,23 +335,55 @@ class SkipsBadFiles:
                 f"{shown}"
             )
 
-    def decode_first_good(self, index: int) -> tuple[Image.Image, int, int]:
-        """Decode sample ``index`` or the next decodable one: ``(image, label, index served)``."""
+    def _candidates(self, index: int) -> Iterator[int]:
+        """The substitutes tried, in order, for a broken ``index`` (never ``index`` itself)."""
         n = len(self.samples)
+        for attempt in range(_HASH_ATTEMPTS):
+            j = _mix(index, attempt) % n
+            if j != index:
+                yield j
+        start = _mix(index, _HASH_ATTEMPTS) % n
         for step in range(n):
-            j = (index + step) % n
+            j = (start + step) % n
+            if j != index:
+                yield j
+
+    def _try_decode(self, index: int) -> tuple[Image.Image, int] | None:
+        """Decode sample ``index``; ``None`` (after :meth:`_mark_bad`) if it is broken."""
+        path, label = self.samples[index]
+        try:
+            return decode_image(path, self.mode, max_pixels=self.max_image_pixels), label
+        except Exception as err:  # PIL raises many types for corrupt data; all mean "bad file"
+            self._mark_bad(index, err)
+            return None
+
+    def served_index(self, index: int) -> int:
+        """The sample served for ``index`` as far as is known: itself, or its first substitute not known broken."""
+        if index not in self._bad_index:
+            return index
+        for j in self._candidates(index):
+            if j not in self._bad_index:
+                return j
+        raise RuntimeError(f"no image of {self._source()} could be decoded")
+
+    def decode_first_good(self, index: int) -> tuple[Image.Image, int, int]:
+        """Decode sample ``index`` or its substitute: ``(image, label, index served)``.
+
+        Sets ``last_skipped`` (see the class docstring): summed per epoch by the trainer across workers and
+        ranks through the item's ``"skipped"`` field.
+        """
+        self.last_skipped = 0
+        if index not in self._bad_index:
+            got = self._try_decode(index)
+            if got is not None:
+                return got[0], got[1], index
+        self.last_skipped = 1  # the requested file is broken: counted by whoever requested it, once
+        for j in self._candidates(index):
             if j in self._bad_index:
                 continue
-            path, label = self.samples[j]
-            try:
-                image = decode_image(path, self.mode)
-            except Exception as err:  # PIL raises many types for corrupt data; all mean "bad file"
-                self._mark_bad(j, err)
-                continue
-            # broken files passed over to serve this index (known ones included): summed per epoch by the
-            # trainer across workers and ranks, through the item's "skipped" field
-            self.last_skipped = step
-            return image, label, j
+            got = self._try_decode(j)  # a broken candidate is counted when its own index is requested
+            if got is not None:
+                return got[0], got[1], j
         raise RuntimeError(f"no image of {self._source()} could be decoded")
 
 
@@ -250,11 +395,13 @@ class ImageFolderDataset(SkipsBadFiles, ImageDataset):
     their positions in that list. Subfolders are read recursively and symlinks are followed. The
     file order is sorted and therefore deterministic.
 
-    A file that fails to decode (corrupt, truncated, empty, a decompression bomb) is skipped: a
-    warning names it (once), it is recorded in ``bad_files``, and the next good sample (index + 1,
-    + 2, ... wrapping around) is returned instead. Once more than ``max(1, max_bad_fraction *
-    len(self))`` files have failed, a ``RuntimeError`` stops the run. Each DataLoader worker keeps
-    its own count.
+    Only regular files are listed (FIFOs, sockets and devices named like images are not). A file that
+    fails to decode (corrupt, truncated, empty, no longer a regular file, more than ``max_image_pixels``
+    pixels, a decompression bomb) is skipped: a warning names it (once), it is recorded in
+    ``bad_files``, and a deterministic substitute that depends on the index is returned instead (see
+    :class:`SkipsBadFiles`, also for how broken files are counted). Once more than ``max(1,
+    max_bad_fraction * len(self))`` files have failed, a ``RuntimeError`` stops the run. Each
+    DataLoader worker keeps its own count. Images are turned upright by their EXIF orientation.
 
     Args:
         root: the folder.
@@ -263,6 +410,8 @@ class ImageFolderDataset(SkipsBadFiles, ImageDataset):
             with label ``-1``; ``None`` auto-detects (class subfolders if any contain images).
         max_bad_fraction: tolerated fraction of undecodable files.
         in_chans: 3 decodes to RGB, 1 to grayscale.
+        max_image_pixels: larger images (width x height, read from the header before decoding) are broken
+            files; ``None`` = only Pillow's limit.
 
     Raises:
         FileNotFoundError: ``root`` does not exist or holds no images.
@@ -284,6 +433,7 @@ class ImageFolderDataset(SkipsBadFiles, ImageDataset):
         labels: bool | None = None,
         max_bad_fraction: float = 0.01,
         in_chans: int = 3,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         super().__init__(transform)
         path = Path(root).expanduser()
@@ -297,6 +447,9 @@ class ImageFolderDataset(SkipsBadFiles, ImageDataset):
         self.mode = _mode_for(in_chans)
         self.in_chans = in_chans
         self.max_bad_fraction = float(max_bad_fraction)
+        if max_image_pixels is not None and max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels must be >= 1 or None, got {max_image_pixels}")
+        self.max_image_pixels = max_image_pixels
 
         subdirs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
         per_class = [(d.name, _walk_images(d)) for d in subdirs]
@@ -336,7 +489,7 @@ class ImageFolderDataset(SkipsBadFiles, ImageDataset):
         return len(self.samples)
 
     def load(self, index: int) -> tuple[Image.Image, int]:
-        """Decode sample ``index``, or the next decodable one if it is broken.
+        """Decode sample ``index``, or its substitute if it is broken.
 
         Returns:
             ``(image, label)``: a PIL image in mode "RGB" (or "L") and the class index or ``-1``.

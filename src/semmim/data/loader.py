@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from semmim.config import DataConfig
 from semmim.data.captions import ClassCaptions, subset_keeping_captions
-from semmim.data.datasets import SeededDataset, SubsetDataset
+from semmim.data.datasets import DEFAULT_MAX_IMAGE_PIXELS, SeededDataset, SubsetDataset
 from semmim.data.shards import ShardStream
 from semmim.data.transforms import eval_transform, pretrain_transform
 from semmim.registry import DATASETS
@@ -103,7 +103,7 @@ def build_dataset(
     ``cfg.limit`` (default :data:`DEFAULT_SYNTHETIC_SIZE`) samples; ``manifest`` reads the CSV / JSONL
     file ``cfg.root`` with the columns ``cfg.manifest_image_key`` and ``cfg.manifest_caption_key``.
     Other registered datasets get the subset of ``root, split, img_size, in_chans, download,
-    max_bad_fraction`` they accept.
+    max_bad_fraction, max_image_pixels`` they accept.
 
     ``cfg.captions == "templates"`` captions a labelled dataset with class-name templates
     (:class:`semmim.data.ClassCaptions`); items of a dataset with captions have ``"caption": str``.
@@ -158,12 +158,14 @@ def build_dataset(
             "caption_key": getattr(cfg, "manifest_caption_key", "caption"),
             "in_chans": in_chans,
             "max_bad_fraction": cfg.max_bad_fraction,
+            "max_image_pixels": getattr(cfg, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS),
         }
     elif name == "imagefolder":
         kwargs = {
             "root": _imagefolder_root(cfg),
             "max_bad_fraction": cfg.max_bad_fraction,
             "in_chans": in_chans,
+            "max_image_pixels": getattr(cfg, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS),
         }
     elif name == "fashion_mnist":
         kwargs = {"root": cfg.root, "split": cfg.split, "in_chans": in_chans, "download": cfg.download}
@@ -178,6 +180,7 @@ def build_dataset(
             "in_chans": in_chans,
             "download": cfg.download,
             "max_bad_fraction": cfg.max_bad_fraction,
+            "max_image_pixels": getattr(cfg, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS),
         }
         kwargs = _filtered(factory, candidates)
     dataset = DATASETS.build(name, **kwargs)

@@ -271,7 +271,7 @@ class ADE20KSeg(Dataset[SegSample]):
         index = _check_index(index, len(self))
         img_path, ann_path = self.samples[index]
         try:
-            img = decode_image(img_path, self.mode)
+            img = decode_image(img_path, self.mode, exif_transpose=False)  # annotations use the stored layout
         except Exception as err:  # PIL raises many types for corrupt data
             raise ValueError(f"cannot decode the image {img_path}: {type(err).__name__}: {err}") from err
         labels = _read_label_png(Path(ann_path))

@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from semmim.config import check_loader_kwargs
 from semmim.registry import TEACHERS
 from semmim.teachers.base import (
     OPENAI_CLIP_MEAN,
@@ -166,8 +167,10 @@ def load_hf_clip(source: str, pretrained: bool = True, **kwargs: Any) -> nn.Modu
     Args:
         source: hub name (``openai/clip-vit-base-patch16``) or local directory.
         pretrained: ``False`` builds the architecture with random weights (config only).
-        **kwargs: forwarded to ``from_pretrained``.
+        **kwargs: forwarded to ``from_pretrained``; keys that allow unsafe unpickling or remote code
+            (``weights_only``, ``trust_remote_code``, ...) raise :class:`semmim.config.ConfigError`.
     """
+    check_loader_kwargs(kwargs, "hf_clip teacher kwargs")
     from transformers import (
         AutoConfig,
         CLIPConfig,
@@ -183,7 +186,7 @@ def load_hf_clip(source: str, pretrained: bool = True, **kwargs: Any) -> nn.Modu
     if local.exists() and not local.is_dir():
         raise ValueError(f"hf_clip teacher: {local} is a file; give the directory written by save_pretrained")
     try:
-        config = AutoConfig.from_pretrained(src)
+        config = AutoConfig.from_pretrained(src, trust_remote_code=False)
     except OSError as e:
         raise FileNotFoundError(f"hf_clip teacher: could not load a model config from {src}: {e}") from None
     archs = list(getattr(config, "architectures", None) or [])

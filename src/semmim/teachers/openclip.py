@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from semmim.config import check_loader_kwargs
 from semmim.export import load_state_dict_file
 from semmim.registry import TEACHERS
 from semmim.teachers.base import (
@@ -250,6 +251,7 @@ def build_open_clip_teacher(
     """
     import open_clip
 
+    check_loader_kwargs(kwargs, "open_clip teacher kwargs")
     if pretrained is True:
         raise ValueError("open_clip teacher: pretrained must be a tag such as 'openai' or a checkpoint file")
     tag = pretrained if isinstance(pretrained, str) and pretrained else None

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from semmim.config import check_loader_kwargs
 from semmim.export import load_state_dict_file, load_timm_model, read_metadata, resolve_encoder_file
 from semmim.registry import TEACHERS
 from semmim.teachers.base import (
@@ -320,6 +321,7 @@ def build_timm_teacher(
     """
     import timm
 
+    check_loader_kwargs(kwargs, "timm teacher kwargs")
     hub, tag, file = _parse_pretrained(pretrained)
     if file is not None:
         if path is not None:

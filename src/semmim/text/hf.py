@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from semmim.config import check_loader_kwargs
 from semmim.registry import TEXT_ENCODERS
 from semmim.text.base import TextEncoder, looks_like_path, parse_flag
 
@@ -178,6 +179,7 @@ def load_hf_text_model(source: str | os.PathLike[str], pretrained: bool = True, 
     """
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+    check_loader_kwargs(kwargs, "hf text encoder kwargs")
     name = os.fspath(source)
     local = Path(name).expanduser()
     is_local = local.is_dir()
@@ -186,7 +188,7 @@ def load_hf_text_model(source: str | os.PathLike[str], pretrained: bool = True, 
         raise FileNotFoundError(f"hf text encoder: model directory {what}: {local}")
     src = str(local) if is_local else name
     common: dict[str, Any] = {"local_files_only": True} if is_local else {}
-    for key in ("local_files_only", "revision", "cache_dir", "token", "trust_remote_code"):
+    for key in ("local_files_only", "revision", "cache_dir", "token"):
         if key in kwargs:
             common[key] = kwargs[key]
     try:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from semmim.config import check_loader_kwargs
 from semmim.export import load_state_dict_file
 from semmim.registry import TEXT_ENCODERS
 from semmim.text.base import TextEncoder, looks_like_path, parse_flag
@@ -185,6 +186,7 @@ def build_open_clip_text_encoder(
     """
     import open_clip
 
+    check_loader_kwargs(kwargs, "open_clip text encoder kwargs")
     if pretrained is True:
         raise ValueError("open_clip text encoder: pretrained must be a tag such as 'openai' or a checkpoint file")
     tag = pretrained if isinstance(pretrained, str) and pretrained else None
