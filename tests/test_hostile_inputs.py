@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 
 from semmim.config import ConfigError, load_config, parse_override
-from semmim.export import load_checkpoint_file, load_timm_model, read_timm_config, save_encoder
+from semmim.engine.checkpoint import CheckpointError, load_verified
+from semmim.export import load_timm_model, read_timm_config, save_encoder
 
 timm = pytest.importorskip("timm")
 
@@ -163,11 +164,11 @@ def test_honest_export_still_loads(tmp_path: Path) -> None:
 def test_checkpoint_missing_a_key_names_the_file_and_the_key(tmp_path: Path) -> None:
     ckpt = tmp_path / "last.ckpt"
     torch.save({"model": {}, "epoch": 1}, ckpt)
-    with pytest.raises(ValueError, match=rf"^checkpoint {ckpt} has no 'step' entry \(it has: epoch, model\)"):
-        load_checkpoint_file(ckpt, required=("model", "step"))
+    with pytest.raises(CheckpointError, match=rf"^the checkpoint {ckpt} lacks 'step' \(it has epoch, model\)"):
+        load_verified(ckpt, required_keys=("model", "step"))
     ckpt.write_bytes(b"garbage")
-    with pytest.raises(ValueError, match=f"^cannot load the checkpoint {ckpt}"):
-        load_checkpoint_file(ckpt)
+    with pytest.raises(CheckpointError, match=f"^cannot load the checkpoint {ckpt}"):
+        load_verified(ckpt)
 
 
 def test_viz_checkpoint_without_model_entry_names_file_and_key(tmp_path: Path) -> None:
@@ -179,7 +180,7 @@ def test_viz_checkpoint_without_model_entry_names_file_and_key(tmp_path: Path) -
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text(to_yaml(load_config(None, tiny_overrides())))
     torch.save({"step": 3}, run / "checkpoints" / "last.ckpt")
-    with pytest.raises(ValueError, match=r"last\.ckpt has no 'model' entry \(it has: step\)"):
+    with pytest.raises(CheckpointError, match=r"last\.ckpt lacks 'model' \(it has step\)"):
         load_method(run, torch.device("cpu"))
 
 
@@ -348,7 +349,7 @@ def test_fabric_default_save_stages_in_tmpdir_and_direct_io_does_not(
 
     from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-    from semmim.engine.checkpoint_io import DirectCheckpointIO
+    from semmim.engine.checkpoint import ChecksummedCheckpointIO
 
     staged: list[str] = []
     real = tempfile.mkstemp
@@ -363,6 +364,6 @@ def test_fabric_default_save_stages_in_tmpdir_and_direct_io_does_not(
     TorchCheckpointIO().save_checkpoint(state, tmp_path / "fabric.ckpt")
     assert staged and not staged[0].startswith(str(tmp_path))  # what the issue saw: staged in $TMPDIR
     staged.clear()
-    DirectCheckpointIO().save_checkpoint(state, tmp_path / "direct.ckpt")
+    ChecksummedCheckpointIO().save_checkpoint(state, tmp_path / "direct.ckpt")
     assert staged == []
-    assert load_checkpoint_file(tmp_path / "direct.ckpt", required=("step",))["step"] == 3
+    assert load_verified(tmp_path / "direct.ckpt", required_keys=("step",))["step"] == 3

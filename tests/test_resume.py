@@ -88,7 +88,9 @@ def test_sigkill_in_a_later_epoch_with_workers_resumes_exactly(tmp_path: Path) -
         [SEMMIM, "pretrain", "--config", "demo/mae", "--out", str(out), *overrides], env=kill_env, capture_output=True
     )
     assert killed.returncode == -signal.SIGKILL
-    resumed = subprocess.run([SEMMIM, "pretrain", "--out", str(out), "--resume"], env=env, capture_output=True, text=True)
+    resumed = subprocess.run(
+        [SEMMIM, "pretrain", "--out", str(out), "--resume"], env=env, capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming at step 7" in resumed.stdout
     _assert_same_run(ref, out)

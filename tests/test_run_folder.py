@@ -58,7 +58,7 @@ def test_two_concurrent_cli_runs_on_one_folder(tmp_path: Path) -> None:
         time.sleep(0.05)
     second = subprocess.run(args, env=env, capture_output=True, text=True)
     still_running = first.poll() is None
-    first_out, first_err = first.communicate(timeout=600)
+    _, first_err = first.communicate(timeout=600)
     assert still_running, "the first run ended before the second one started: make it longer"
     assert first.returncode == 0, first_err[-2000:]
     assert second.returncode == 2
@@ -79,7 +79,9 @@ def test_stale_lock_of_a_killed_run_is_taken_over(tmp_path: Path, capsys: pytest
 # ----------------------------------------------------------------------------- one run a folder
 def test_new_run_into_a_run_folder_is_refused(finished: Path) -> None:
     before = (finished / "encoder.safetensors").read_bytes()
-    with pytest.raises(RunFolderError, match=r"already holds a run \(logged up to step 4, finished.*--resume.*--overwrite"):
+    with pytest.raises(
+        RunFolderError, match=r"already holds a run \(logged up to step 4, finished.*--resume.*--overwrite"
+    ):
         pretrain(_cfg("trainer.max_steps=1"), finished)
     assert (finished / "encoder.safetensors").read_bytes() == before
     assert [r["step"] for r in read_metrics(finished)] == [1, 2, 3, 4]
@@ -144,9 +146,7 @@ def test_resume_changes_lists_every_refused_key() -> None:
     new = {"optim": {"lr": 2.0}, "trainer": {"seed": 1, "max_steps": 5}}
     with pytest.raises(RunFolderError, match=r"optim.lr: 1.0 -> 2.0; trainer.seed: 0 -> 1"):
         resume_changes(saved, new)
-    assert resume_changes({"trainer": {"max_steps": 3}}, {"trainer": {"max_steps": 5}}) == {
-        "trainer.max_steps": (3, 5)
-    }
+    assert resume_changes({"trainer": {"max_steps": 3}}, {"trainer": {"max_steps": 5}}) == {"trainer.max_steps": (3, 5)}
     assert "trainer.max_steps" in RESUME_MAY_CHANGE and "optim.lr" not in RESUME_MAY_CHANGE
 
 

@@ -201,32 +201,6 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     return obj
 
 
-def load_checkpoint_file(path: str | os.PathLike[str], required: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Read a torch checkpoint dict with ``weights_only=True`` and check that it has the ``required`` keys.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: one line naming the file: unreadable, not a dict, or the first missing key (with the
-            keys it does have).
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {p}")
-    try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(
-            f"cannot load the checkpoint {p}: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
-        ) from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"checkpoint {p} holds a {type(obj).__name__}, not a dict of entries")
-    for key in required:
-        if key not in obj:
-            have = ", ".join(sorted(map(str, obj))[:10]) or "none"
-            raise ValueError(f"checkpoint {p} has no '{key}' entry (it has: {have}); it was not written by semmim")
-    return obj
-
-
 def load_timm_model(path: str | os.PathLike[str], num_classes: int = 0, **overrides: Any) -> torch.nn.Module:
     """Rebuild the timm model described by a semmim export and load its weights (strict)."""
     import timm

@@ -264,8 +264,8 @@ def load_method(run_dir: Path, device: torch.device) -> tuple[Any, Any]:
         (config, method in eval mode on ``device``).
     """
     from semmim.config import load_config
+    from semmim.engine.checkpoint import load_verified
     from semmim.engine.trainer import CKPT_DIR, LAST_CKPT
-    from semmim.export import load_checkpoint_file
     from semmim.methods import build_method
 
     cfg = load_config(run_dir / "config.yaml")
@@ -274,7 +274,7 @@ def load_method(run_dir: Path, device: torch.device) -> tuple[Any, Any]:
         raise FileNotFoundError(f"no checkpoint at {ckpt}")
     method = build_method(cfg)
     method.num_masks = 1  # one masked view per shown image, whatever the run trained with
-    state = load_checkpoint_file(ckpt, required=("model",))["model"]
+    state = load_verified(ckpt, required_keys=("model",))["model"]
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {ckpt}: its 'model' entry is a {type(state).__name__}, not a state dict")
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}

@@ -23,7 +23,7 @@ import stat
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -253,7 +253,18 @@ def decode_image(
         Exception: whatever PIL raises for a corrupt file (``OSError``, ``SyntaxError``,
             ``Image.DecompressionBombError``, ...).
     """
-    with _open_regular(path) as f, Image.open(f) as img:
+    with _open_regular(path) as f:
+        return decode_image_file(f, mode, max_pixels, exif_transpose)
+
+
+def decode_image_file(
+    f: IO[bytes],
+    mode: str = "RGB",
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    exif_transpose: bool = True,
+) -> Image.Image:
+    """:func:`decode_image` of an open binary file (e.g. a shard member's bytes in ``io.BytesIO``)."""
+    with Image.open(f) as img:
         width, height = img.size
         if max_pixels is not None and width * height > max_pixels:
             raise ImageTooLargeError(

@@ -47,17 +47,19 @@ from itertools import chain
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from semmim.data.captions import MANIFEST_SUFFIXES, ClassCaptions, ManifestDataset, has_captions
 from semmim.data.datasets import (
+    ImageTooLargeError,
     Sample,
     Transform,
     _apply,
     _mode_for,
-    _to_8bit,
+    decode_image_file,
     sample_seed,
 )
 from semmim.registry import DATASETS
@@ -745,13 +747,9 @@ class ShardStream(IterableDataset[Sample]):
             label = int(entry.parts["cls"].decode("utf-8").strip()) if entry.parts.get("cls") else -1
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the explicit budget below
-                with Image.open(io.BytesIO(entry.parts[ext])) as img:
-                    w, h = img.size
-                    if w * h > self.max_pixels:
-                        return f"{w}x{h} image has more than max_pixels={self.max_pixels} pixels (decompression bomb?)"
-                    img.load()
-                    image = _to_8bit(img)
-                    image = image.convert(self.mode) if image.mode != self.mode else image.copy()
+                image = decode_image_file(io.BytesIO(entry.parts[ext]), self.mode, self.max_pixels)
+        except ImageTooLargeError as err:
+            return f"{err} (max_pixels; a decompression bomb?)"
         except Exception as err:  # PIL raises many types for corrupt data; all mean "bad sample"
             return f"{type(err).__name__}: {err}"
         caption = entry.parts.get("txt", b"").decode("utf-8", errors="replace")
@@ -773,11 +771,14 @@ class ShardStream(IterableDataset[Sample]):
             s = sample_seed(self.seed, self.epoch, aug)
             torch.default_generator.manual_seed(s)
             py_state = random.getstate()
+            np_state = np.random.get_state(legacy=False)
             random.seed(s)
+            np.random.seed(s % 2**32)  # timm's RandAugment draws its ops from NumPy's global generator
             try:
                 tensor = _apply(self.transform, image)
             finally:
                 random.setstate(py_state)
+                np.random.set_state(np_state)
         return {"image": tensor, "caption": caption, "label": label, "index": index, "skipped": skipped}
 
     def _where(self, state: _WorkerState) -> str:

@@ -305,7 +305,17 @@ def _pretrain(
     fabric.seed_everything(t.seed, verbose=False)
 
     # ---------------------------------------------------------------- data
-    dataset = build_dataset(cfg.data, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans, train=True, seed=t.seed)
+    from semmim.registry import METHODS
+
+    needs_captions = bool(getattr(METHODS.get(cfg.method.name), "needs_captions", False))  # clip, rils
+    dataset = build_dataset(
+        cfg.data,
+        img_size=cfg.model.img_size,
+        in_chans=cfg.model.in_chans,
+        train=True,
+        seed=t.seed,
+        require_captions=needs_captions,  # a shard sample without a caption is a counted bad sample
+    )
     streaming = isinstance(dataset, IterableDataset)
     sampler: ResumableSampler | None = None
     stream: Any = dataset
@@ -349,8 +359,6 @@ def _pretrain(
     peak_lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.base_lr * eff_batch / 256
 
     # ---------------------------------------------------------------- model
-    from semmim.registry import METHODS
-
     if getattr(METHODS.get(cfg.method.name), "needs_labels", False):
         classes = list(getattr(dataset, "classes", []) or [])
         if not classes:
