@@ -253,7 +253,7 @@ def test_tar_gz_member_bomb_is_a_bad_sample_read_in_bounded_memory(tmp_path: Pat
 def test_images_over_the_pixel_budget_are_bad_samples(tmp_path: Path) -> None:
     root = _write(tmp_path, [[_good(0), ("000001", {"png": _png(1, size=64)}), _good(2)]])
     stream = ShardStream(root, transform=None, shuffle=False, max_pixels=32 * 32, max_bad_fraction=0.5)
-    with pytest.warns(RuntimeWarning, match="64x64 image has more than max_pixels=1024"):
+    with pytest.warns(RuntimeWarning, match="64x64 = 4096 pixels, more than data.max_image_pixels=1024"):
         assert [(i, k) for i, k, _ in _items(stream)] == [(0, 0), (2, 1), (2, 0)]
 
 

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from semmim.config import DataConfig
 from semmim.data.captions import ClassCaptions, subset_keeping_captions
 from semmim.data.datasets import DEFAULT_MAX_IMAGE_PIXELS, SeededDataset, SubsetDataset
-from semmim.data.shards import ShardStream
+from semmim.data.shards import MAX_IMAGE_PIXELS, ShardStream
 from semmim.data.transforms import eval_transform, pretrain_transform
 from semmim.registry import DATASETS
 
@@ -90,6 +90,7 @@ def _build_shard_stream(
         drop_last=train,
         max_bad_fraction=cfg.max_bad_fraction,
         require_captions=require_captions,
+        max_pixels=cfg.max_image_pixels if cfg.max_image_pixels is not None else MAX_IMAGE_PIXELS,
     )
 
 

@@ -514,7 +514,8 @@ def _pretrain(
             return
         reported[0] = total
         at = guard.step_of_state(step)
-        msg = f"non-finite loss ({loss_value}) at step {at} (epoch {epoch}) of method '{cfg.method.name}'"
+        what = f"loss ({loss_value})" if not math.isfinite(loss_value) else f"gradients (loss {loss_value:.4g})"
+        msg = f"non-finite {what} at step {at} (epoch {epoch}) of method '{cfg.method.name}'"
         if in_row > t.max_nonfinite_steps:
             if bar is not None:
                 bar.close()
