@@ -73,6 +73,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     else:
         config_path = resolve_config(args.config)
     cfg = load_config(config_path, args.overrides)
+    if cfg.teacher.name == "module":
+        raise ConfigError(
+            "teacher.name=module is a teacher passed from Python (semmim.pretrain(cfg, out, "
+            "teacher=ModuleTeacher(...))) and cannot be given on the command line: use teacher.name=timm, "
+            "open_clip or hf_clip"
+        )
     result = pretrain(cfg, out, resume=args.resume, overwrite=args.overwrite)
     print(
         json.dumps(

@@ -248,8 +248,18 @@ class TeacherConfig:
     mean: list[float] | None = None
     std: list[float] | None = None
     ln_target: bool | None = None
-    """Normalise each teacher token with a LayerNorm without affine parameters (None = method default:
-    on for MaskDistill, off for MILAN)."""
+    """Shorthand: true = ``target_norm=ln``, false = ``target_norm=none`` (kept for older configs)."""
+    target_norm: str | None = None
+    """How teacher tokens are conditioned before the loss: none | ln | center | center_ln | whiten | pca
+    (``semmim.targets.conditioning``). None = the method's default: ``center_ln`` for MILAN and supmim,
+    ``ln`` for MaskDistill."""
+    pca_dim: int | None = None
+    """Output width of ``target_norm=pca``."""
+    grid: str = "student"
+    """Where the loss compares tokens: "student" (the teacher's map resampled to the student's grid) or
+    "native" (MILAN: the student's predictions pooled to the teacher's own grid)."""
+    global_weight: float = 1.0
+    """MILAN: weight of the global (CLS) token in the loss against each patch token (1 = as in MILAN)."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for the teacher's model factory (e.g. timm ``img_size``)."""
 
@@ -341,6 +351,16 @@ class TrainerConfig:
     """torch.compile the method: true | false | auto (on for CUDA, where graphs that fail to compile fall back
     to eager)."""
     progress_bar: bool = True
+    knn_every_n_steps: int = 0
+    """Online kNN monitor: every this many steps (0 = off) the weighted 20-NN top-1 of the current encoder
+    on a fixed labelled subset is logged as ``knn_top1`` (needs a labelled dataset)."""
+    knn_data: str | None = None
+    """Dataset of the kNN monitor (None = ``data.name``); its ``train`` split is the memory bank and its
+    ``test`` split (``val/`` for image folders) the queries."""
+    knn_root: str | None = None
+    """Root of the kNN monitor's dataset (None = ``data.root``; an image folder needs train/ and val/)."""
+    knn_train_limit: int = 5000
+    knn_test_limit: int = 1000
     max_nonfinite_steps: int = 3
     """A NaN/Inf loss skips its step (counted in metrics as skipped_nonfinite); the run stops with an error
     after more than this many in a row (0 = stop at the first)."""
@@ -499,6 +519,10 @@ _AT_LEAST: dict[str, int] = {
     "data.shuffle_buffer": 0,
     "optim.warmup_steps": 0,
     "optim.effective_batch": 1,
+    "trainer.knn_every_n_steps": 0,
+    "trainer.knn_train_limit": 1,
+    "trainer.knn_test_limit": 1,
+    "teacher.pca_dim": 1,
 }
 """Lower bounds of counts and intervals: a zero step count or interval is an error before any work (a
 ``None`` value means "not set" and is not checked)."""
@@ -518,8 +542,59 @@ def _check_counts(cfg: Config) -> None:
         raise ConfigError(f"optim.warmup_epochs must be >= 0, got {cfg.optim.warmup_epochs}")
     if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
         raise ConfigError(f"data.max_bad_fraction must lie in [0, 1], got {cfg.data.max_bad_fraction}")
+    if cfg.teacher.global_weight < 0:
+        raise ConfigError(f"teacher.global_weight must be >= 0, got {cfg.teacher.global_weight}")
     if cfg.optim.clip_grad is not None and cfg.optim.clip_grad <= 0:
         raise ConfigError(f"optim.clip_grad must be > 0 (or null for no clipping), got {cfg.optim.clip_grad}")
+
+
+TEACHER_TARGET_METHODS = ("milan", "maskdistill", "supmim")
+"""Built-in methods whose targets are teacher features (supmim with method.target=teacher_features)."""
+
+
+def _check_targets(cfg: Config) -> None:
+    from semmim.targets.conditioning import TARGET_NORMS
+
+    t, name = cfg.teacher, cfg.method.name
+    uses_features = name in ("milan", "maskdistill") or (name == "supmim" and cfg.method.target == "teacher_features")
+    set_keys = [
+        k
+        for k, v, default in (
+            ("teacher.target_norm", t.target_norm, None),
+            ("teacher.ln_target", t.ln_target, None),
+            ("teacher.pca_dim", t.pca_dim, None),
+            ("teacher.grid", t.grid, "student"),
+            ("teacher.global_weight", t.global_weight, 1.0),
+        )
+        if v != default
+    ]
+    if set_keys and name in METHOD_PARTS and not uses_features:
+        raise ConfigError(
+            f"{set_keys[0]} conditions teacher-feature targets, which method '{name}' does not use; remove it "
+            f"(teacher-feature methods: milan, maskdistill, supmim with method.target=teacher_features)"
+        )
+    if t.target_norm is not None and t.target_norm not in TARGET_NORMS:
+        raise ConfigError(f"teacher.target_norm={t.target_norm!r} is not one of {', '.join(TARGET_NORMS)}")
+    if t.ln_target is not None and t.target_norm is not None and t.target_norm != ("ln" if t.ln_target else "none"):
+        raise ConfigError(
+            f"teacher.ln_target={t.ln_target} contradicts teacher.target_norm={t.target_norm}: set only target_norm"
+        )
+    if t.target_norm == "pca" and t.pca_dim is None:
+        raise ConfigError("teacher.target_norm=pca needs teacher.pca_dim (the number of principal directions kept)")
+    if t.pca_dim is not None and t.target_norm != "pca":
+        raise ConfigError(f"teacher.pca_dim={t.pca_dim} is used only by teacher.target_norm=pca; remove it or set that")
+    if t.grid not in ("student", "native"):
+        raise ConfigError(f"teacher.grid must be student or native, got {t.grid!r}")
+    if name in METHOD_PARTS and name != "milan":
+        for key, value, default in (
+            ("teacher.grid", t.grid, "student"),
+            ("teacher.global_weight", t.global_weight, 1.0),
+        ):
+            if value != default:
+                raise ConfigError(
+                    f"{key}={value!r} applies to MILAN's loss over all tokens; method '{name}' compares masked "
+                    "patches on the student's grid: remove it"
+                )
 
 
 def validate(cfg: Config) -> None:
@@ -553,6 +628,7 @@ def validate(cfg: Config) -> None:
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must have two values, got {cfg.optim.betas}")
     _check_parts(cfg)
+    _check_targets(cfg)
     if cfg.trainer.compile not in (True, False, "auto"):
         raise ConfigError(f"trainer.compile must be true, false or auto, got {cfg.trainer.compile!r}")
     if cfg.method.num_masks < 1:

@@ -18,7 +18,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,6 +180,13 @@ def metrics_table(runs: Sequence[RunInfo]) -> tuple[list[str], list[list[str]]]:
             if any(_num(r.evals.get(proto, {}).get(key)) is not None for r in runs):
                 cols.append(((proto,), key, f"{proto} {'top-1' if key == 'top1' else 'mIoU'}"))
     header += [c[2] for c in cols]
+    # training-time diagnostics, where some run logged them (feature targets; the online kNN monitor)
+    logged = [
+        (k, label)
+        for k, label in (("target_explained", "target explained"), ("knn_top1", "online kNN top-1"))
+        if any(_last(r.rows, k) is not None for r in runs)
+    ]
+    header += [label for _, label in logged]
     table = []
     for r in runs:
         steps, loss = _last(r.rows, "step"), _last(r.rows, "loss")
@@ -197,6 +204,9 @@ def metrics_table(runs: Sequence[RunInfo]) -> tuple[list[str], list[list[str]]]:
         for protos, key, _ in cols:
             v, std = _eval_value(r, protos, key)
             row.append(MISSING if v is None else f"{v:.1f}" + (f" ± {std:.1f}" if std is not None else ""))
+        for key, _ in logged:
+            v = _last(r.rows, key)
+            row.append(MISSING if v is None else (f"{v:.3f}" if key == "target_explained" else f"{v:.1f}"))
         table.append(row)
     return header, table
 
@@ -318,8 +328,12 @@ def write_report(
     num_images: int = 8,
     seed: int = 0,
     device: str | None = None,
+    teachers: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``OUT/report.md`` and ``OUT/report.html`` (images embedded) comparing pretraining runs.
+
+    ``teachers`` maps a run directory (as given in ``run_dirs``) to the Python teacher it was trained with
+    (``semmim.pretrain(..., teacher=...)``), which the config alone cannot rebuild.
 
     ``OUT`` also receives the PNGs: ``curves.png`` and, per MIM run, ``<run>_reconstruction.png``
     (pixel targets), ``<run>_pca.png`` (feature targets) and ``<run>_semantic_mask.png`` (maskers
@@ -352,7 +366,13 @@ def write_report(
         stem = _stem(r.name, taken)  # file prefix of the run's pictures
         if names.count(r.name) > 1:  # same folder name in different places: tell them apart
             r.name = stem
-        pictures, notes = run_pictures(r.path, out_dir, stem, num_images=num_images, seed=seed, device=device)
+        teacher = None
+        for key, value in (teachers or {}).items():
+            if Path(key).resolve() == Path(r.path).resolve():
+                teacher = value
+        pictures, notes = run_pictures(
+            r.path, out_dir, stem, num_images=num_images, seed=seed, device=device, teacher=teacher
+        )
         r.pictures, r.notes = pictures, r.notes + notes
     curves = plot_curves({r.name: r.rows for r in runs}, out_dir / "curves.png")
     header, table = metrics_table(runs)

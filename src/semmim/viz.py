@@ -216,20 +216,28 @@ def save_grid(rows: Sequence[tuple[str, np.ndarray]], path: Path, title: str) ->
 
 
 def plot_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) -> Path | None:
-    """Loss (log scale when positive), learning rate and images/s against the step, every run overlaid.
+    """Loss (log scale when positive), learning rate and images/s against the step, every run overlaid,
+    plus ``target_explained`` and the online ``knn_top1`` when a run logged them.
 
     Args:
-        runs: run name -> metrics rows (``step`` plus ``loss``, ``lr``, ``images_per_s``).
+        runs: run name -> metrics rows (``step`` plus ``loss``, ``lr``, ``images_per_s``, optionally
+            ``target_explained`` and ``knn_top1``).
         path: PNG to write.
 
     Returns:
         ``path``, or None when no run has metrics.
     """
-    panels = (("loss", "training loss"), ("lr", "learning rate"), ("images_per_s", "images / s"))
+    panels = [("loss", "training loss"), ("lr", "learning rate"), ("images_per_s", "images / s")]
+    for key, label in (
+        ("target_explained", "target explained (1 - loss / loss of the mean)"),
+        ("knn_top1", "online kNN top-1 (%)"),
+    ):
+        if any(r.get(key) is not None for rows in runs.values() for r in rows):
+            panels.append((key, label))
     if not any(runs.values()):
         return None
-    fig = _figure((15, 4))
-    axes = fig.subplots(1, 3)
+    fig = _figure((5 * len(panels), 4))
+    axes = fig.subplots(1, len(panels))
     for ax, (key, label) in zip(axes, panels, strict=True):
         values_all: list[float] = []
         for name, rows in runs.items():
@@ -257,8 +265,11 @@ def plot_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) -> 
 
 
 # ------------------------------------------------------------------ run pictures
-def load_method(run_dir: Path, device: torch.device) -> tuple[Any, Any]:
+def load_method(run_dir: Path, device: torch.device, teacher: Any = None) -> tuple[Any, Any]:
     """Rebuild ``RUN``'s method from its config and load ``checkpoints/last.ckpt`` (strict).
+
+    ``teacher`` is the Python teacher a run was trained with (``teacher.name=module``): such a teacher
+    cannot be rebuilt from the config.
 
     Returns:
         (config, method in eval mode on ``device``).
@@ -272,7 +283,7 @@ def load_method(run_dir: Path, device: torch.device) -> tuple[Any, Any]:
     ckpt = run_dir / CKPT_DIR / LAST_CKPT
     if not ckpt.is_file():
         raise FileNotFoundError(f"no checkpoint at {ckpt}")
-    method = build_method(cfg)
+    method = build_method(cfg, teacher=teacher)
     method.num_masks = 1  # one masked view per shown image, whatever the run trained with
     state = load_verified(ckpt, required_keys=("model",))["model"]
     if not isinstance(state, dict):
@@ -375,8 +386,11 @@ def run_pictures(
     num_images: int = 8,
     seed: int = 0,
     device: str | torch.device | None = None,
+    teacher: Any = None,
 ) -> tuple[list[Picture], list[str]]:
     """Write the pictures of one run into ``out_dir`` (files ``<stem>_*.png``).
+
+    ``teacher``: the Python teacher of a run trained with one (see :func:`load_method`).
 
     Pixel targets give a reconstruction grid, feature targets a PCA grid, maskers that need teacher
     scores an attention/mask grid. Nothing raises: what could not be drawn is explained in the notes.
@@ -389,7 +403,7 @@ def run_pictures(
     if not ckpt.is_file():
         return [], [f"no pictures: no checkpoint at {ckpt}"]
     try:
-        cfg, method = load_method(run_dir, dev)
+        cfg, method = load_method(run_dir, dev, teacher=teacher)
     except Exception as e:  # a missing teacher/checkpoint or an old config must not stop the report
         return [], [f"no pictures: could not rebuild the model ({type(e).__name__}: {e})"]
     if getattr(method, "masker", None) is None:

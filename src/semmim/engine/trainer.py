@@ -32,6 +32,23 @@ from semmim.engine.optim import build_adamw, cosine_lr
 INPUT_BOUND_FRACTION = 0.25
 """A run that waits for data more than this share of the time is reported as input-bound."""
 
+EXPLAINED_WARN = 0.05
+"""A feature-target run whose ``target_explained`` stays under this for 3 log steps after warmup is warned
+about: the student then predicts little more than the teacher's average token."""
+
+
+def explained_warning(value: float, step: int) -> str:
+    """The one-time warning for a student that learns only the teacher's average token."""
+    return (
+        f"[semmim] warning: target_explained is {value:.3f} at step {step} (under {EXPLAINED_WARN} for 3 log steps "
+        "after warmup): the student predicts little more than the teacher's average token. Likely causes: the "
+        "teacher's tokens share a large common component (post-ReLU CNN features, raw features), a teacher map "
+        "much coarser than the student's grid, or the learning rate. Knobs: teacher.target_norm=center_ln (or "
+        "whiten, pca with teacher.pca_dim), teacher.image_size (run the teacher at the size whose map matches the "
+        "student's grid) or teacher.grid=native, optim.lr; see the README's teacher section."
+    )
+
+
 CKPT_DIR = rundir.CKPT_DIR
 LAST_CKPT = rundir.LAST_CKPT
 CKPT_KEYS = ("model", "optimizer", "step", "epoch", "batch_in_epoch")
@@ -209,6 +226,33 @@ def all_finite(module: nn.Module) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
+def with_python_teacher(cfg: Config, teacher: nn.Module) -> Config:
+    """A copy of ``cfg`` that records a teacher passed from Python (``teacher.name=module``, no source).
+
+    The config's own teacher source, if any, is not what the run uses, so it is not recorded; a note says so.
+    """
+    import copy
+
+    from semmim.methods.base import PYTHON_TEACHER
+
+    out = copy.deepcopy(cfg)
+    t = out.teacher
+    ignored: dict[str, Any] = {
+        k: v
+        for k, v in (("name", t.name), ("model", t.model), ("pretrained", t.pretrained), ("path", t.path))
+        if v is not None and not (k == "name" and v in (PYTHON_TEACHER, "none"))
+    }
+    ignored.update({k: v for k, v in (("image_size", t.image_size), ("mean", t.mean), ("std", t.std)) if v is not None})
+    if t.kwargs:
+        ignored["kwargs"] = dict(t.kwargs)
+    if ignored and int(os.environ.get("RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        what = ", ".join(f"teacher.{k}={v}" for k, v in ignored.items())
+        print(f"[semmim] the teacher passed from Python replaces the config's {what}", flush=True)
+    t.name, t.model, t.pretrained, t.path, t.image_size, t.mean, t.std = PYTHON_TEACHER, *([None] * 6)
+    t.kwargs = {}
+    return out
+
+
 def pretrain(
     cfg: Config,
     out_dir: str | os.PathLike[str],
@@ -242,6 +286,8 @@ def pretrain(
     """
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other: choose one")
+    if teacher is not None:
+        cfg = with_python_teacher(cfg, teacher)
     out = Path(out_dir)
     ckpt_path = rundir.ckpt_path(out)
     if resume and not ckpt_path.is_file():
@@ -372,6 +418,13 @@ def _pretrain(
         elif cfg.method.num_classes < len(classes):
             raise ConfigError(f"method.num_classes={cfg.method.num_classes} < {len(classes)} classes in the data")
     method = build_method(cfg, teacher=teacher)
+    from semmim.methods.base import check_teacher_attention
+
+    check_teacher_attention(method, fabric.device)  # semantic masking with a teacher that has no attention
+    teacher_line = ""
+    tm: Any = getattr(getattr(method, "target", None), "teacher", None)
+    if tm is not None:
+        teacher_line = f" | teacher {tm.describe() if hasattr(tm, 'describe') else type(tm).__name__}"
     # fused AdamW (CUDA and CPU) takes found_inf, which lets a non-finite step be skipped without a sync
     fused = fabric.device.type in ("cuda", "cpu")
     sync_free = fused and "16-mixed" not in precision  # fp16's GradScaler manages found_inf itself
@@ -424,6 +477,24 @@ def _pretrain(
             f"method '{cfg.method.name}' needs captions, but dataset '{cfg.data.name}' gives none: set "
             "data.captions=templates for a labelled dataset, or use data.name=manifest / webdataset"
         )
+    monitor = None
+    if t.knn_every_n_steps and is_main:  # built (and its dataset checked) before any step
+        from semmim.eval.monitor import KnnMonitor
+
+        try:
+            monitor = KnnMonitor(
+                t.knn_data or cfg.data.name,
+                t.knn_root if t.knn_root is not None else cfg.data.root,
+                img_size=cfg.model.img_size,
+                in_chans=cfg.model.in_chans,
+                mean=list(cfg.data.mean),
+                std=list(cfg.data.std),
+                train_limit=t.knn_train_limit,
+                test_limit=t.knn_test_limit,
+                num_workers=min(cfg.data.num_workers, 2),
+            )
+        except (ValueError, FileNotFoundError, KeyError) as e:
+            raise ConfigError(f"trainer.knn_every_n_steps={t.knn_every_n_steps}: {e}") from e
     n_params = sum(p.numel() for p in method.parameters() if p.requires_grad)
     if is_main:
         check_free_space(out, checkpoint_bytes(method))
@@ -434,6 +505,7 @@ def _pretrain(
             f"= effective batch {eff_batch} | "
             f"lr {peak_lr:.3g} (base_lr {cfg.optim.base_lr:g} x {eff_batch}/256) | {total_steps} steps, "
             f"warmup {warmup} | precision {precision} | device {fabric.device}"
+            + teacher_line
             + (f" | resuming at step {step}" if resume else ""),
             flush=True,
         )
@@ -479,7 +551,8 @@ def _pretrain(
 
         bar = tqdm(total=total_steps, initial=step, desc=cfg.method.name, dynamic_ncols=True, mininterval=1.0)
 
-    input_bound_warned = False
+    input_bound_warned = explained_warned = False
+    explained_low = 0  # log steps in a row with target_explained under EXPLAINED_WARN
     last_loss_t: torch.Tensor | None = None
     window_imgs, window_compute, window_wait = 0, 0.0, 0.0
     t_start = time.perf_counter()
@@ -599,7 +672,8 @@ def _pretrain(
             window_compute += t2 - t1
             if bar is not None:
                 bar.update(1)
-            log_now = step % t.log_every_n_steps == 0 or step == total_steps
+            knn_now = monitor is not None and step % t.knn_every_n_steps == 0
+            log_now = step % t.log_every_n_steps == 0 or step == total_steps or knn_now
             loss_value = float("nan")
             if on_step is not None or log_now:
                 loss_value = float(reduced.item())  # type: ignore[union-attr]
@@ -622,6 +696,13 @@ def _pretrain(
                     for k, v in outputs.items()
                     if k != "loss" and isinstance(v, torch.Tensor) and v.dim() == 0
                 }
+                if "target_explained" in extras and step > warmup:
+                    explained_low = explained_low + 1 if extras["target_explained"] < EXPLAINED_WARN else 0
+                    if explained_low >= 3 and not explained_warned and is_main:
+                        explained_warned = True
+                        print(explained_warning(extras["target_explained"], step), flush=True)
+                if monitor is not None and (knn_now or step == total_steps):
+                    extras["knn_top1"] = monitor(method.encoder, fabric.device)
                 row = {
                     **extras,
                     "step": step,
@@ -639,7 +720,8 @@ def _pretrain(
                 fabric.log_dict(scalars, step=step)
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}", refresh=False)
-                window_imgs, window_compute, window_wait, window_start = 0, 0.0, 0.0, now
+                # the next window starts after the logging (and the kNN monitor): neither counts as training time
+                window_imgs, window_compute, window_wait, window_start = 0, 0.0, 0.0, time.perf_counter()
             if step % t.ckpt_every_n_steps == 0 and step < total_steps:
                 save_checkpoint()
             if _fault("kill_after_step", step) and is_main:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from semmim.eval.accuracy import topk_accuracy
-from semmim.eval.protocols import IMAGENET_MEAN, IMAGENET_STD, _loader, encoder_geometry, labelled_split
+from semmim.eval.protocols import IMAGENET_MEAN, IMAGENET_STD, encoder_geometry, eval_loader, labelled_split
 from semmim.export import read_normalization, read_timm_config, resolve_encoder_file
 
 __all__ = ["finetune_eval", "layer_decay_groups"]
@@ -376,7 +376,7 @@ def finetune_eval(
         epoch += 1
     train_time = time.perf_counter() - t0
 
-    test_loader = _loader(test_ds, batch_size=max(batch, 64), num_workers=num_workers)
+    test_loader = eval_loader(test_ds, batch_size=max(batch, 64), num_workers=num_workers)
 
     def evaluate(net: nn.Module) -> dict[str, float]:
         net.eval()

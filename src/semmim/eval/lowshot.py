@@ -100,9 +100,9 @@ def dataset_labels(ds: Any, batch_size: int = 256, num_workers: int = 0) -> Tens
     labels = _stored_labels(ds)
     if labels is not None:
         return labels
-    from semmim.eval.protocols import _loader
+    from semmim.eval.protocols import eval_loader
 
-    return torch.cat([batch["label"].long().cpu() for batch in _loader(ds, batch_size, num_workers)])
+    return torch.cat([batch["label"].long().cpu() for batch in eval_loader(ds, batch_size, num_workers)])
 
 
 def fraction_tag(fraction: float) -> str:

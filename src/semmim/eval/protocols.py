@@ -48,7 +48,8 @@ def load_encoder(spec: str | os.PathLike[str], seed: int = 0) -> tuple[nn.Module
     return model, mean, std
 
 
-def _loader(dataset: Any, batch_size: int, num_workers: int) -> Any:
+def eval_loader(dataset: Any, batch_size: int, num_workers: int) -> Any:
+    """An in-order loader over an evaluation dataset (no shuffling, no dropped samples)."""
     from semmim.data import build_loader
 
     return build_loader(
@@ -158,7 +159,7 @@ def cached_features(
                 return blob["features"], blob["labels"]
             except Exception as e:  # a broken cache file is rebuilt, never trusted
                 warnings.warn(f"ignoring unreadable feature cache {path}: {e}", RuntimeWarning, stacklevel=2)
-    feats, labels = extract_features(model, _loader(dataset, batch_size, num_workers), mean, std, pool, dev)
+    feats, labels = extract_features(model, eval_loader(dataset, batch_size, num_workers), mean, std, pool, dev)
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -60,8 +60,9 @@ class SemanticMasker:
     ) -> MaskOutput:
         if scores is None:
             raise ValueError(
-                "semantic masking needs the teacher's CLS attention, but the teacher gave none "
-                "(CNN teachers have no CLS attention: use method.masking=random)"
+                "semantic masking needs the teacher's CLS attention, but the teacher gave none (models without a "
+                "CLS token, such as CNNs, have none; a module teacher must return a dict with 'cls_attn'): use "
+                "method.masking=random"
             )
         if scores.shape != (n, grid[0] * grid[1]):
             raise ValueError(f"attention scores have shape {tuple(scores.shape)}, expected {(n, grid[0] * grid[1])}")

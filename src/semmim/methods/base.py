@@ -174,6 +174,81 @@ def build_loss(cfg: Config, default: str) -> nn.Module:
     return LOSSES.build(name)
 
 
+def build_feature_target(cfg: Config, teacher: nn.Module | None, default_norm: str) -> Any:
+    """The teacher-feature target of ``cfg.teacher`` (conditioning ``target_norm``, ``pca_dim``, ``grid``)."""
+    from semmim.targets.features import TeacherFeatureTarget
+
+    t = cfg.teacher
+    norm = t.target_norm
+    if norm is None:
+        norm = default_norm if t.ln_target is None else ("ln" if t.ln_target else "none")
+    return TeacherFeatureTarget(build_teacher(cfg, teacher), norm=norm, pca_dim=t.pca_dim, grid=t.grid)  # type: ignore[arg-type]
+
+
+def target_explained(loss_fn: Any, loss: Tensor, target: Tensor, mask: Tensor | None, global_token: bool) -> Tensor:
+    """How much of the target the prediction explains beyond the average token: ``1 - loss / loss_mean``.
+
+    ``loss_mean`` is the same loss for a prediction equal to the batch-mean target: the mean over images
+    of the global token (when ``global_token``, token 0) and the mean over images and positions of the
+    patch tokens. 0 = the student predicts only the average teacher token; 1 = perfect; no host sync.
+
+    Args:
+        loss_fn: the method's loss, ``(pred, target, mask) -> scalar``.
+        loss: the loss of the actual prediction.
+        target: (N, T, D) targets as given to ``loss_fn``.
+        mask: the mask given to ``loss_fn``.
+        global_token: token 0 of ``target`` is a global token.
+
+    Examples:
+        >>> from semmim.losses.reconstruction import CosineLoss
+        >>> t = torch.randn(4, 5, 8)
+        >>> fn = CosineLoss()
+        >>> float(target_explained(fn, fn(t, t, None), t, None, True))
+        1.0
+    """
+    with torch.no_grad():
+        t = target.detach().float()
+        if global_token and t.shape[1] > 1:
+            glob = t[:, :1].mean(dim=0, keepdim=True)
+            patch = t[:, 1:].mean(dim=(0, 1), keepdim=True).expand(-1, t.shape[1] - 1, -1)
+            base = torch.cat([glob, patch], dim=1)
+        else:
+            base = t.mean(dim=(0, 1), keepdim=True).expand(-1, t.shape[1], -1)
+        ref = loss_fn(base.expand_as(t).contiguous(), t, mask).float()
+        return 1.0 - loss.detach().float() / ref.clamp_min(1e-12)
+
+
+PYTHON_TEACHER = "module"
+"""``teacher.name`` recorded for a run whose teacher was passed from Python (``pretrain(..., teacher=...)``)."""
+
+
+def check_teacher_attention(method: nn.Module, device: torch.device | str = "cpu") -> None:
+    """Before any step: a masker that needs the teacher's CLS attention gets it (one probe on 2 blank images).
+
+    Raises:
+        ConfigError: the teacher gives no CLS attention; the message names the teacher.
+    """
+    masker, target = getattr(method, "masker", None), getattr(method, "target", None)
+    teacher = getattr(target, "teacher", None)
+    if not getattr(masker, "needs_scores", False) or teacher is None:
+        return
+    encoder: Any = method.encoder
+    probe = torch.zeros(2, encoder.in_chans, encoder.img_size, encoder.img_size, device=device)
+    with torch.no_grad():
+        attn = teacher(probe, encoder.grid_size, need_attn=True).cls_attn
+    if attn is None:
+        what = teacher.describe() if hasattr(teacher, "describe") else type(teacher).__name__
+        module_hint = (
+            " (a module teacher gives it when its module returns a dict with 'cls_attn' (N, L))"
+            if type(teacher).__name__ == "ModuleTeacher"
+            else " (models without a CLS token, such as CNNs, have none)"
+        )
+        raise ConfigError(
+            f"method.masking=semantic needs the teacher's CLS attention, but the teacher {what} gives none"
+            f"{module_hint}: use method.masking=random"
+        )
+
+
 def build_teacher(cfg: Config, teacher: nn.Module | None = None) -> nn.Module:
     """The teacher passed from Python, or the one ``cfg.teacher`` describes."""
     from semmim.teachers.base import Teacher
@@ -190,6 +265,12 @@ def build_teacher(cfg: Config, teacher: nn.Module | None = None) -> nn.Module:
         raise ConfigError(
             f"method '{cfg.method.name}' needs a teacher: set teacher.name (one of {', '.join(TEACHERS.names())}) "
             "and teacher.model / teacher.pretrained / teacher.path"
+        )
+    if t.name == PYTHON_TEACHER:
+        raise ConfigError(
+            "teacher.name=module is a teacher passed from Python, which a config cannot rebuild: pass the same "
+            "teacher=ModuleTeacher(...) to semmim.pretrain (also with resume=True) and to semmim.report.write_report "
+            "(teachers={run_dir: teacher}); from the command line use a timm, open_clip or hf_clip teacher"
         )
     try:
         return TEACHERS.build(

@@ -19,7 +19,15 @@ from typing import Any
 from torch import Tensor, nn
 
 from semmim.config import Config
-from semmim.methods.base import Method, build_decoder, build_encoder, build_loss, build_masker, build_teacher
+from semmim.methods.base import (
+    Method,
+    build_decoder,
+    build_encoder,
+    build_feature_target,
+    build_loss,
+    build_masker,
+    target_explained,
+)
 from semmim.models.vit import ViTEncoder
 from semmim.registry import METHODS
 from semmim.targets.features import TeacherFeatureTarget
@@ -66,13 +74,15 @@ class MaskDistill(Method):
         mask = self.masker(x.shape[0], self.grid, device=x.device, scores=scores)
         tokens = self.encoder.forward_masked(x, mask.mask)  # (N * M, 1 + L, D)
         pred = self.head(tokens[:, 1:], mask)  # patch tokens only
-        loss = self.loss_fn(pred, target[:, 1:].to(pred.dtype), mask.mask)
-        return {"loss": loss, "pred": pred.detach(), "mask": mask.mask}
+        patches = target[:, 1:].to(pred.dtype)
+        loss = self.loss_fn(pred, patches, mask.mask)
+        explained = target_explained(self.loss_fn, loss, patches, mask.mask, global_token=False)
+        return {"loss": loss, "target_explained": explained, "pred": pred.detach(), "mask": mask.mask}
 
     @classmethod
     def from_config(cls, cfg: Config, teacher: nn.Module | None = None) -> MaskDistill:
         encoder = build_encoder(cfg, mask_token=True)
-        target = TeacherFeatureTarget(build_teacher(cfg, teacher), ln_target=cfg.teacher.ln_target is not False)  # type: ignore[arg-type]
+        target = build_feature_target(cfg, teacher, default_norm="ln")
         return cls(
             encoder=encoder,
             head=build_decoder(cfg, encoder, target.out_dim, default="linear"),

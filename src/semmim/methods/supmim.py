@@ -20,10 +20,18 @@ from torch import Tensor, nn
 
 from semmim.config import Config, ConfigError
 from semmim.eval.classify import CLASSIFIER_FILE
-from semmim.methods.base import Method, build_decoder, build_encoder, build_loss, build_masker, build_teacher
+from semmim.methods.base import (
+    Method,
+    build_decoder,
+    build_encoder,
+    build_feature_target,
+    build_loss,
+    build_masker,
+    target_explained,
+)
+from semmim.methods.milan import DEFAULT_TARGET_NORM
 from semmim.models.vit import ViTEncoder
 from semmim.registry import METHODS
-from semmim.targets.features import TeacherFeatureTarget
 from semmim.targets.pixels import PixelTarget
 
 
@@ -110,11 +118,11 @@ class SupervisedMIM(Method):
         mask = self.masker(x.shape[0], self.grid, device=x.device)
         latent = self.encoder.forward_visible(x, mask.ids_keep)
         pred = self.decoder(latent, mask)[:, 1:]
-        if isinstance(self.target, PixelTarget):
-            target = self.target(x)
-        else:
-            target = self.target(imgs, self.grid).tokens[:, 1:].to(pred.dtype)
+        pixels = isinstance(self.target, PixelTarget)
+        target = self.target(x) if pixels else self.target(imgs, self.grid).tokens[:, 1:].to(pred.dtype)
         mim = self.mim_loss(pred, target, mask.mask)
+        if not pixels:
+            out["target_explained"] = target_explained(self.mim_loss, mim, target, mask.mask, global_token=False)
         out.update({"loss": ce + self.mim_weight * mim, "mim": mim.detach(), "mask": mask.mask})
         return out
 
@@ -149,7 +157,7 @@ class SupervisedMIM(Method):
             p, c = cfg.model.patch_size, cfg.model.in_chans
             target, out_dim, default_loss = PixelTarget(p, norm_pix=m.norm_pix_loss), p * p * c, "mse"
         elif target_name == "teacher_features":
-            feat = TeacherFeatureTarget(build_teacher(cfg, teacher), ln_target=cfg.teacher.ln_target is not False)  # type: ignore[arg-type]
+            feat = build_feature_target(cfg, teacher, default_norm=DEFAULT_TARGET_NORM)
             target, out_dim, default_loss = feat, feat.out_dim, "smooth_l1"
         else:
             raise ConfigError(f"method.target='{target_name}' is not one of pixels, teacher_features")
