@@ -122,6 +122,8 @@ BAR_POINTS = 2.0
 BAR_GAP = 0.25
 """... and MILAN closes >= 25% of the gap between MAE and the teacher's own kNN."""
 BENCH_PREFIX = "bench."
+VIT_WIDTH = 128
+"""Width of the ViT teacher (depth 4, 4 heads, patch 4 at 28 px: CLS + 7x7 tokens)."""
 
 
 # ----------------------------------------------------------------------------------------------- teachers
@@ -180,9 +182,9 @@ class ViTTokens(nn.Module):
         from timm.models.vision_transformer import VisionTransformer
 
         self.vit = VisionTransformer(
-            img_size=28, patch_size=4, in_chans=1, embed_dim=192, depth=6, num_heads=3, num_classes=10
+            img_size=28, patch_size=4, in_chans=1, embed_dim=VIT_WIDTH, depth=4, num_heads=4, num_classes=10
         )
-        self.embed_dim = 192
+        self.embed_dim = VIT_WIDTH
 
     def forward(self, x: Tensor) -> Tensor:
         return self.vit.forward_features(x)
@@ -216,7 +218,7 @@ class TeacherArch:
 DESCRIPTIONS: dict[str, str] = {"cnn": "small ResNet, last post-ReLU map", "vit": "timm ViT 6x192 patch 4, tokens"}
 ARCHS: dict[str, TeacherArch] = {
     "cnn": TeacherArch("cnn", CNN_SIZE, has_cls=False, stride=CNN_STRIDE, lr=2e-3),
-    "vit": TeacherArch("vit", 28, has_cls=True, stride=None, lr=1e-3),
+    "vit": TeacherArch("vit", 28, has_cls=True, stride=None, lr=2e-3),
 }
 
 

@@ -29,7 +29,6 @@ from semmim.methods.base import (
     build_masker,
     target_explained,
 )
-from semmim.methods.milan import DEFAULT_TARGET_NORM
 from semmim.models.vit import ViTEncoder
 from semmim.registry import METHODS
 from semmim.targets.pixels import PixelTarget
@@ -157,7 +156,7 @@ class SupervisedMIM(Method):
             p, c = cfg.model.patch_size, cfg.model.in_chans
             target, out_dim, default_loss = PixelTarget(p, norm_pix=m.norm_pix_loss), p * p * c, "mse"
         elif target_name == "teacher_features":
-            feat = build_feature_target(cfg, teacher, default_norm=DEFAULT_TARGET_NORM)
+            feat = build_feature_target(cfg, teacher, default_norm="ln")
             target, out_dim, default_loss = feat, feat.out_dim, "smooth_l1"
         else:
             raise ConfigError(f"method.target='{target_name}' is not one of pixels, teacher_features")
