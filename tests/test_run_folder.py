@@ -87,6 +87,20 @@ def test_new_run_into_a_run_folder_is_refused(finished: Path) -> None:
     assert [r["step"] for r in read_metrics(finished)] == [1, 2, 3, 4]
 
 
+def test_a_run_that_could_not_start_leaves_the_folder_free(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run stopped by a check before its first step (here: a full disk) is no run: the next start needs no
+    --overwrite."""
+    import shutil
+
+    usage = shutil.disk_usage(tmp_path)
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1000))
+        with pytest.raises(OSError, match="not enough free disk space"):
+            pretrain(_cfg(), tmp_path / "run")
+    assert not (tmp_path / "run" / "config.yaml").exists()
+    assert pretrain(_cfg(), tmp_path / "run").steps == 3
+
+
 def test_overwrite_replaces_the_run_and_its_eval_and_tensorboard(finished: Path, tmp_path: Path) -> None:
     import shutil
 

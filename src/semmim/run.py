@@ -69,7 +69,7 @@ def ckpt_path(out: Path) -> Path:
 
 def holds_run(out: Path) -> bool:
     """Whether ``out`` holds (the start of) a semmim run."""
-    return any((out / name).exists() for name in (CONFIG, CKPT_DIR, METRICS_JSONL, ENCODER))
+    return ckpt_path(out).is_file() or any((out / name).exists() for name in (CONFIG, METRICS_JSONL, ENCODER))
 
 
 def _run_summary(out: Path) -> str:

@@ -469,8 +469,6 @@ def _pretrain(
                 flush=True,
             )
             (out / rundir.CONFIG).write_text(to_yaml(cfg))
-    elif is_main:
-        (out / rundir.CONFIG).write_text(to_yaml(cfg))
 
     if getattr(method, "needs_captions", False) and not streaming and "caption" not in stream[0]:
         raise ConfigError(
@@ -498,6 +496,8 @@ def _pretrain(
     n_params = sum(p.numel() for p in method.parameters() if p.requires_grad)
     if is_main:
         check_free_space(out, checkpoint_bytes(method))
+        if not resume:  # written once every check has passed: a run that could not start leaves no run behind
+            (out / rundir.CONFIG).write_text(to_yaml(cfg))
     if is_main:
         print(
             f"[semmim] {cfg.method.name}: {n_params / 1e6:.2f}M trainable parameters | {shard_size * world} images | "
@@ -719,7 +719,12 @@ def _pretrain(
                 scalars.update({f"train/{k}": v for k, v in extras.items()})
                 fabric.log_dict(scalars, step=step)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}", refresh=False)
+                    shown = {"loss": f"{loss_value:.4f}", "lr": f"{lr:.2e}", "img_s": f"{ips:.0f}"}
+                    if "target_explained" in extras:
+                        shown["explained"] = f"{extras['target_explained']:.3f}"
+                    if "knn_top1" in extras:
+                        shown["knn"] = f"{extras['knn_top1']:.1f}"
+                    bar.set_postfix(shown, refresh=False)
                 # the next window starts after the logging (and the kNN monitor): neither counts as training time
                 window_imgs, window_compute, window_wait, window_start = 0, 0.0, 0.0, time.perf_counter()
             if step % t.ckpt_every_n_steps == 0 and step < total_steps:

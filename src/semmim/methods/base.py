@@ -233,7 +233,10 @@ def check_teacher_attention(method: nn.Module, device: torch.device | str = "cpu
     if not getattr(masker, "needs_scores", False) or teacher is None:
         return
     encoder: Any = method.encoder
-    probe = torch.zeros(2, encoder.in_chans, encoder.img_size, encoder.img_size, device=device)
+    where = next(iter(teacher.buffers()), None)  # the teacher's own device (the method may not be moved yet)
+    probe = torch.zeros(
+        2, encoder.in_chans, encoder.img_size, encoder.img_size, device=where.device if where is not None else device
+    )
     with torch.no_grad():
         attn = teacher(probe, encoder.grid_size, need_attn=True).cls_attn
     if attn is None:
