@@ -64,10 +64,10 @@ METHOD_CONFIGS: dict[str, str] = {"mae": "demo/mae", "milan": "demo/milan", "mas
 TEACHER_METHODS: tuple[str, ...] = ("milan", "maskdistill")
 """Methods that take a teacher; ``mae`` is the pixel baseline and runs once per seed."""
 
-MILAN_BASE: list[str] = ["method.masking=random", "teacher.target_norm=center_ln"]
+MILAN_BASE: list[str] = ["method.masking=random", "teacher.target_norm=center"]
 """Overrides every MILAN run starts from (before its variant's). Random masking: a CNN has no CLS attention
-for MILAN's semantic masking. ``teacher.target_norm`` is the conditioning study's best guess; update it with
-the study's result (``--milan-base`` overrides it for one invocation)."""
+for MILAN's semantic masking. ``teacher.target_norm=center``: the conditioning study's best (2 seeds, both
+teachers; results.md), and MILAN's default in semmim (``--milan-base`` overrides it for one invocation)."""
 MASKDISTILL_BASE: list[str] = []
 """Overrides every MaskDistill run starts from: its demo config as is (block masking, LayerNorm targets)."""
 MAE_BASE: list[str] = []
@@ -215,7 +215,10 @@ class TeacherArch:
         return SmallResNet() if self.name == "cnn" else ViTTokens()
 
 
-DESCRIPTIONS: dict[str, str] = {"cnn": "small ResNet, last post-ReLU map", "vit": "timm ViT 6x192 patch 4, tokens"}
+DESCRIPTIONS: dict[str, str] = {
+    "cnn": "small ResNet, last post-ReLU map",
+    "vit": f"timm ViT 4x{VIT_WIDTH} patch 4, tokens",
+}
 ARCHS: dict[str, TeacherArch] = {
     "cnn": TeacherArch("cnn", CNN_SIZE, has_cls=False, stride=CNN_STRIDE, lr=2e-3),
     "vit": TeacherArch("vit", 28, has_cls=True, stride=None, lr=2e-3),

@@ -251,7 +251,7 @@ class TeacherConfig:
     """Shorthand: true = ``target_norm=ln``, false = ``target_norm=none`` (kept for older configs)."""
     target_norm: str | None = None
     """How teacher tokens are conditioned before the loss: none | ln | center | center_ln | whiten | pca
-    (``semmim.targets.conditioning``). None = the method's default: ``center_ln`` for MILAN, ``ln`` for
+    (``semmim.targets.conditioning``). None = the method's default: ``center`` for MILAN, ``ln`` for
     MaskDistill and supmim."""
     pca_dim: int | None = None
     """Output width of ``target_norm=pca``."""

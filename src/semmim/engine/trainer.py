@@ -43,9 +43,9 @@ def explained_warning(value: float, step: int) -> str:
         f"[semmim] warning: target_explained is {value:.3f} at step {step} (under {EXPLAINED_WARN} for 3 log steps "
         "after warmup): the student predicts little more than the teacher's average token. Likely causes: the "
         "teacher's tokens share a large common component (post-ReLU CNN features, raw features), a teacher map "
-        "much coarser than the student's grid, or the learning rate. Knobs: teacher.target_norm=center_ln (or "
-        "whiten, pca with teacher.pca_dim), teacher.image_size (run the teacher at the size whose map matches the "
-        "student's grid) or teacher.grid=native, optim.lr; see the README's teacher section."
+        "much coarser than the student's grid, or the learning rate. Knobs: teacher.target_norm=center (or "
+        "center_ln, whiten, pca with teacher.pca_dim), teacher.image_size (run the teacher at the size whose map "
+        "matches the student's grid) or teacher.grid=native, optim.lr; see the README's teacher section."
     )
 
 

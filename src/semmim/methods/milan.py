@@ -29,7 +29,7 @@ from semmim.registry import METHODS
 from semmim.targets.features import TeacherFeatureTarget
 from semmim.teachers.base import resample_tokens
 
-DEFAULT_TARGET_NORM = "center_ln"
+DEFAULT_TARGET_NORM = "center"
 """MILAN's target conditioning when ``teacher.target_norm`` is not set: see benchmarks/results/semantic_transfer."""
 
 
