@@ -112,7 +112,7 @@ STUDIES: dict[str, list[tuple[str, list[str]]]] = {
 }
 """Named studies: study -> [(variant name, config overrides)], each varying one factor of the method's base."""
 
-TEACHER_STEPS: dict[str, int] = {"cnn": 400, "vit": 1000}
+TEACHER_STEPS: dict[str, int] = {"cnn": 400, "vit": 1000, "mnv2": 0}
 """Default label-training steps per teacher architecture (batch :data:`TEACHER_BATCH`). Measured on 2 shared CPU
 cores: cnn 400 steps -> 87.5% test top-1, own kNN 87.95 (~2.5-5 min). vit 200 steps (212 s) reached only 55.6%
 test top-1 / own kNN 63.65, below MAE, hence 1000 (~17 min, not yet measured; ViTs learn slowly from 28 px)."""
