@@ -65,8 +65,13 @@ NO_INPUT_GRAD = 2
 """Forward + weight gradient only: the input needs no gradient (pixels, cached text features)."""
 FROZEN = 1
 """Forward only: the frozen teacher, detached branches."""
-MULTI_MASK_METHODS = ("mae", "milan", "maskdistill")
-"""Methods that take ``method.num_masks > 1``."""
+
+
+def multi_mask(method: str) -> bool:
+    """Whether ``method`` declares support for ``method.num_masks > 1`` (asks the method itself)."""
+    from semmim.registry import METHODS
+
+    return bool(getattr(METHODS.get(method), "multi_mask", False))
 
 
 # ---------------------------------------------------------------------------------------------- blocks
@@ -291,7 +296,7 @@ def method_flops(s: StepShape) -> FlopBreakdown:
     else:
         raise ValueError(f"no FLOP formula for method '{s.method}'")
     if s.num_masks > 1:  # the student runs on N * M views, the teacher once per image
-        if s.method not in MULTI_MASK_METHODS:
+        if not multi_mask(s.method):
             raise ValueError(f"method '{s.method}' has no num_masks > 1")
         out.terms = [
             t if t.name.startswith("teacher.") else FlopTerm(t.name, t.forward * s.num_masks, t.passes)

@@ -24,11 +24,11 @@ folder), and results.json accumulates over invocations.
     PYTHONPATH=src python benchmarks/semantic_transfer.py --teachers cnn,vit --methods mae,milan,maskdistill
     PYTHONPATH=src python benchmarks/semantic_transfer.py --teachers cnn,vit --methods milan --study conditioning
     PYTHONPATH=src python benchmarks/semantic_transfer.py --teachers cnn --methods milan \\
-        --variant raw=teacher.ln_target=false --seeds 0
+        --variant raw=method.target.norm=none --seeds 0
 
-:data:`MILAN_BASE` and the studies use keys (``teacher.target_norm``, ``teacher.grid``, ``teacher.global_weight``,
-``teacher.pca_dim``) that a semmim without them rejects before any training; with such a semmim pass e.g.
-``--milan-base method.masking=random``.
+:data:`MILAN_BASE` and the studies use keys (``method.target.norm``, ``method.target.grid``, ``method.global_weight``,
+``method.target.pca_dim``) that a semmim without them rejects before any training; with such a semmim pass e.g.
+``--milan-base method.masker=random``.
 
 Cost on 2 shared CPU cores (measured): the CNN teacher's 400 label steps ~2.5-5 min (once, cached under
 OUT/teachers/), one MILAN run with the CNN teacher at 120 x 128 ~40 s of training + ~15 s of kNN.
@@ -67,9 +67,9 @@ METHOD_CONFIGS: dict[str, str] = {"mae": "demo/mae", "milan": "demo/milan", "mas
 TEACHER_METHODS: tuple[str, ...] = ("milan", "maskdistill")
 """Methods that take a teacher; ``mae`` is the pixel baseline and runs once per seed."""
 
-MILAN_BASE: list[str] = ["method.masking=random", "teacher.target_norm=center"]
+MILAN_BASE: list[str] = ["method.masker=random", "method.target.norm=center"]
 """Overrides every MILAN run starts from (before its variant's). Random masking: a CNN has no CLS attention
-for MILAN's semantic masking. ``teacher.target_norm=center``: the conditioning study's best (2 seeds, both
+for MILAN's semantic masking. ``method.target.norm=center``: the conditioning study's best (2 seeds, both
 teachers; results.md), and MILAN's default in semmim (``--milan-base`` overrides it for one invocation)."""
 MASKDISTILL_BASE: list[str] = []
 """Overrides every MaskDistill run starts from: its demo config as is (block masking, LayerNorm targets)."""
@@ -77,22 +77,22 @@ MAE_BASE: list[str] = []
 
 STUDIES: dict[str, list[tuple[str, list[str]]]] = {
     "conditioning": [
-        ("raw", ["teacher.target_norm=none"]),
-        ("ln", ["teacher.target_norm=ln"]),
-        ("center", ["teacher.target_norm=center"]),
-        ("center_ln", ["teacher.target_norm=center_ln"]),
-        ("whiten", ["teacher.target_norm=whiten"]),
-        ("pca64", ["teacher.target_norm=pca", "teacher.pca_dim=64"]),
+        ("raw", ["method.target.norm=none"]),
+        ("ln", ["method.target.norm=ln"]),
+        ("center", ["method.target.norm=center"]),
+        ("center_ln", ["method.target.norm=center_ln"]),
+        ("whiten", ["method.target.norm=whiten"]),
+        ("pca64", ["method.target.norm=pca", "method.target.pca_dim=64"]),
     ],
     "grid": [
-        ("upsample", ["teacher.grid=student"]),
-        ("teacher_res", ["teacher.grid=student", "bench.teacher_res=true"]),
-        ("pool_student", ["teacher.grid=native"]),
+        ("upsample", ["method.target.grid=student"]),
+        ("teacher_res", ["method.target.grid=student", "bench.teacher_res=true"]),
+        ("pool_student", ["method.target.grid=native"]),
     ],
     "global_weight": [
-        ("gw0", ["teacher.global_weight=0"]),
-        ("gw1", ["teacher.global_weight=1"]),
-        ("gw4", ["teacher.global_weight=4"]),
+        ("gw0", ["method.global_weight=0"]),
+        ("gw1", ["method.global_weight=1"]),
+        ("gw4", ["method.global_weight=4"]),
     ],
     "loss": [
         ("cosine", ["method.loss=cosine"]),

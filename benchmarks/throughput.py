@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from flops import MULTI_MASK_METHODS, FlopBreakdown, StepShape, ViTShape, encoder_step_flops, method_flops
+from flops import FlopBreakdown, StepShape, ViTShape, encoder_step_flops, method_flops, multi_mask
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -373,7 +373,7 @@ def recipe_overrides(
         out += ["text.name=minilm", "text.model=null", "text.locked=true"]
     if method == "supmim":
         out += ["method.num_classes=1000"]
-    if num_masks > 1 and method in MULTI_MASK_METHODS:
+    if num_masks > 1 and multi_mask(method):
         out += [f"method.num_masks={num_masks}"]
     return out
 
@@ -395,15 +395,15 @@ def step_shape(method: str, cfg: Any, preset: ModelPreset, batch_size: int, text
         encoder=ViTShape(m.embed_dim, m.depth, m.num_heads, m.patch_size, m.mlp_ratio),
         img_size=m.img_size,
         in_chans=m.in_chans,
-        mask_ratio=cfg.method.mask_ratio if cfg.method.mask_ratio is not None else default_ratio,
-        decoder_dim=cfg.decoder.embed_dim,
-        decoder_depth=cfg.decoder.depth,
+        mask_ratio=cfg.method.masker["mask_ratio"] if cfg.method.masker else default_ratio,
+        decoder_dim=cfg.decoder["embed_dim"] if cfg.decoder and "embed_dim" in cfg.decoder else 0,
+        decoder_depth=cfg.decoder["depth"] if cfg.decoder and "depth" in cfg.decoder else 0,
         teacher=preset.teacher if method in TEACHER_METHODS else None,
         text_dim=text_dim,
-        embed_dim=cfg.method.embed_dim,
+        embed_dim=getattr(cfg.method, "embed_dim", 0),
         captions=batch_size,
-        num_classes=cfg.method.num_classes or 1000,
-        num_masks=int(getattr(cfg.method, "num_masks", 1)),
+        num_classes=getattr(cfg.method, "num_classes", None) or 1000,
+        num_masks=int(cfg.method.num_masks),
     )
 
 

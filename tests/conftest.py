@@ -39,8 +39,34 @@ TINY = [
 ]
 
 
+NO_DECODER_SHAPE = ("clip", "maskdistill")
+"""Methods whose decoder node takes no shape keys (clip has no decoder, MaskDistill a linear head)."""
+
+
 def tiny_overrides(*extra: str) -> list[str]:
-    return [*TINY, *extra]
+    """The tiny config plus ``extra``; decoder shape keys only for methods whose decoder takes them."""
+    names = [e.split("=", 1)[1] for e in extra if e.startswith("method.name=")]
+    base = [o for o in TINY if not (names and names[-1] in NO_DECODER_SHAPE and o.startswith("decoder."))]
+    return [*base, *extra]
+
+
+METHOD_EXTRA: dict[str, list[str]] = {
+    "supmim": ["method.num_classes=10"],
+    "clip": ["method.embed_dim=16"],
+    "rils": ["method.embed_dim=16"],
+}
+"""Per-method keys of the tiny test configs (a key a method does not read is an error)."""
+
+TEACHER_METHODS = ("milan", "maskdistill")
+
+
+def method_overrides(name: str, teacher_dir: Path | None = None) -> list[str]:
+    """The tiny config for method ``name``: its own keys, and the tiny teacher when it takes one."""
+    extra = [f"method.name={name}", *METHOD_EXTRA.get(name, [])]
+    if name in TEACHER_METHODS:
+        assert teacher_dir is not None, f"{name} needs the tiny teacher"
+        extra += teacher_overrides(teacher_dir)
+    return tiny_overrides(*extra)
 
 
 @pytest.fixture(scope="session")

@@ -169,7 +169,7 @@ def test_semantic_transfer_studies_are_override_lists() -> None:
         assert len({name for name, _ in variants}) == len(variants)
         for _, overrides in variants:
             assert overrides and all("=" in o for o in overrides)
-    assert "method.masking=random" in semantic_transfer.MILAN_BASE
+    assert "method.masker=random" in semantic_transfer.MILAN_BASE
 
 
 def test_semantic_transfer_teacher_grids_and_bar() -> None:
@@ -188,7 +188,7 @@ def test_semantic_transfer_skips_teacher_res_where_it_is_the_default() -> None:
     budget = semantic_transfer.Budget(2, 8, 1, 64, 64, "cls")
     grid_study = [semantic_transfer.Variant("grid", n, o) for n, o in semantic_transfer.STUDIES["grid"]]
     teachers = [semantic_transfer.TeacherKind.parse("cnn"), semantic_transfer.TeacherKind.parse("vit")]
-    bases = {"mae": [], "milan": ["method.masking=random"], "maskdistill": []}
+    bases = {"mae": [], "milan": ["method.masker=random"], "maskdistill": []}
     jobs, skipped = semantic_transfer.plan(["milan"], teachers, grid_study, [0], budget, bases, {"cnn": 1, "vit": 1})
     sizes = {(j.teacher.label, j.variant.name): j.teacher_size for j in jobs if j.teacher}
     assert sizes[("cnn", "teacher_res")] == 224 and sizes[("cnn", "upsample")] == 112
@@ -212,9 +212,9 @@ def test_semantic_transfer_quick_run_and_resume(tmp_path: Path) -> None:
         "--runs-dir",
         str(runs),
         "--milan-base",
-        "method.masking=random",
+        "method.masker=random",
         "--variant",
-        "lnt=teacher.ln_target=true",
+        "lnt=method.target.norm=ln",
     ]
     semantic_transfer.main(argv)
     data = json.loads((out / "results.json").read_text())
@@ -232,11 +232,11 @@ def test_semantic_transfer_quick_run_and_resume(tmp_path: Path) -> None:
     assert teacher["grid"] == "4x4" and 0.0 <= teacher["knn_top1"] <= 100.0
     markdown = (out / "results.md").read_text()
     assert "semantic_transfer.py --quick" in markdown and "Real pretrained image models loadable offline" in markdown
-    assert "| lnt | `teacher.ln_target=true` |" in markdown and "(2) |" in markdown
+    assert "| lnt | `method.target.norm=ln` |" in markdown and "(2) |" in markdown
     assert "- **cnn**: meets" in markdown or "- **cnn**: falls short by" in markdown
 
     # a second invocation reuses the teacher and every finished run, and accumulates results
     mtimes = {r["run_dir"]: (Path(r["run_dir"]) / "run.json").stat().st_mtime_ns for r in data["runs"]}
-    again = semantic_transfer.main([*argv[:-2], "--variant", "lnt=teacher.ln_target=true", "--seeds", "0"])
+    again = semantic_transfer.main([*argv[:-2], "--variant", "lnt=method.target.norm=ln", "--seeds", "0"])
     assert len(again["runs"]) == 4 and len(again["commands"]) == 2
     assert all((Path(d) / "run.json").stat().st_mtime_ns == t for d, t in mtimes.items())

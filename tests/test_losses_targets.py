@@ -36,18 +36,20 @@ def test_cosine_loss_hand_computation() -> None:
     # cos = 1, 1/sqrt(2), -1 -> losses 0, 2 - sqrt(2), 4
     expected = (0.0 + (2 - math.sqrt(2)) + 4.0) / 3
     assert cosine_loss(pred, target).item() == pytest.approx(expected, rel=1e-6)
-    assert CosineLoss()(pred, target, torch.tensor([[True, False]])).item() == pytest.approx(expected, rel=1e-6)
+    assert CosineLoss()(pred, target, None).item() == pytest.approx(expected, rel=1e-6)
     # scale invariance and range [0, 4]
     assert cosine_loss(3 * pred, 0.5 * target).item() == pytest.approx(expected, rel=1e-6)
     rnd = cosine_loss(torch.randn(4, 10, 8), torch.randn(4, 10, 8)).item()
     assert 0.0 <= rnd <= 4.0
 
 
-def test_cosine_loss_masked_only_drops_cls() -> None:
-    pred = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
-    target = torch.tensor([[[-1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]])
-    mask = torch.tensor([[False, True]])  # patch 1 (token 2) masked
-    assert CosineLoss(masked_only=True)(pred, target, mask).item() == pytest.approx(2.0)
+def test_cosine_loss_averages_over_the_tokens_passed() -> None:
+    pred = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    target = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
+    # a mask restricts the mean to the masked tokens (MaskDistill); no mask = every token (MILAN)
+    assert CosineLoss()(pred, target, torch.tensor([[False, True]])).item() == pytest.approx(2.0)
+    assert CosineLoss()(pred, target, torch.tensor([[True, False]])).item() == pytest.approx(0.0)
+    assert CosineLoss()(pred, target, None).item() == pytest.approx(1.0)
 
 
 def test_shape_mismatch_is_a_clear_error() -> None:
@@ -66,12 +68,17 @@ def test_patchify_round_trip_and_layout() -> None:
 
 def test_norm_pix_target() -> None:
     imgs = torch.rand(2, 1, 8, 8)
-    t = PixelTarget(4, norm_pix=True)(imgs)
+    out = PixelTarget(4, in_chans=1, norm_pix=True)(imgs)
+    assert not out.global_token and out.cls_attn is None
+    t = out.tokens
     torch.testing.assert_close(t.mean(-1), torch.zeros(2, 4), atol=1e-5, rtol=0)
     raw = patchify(imgs, 4)
     torch.testing.assert_close(t, (raw - raw.mean(-1, keepdim=True)) / (raw.var(-1, keepdim=True) + 1e-6).sqrt())
     torch.testing.assert_close(normalize_patches(raw), t)
-    torch.testing.assert_close(PixelTarget(4, norm_pix=False)(imgs), raw)
+    torch.testing.assert_close(PixelTarget(4, in_chans=1, norm_pix=False)(imgs).tokens, raw)
+    # the target is taken of the student-normalised image
+    norm = PixelTarget(4, in_chans=1, mean=[0.5], std=[0.25], norm_pix=False)(imgs).tokens
+    torch.testing.assert_close(norm, patchify((imgs - 0.5) / 0.25, 4))
 
 
 def test_registries() -> None:

@@ -8,7 +8,7 @@ import torch
 from semmim.config import ConfigError, load_config
 from semmim.methods import MILAN, build_method
 from semmim.registry import METHODS
-from tests.conftest import teacher_overrides, tiny_overrides
+from tests.conftest import method_overrides, teacher_overrides, tiny_overrides
 
 
 def _batch(cfg, n: int = 4) -> dict[str, torch.Tensor]:
@@ -22,12 +22,7 @@ def _batch(cfg, n: int = 4) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("name", METHODS.names())
 def test_method_forward_backward(name: str, tiny_teacher_dir) -> None:
-    cfg = load_config(
-        None,
-        tiny_overrides(
-            f"method.name={name}", "method.num_classes=10", "method.embed_dim=16", *teacher_overrides(tiny_teacher_dir)
-        ),
-    )
+    cfg = load_config(None, method_overrides(name, tiny_teacher_dir))
     torch.manual_seed(0)
     method = build_method(cfg)
     out = method(_batch(cfg))
@@ -85,7 +80,7 @@ def test_milan_semantic_masking_follows_teacher_attention(tiny_teacher_dir) -> N
 
 def test_mae_rejects_block_masking() -> None:
     with pytest.raises(ConfigError, match="visible-only encoder"):  # caught when the config loads
-        load_config(None, tiny_overrides("method.name=mae", "method.masking=block"))
+        load_config(None, tiny_overrides("method.name=mae", "method.masker=block"))
 
 
 def test_milan_without_teacher_is_a_clear_error() -> None:

@@ -209,8 +209,8 @@ def test_nan_step_is_skipped_and_counted(tmp_path: Path, monkeypatch: pytest.Mon
     ("overrides", "needle"),
     [
         (["method.name=maskdistill", "decoder.name=prompting"], "prompting decoder needs a visible-only encoder"),
-        (["method.name=mae", "method.masking=block"], "allowed: random"),
-        (["method.name=mae", "method.mask_ratio=1.0"], r"method.mask_ratio must lie in \(0, 1\)"),
+        (["method.name=mae", "method.masker=block"], "allowed: random"),
+        (["method.name=mae", "method.masker.mask_ratio=1.0"], r"method.masker.mask_ratio must lie in \(0, 1\)"),
         (["model.img_size=30", "model.patch_size=4"], "choose a patch size among"),
         (["data.batch_size=many"], "data.batch_size"),
     ],

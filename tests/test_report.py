@@ -26,7 +26,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_teacher_dir: Path) -> di
     teacher = teacher_overrides(tiny_teacher_dir)
     specs = {
         "mae": tiny_overrides("method.name=mae"),
-        "milan": tiny_overrides("method.name=milan", "method.masking=semantic", *teacher),
+        "milan": tiny_overrides("method.name=milan", "method.masker=semantic", *teacher),
         "maskdistill": tiny_overrides("method.name=maskdistill", *teacher),
         "supmim_grey": tiny_overrides("method.name=supmim", *GREY),
     }

@@ -128,7 +128,7 @@ def test_cli_overwrite_and_resume_conflict(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------ what a resume may change
 @pytest.mark.parametrize(
-    "override", ["optim.lr=0.5", "trainer.seed=1", "data.batch_size=4", "method.mask_ratio=0.5", "model.depth=3"]
+    "override", ["optim.lr=0.5", "trainer.seed=1", "data.batch_size=4", "method.masker.mask_ratio=0.5", "model.depth=3"]
 )
 def test_resume_refuses_changes_that_redefine_the_run(finished: Path, override: str) -> None:
     before = (finished / "config.yaml").read_text()

@@ -105,14 +105,14 @@ def test_conditioning_state_round_trips_for_exact_resume() -> None:
 @pytest.mark.parametrize(
     ("overrides", "needle"),
     [
-        (["method.name=mae", "teacher.target_norm=center"], "teacher.target_norm conditions teacher-feature targets"),
-        (["method.name=milan", "teacher.target_norm=zca"], "is not one of none, ln, center"),
-        (["method.name=milan", "teacher.target_norm=pca"], "needs teacher.pca_dim"),
-        (["method.name=milan", "teacher.pca_dim=8"], "used only by teacher.target_norm=pca"),
-        (["method.name=milan", "teacher.ln_target=true", "teacher.target_norm=center"], "contradicts"),
-        (["method.name=maskdistill", "teacher.grid=native"], "applies to MILAN's loss over all tokens"),
-        (["method.name=maskdistill", "teacher.global_weight=2"], "applies to MILAN's loss over all tokens"),
-        (["method.name=milan", "teacher.global_weight=-1"], "teacher.global_weight must be >= 0"),
+        (["method.name=mae", "method.target.norm=center"], "method.target.norm conditions teacher-feature targets"),
+        (["method.name=milan", "method.target.norm=zca"], "is not one of none, ln, center"),
+        (["method.name=milan", "method.target.norm=pca"], "needs method.target.pca_dim"),
+        (["method.name=milan", "method.target.pca_dim=8"], "used only by method.target.norm=pca"),
+        (["method.name=milan", "method.target.norm=ln", "method.target.norm=center"], "contradicts"),
+        (["method.name=maskdistill", "method.target.grid=native"], "applies to MILAN's loss over all tokens"),
+        (["method.name=maskdistill", "method.global_weight=2"], "applies to MILAN's loss over all tokens"),
+        (["method.name=milan", "method.global_weight=-1"], "method.global_weight must be >= 0"),
     ],
 )
 def test_target_options_that_do_not_apply_are_errors(overrides: list[str], needle: str) -> None:
@@ -130,9 +130,9 @@ def _fixed_batch(cfg, n: int = 16) -> dict[str, torch.Tensor]:  # type: ignore[n
 @pytest.mark.parametrize(
     "extra",
     [
-        ["method.name=milan", "method.masking=random"],
-        ["method.name=milan", "teacher.target_norm=none"],
-        ["method.name=milan", "teacher.target_norm=whiten", "method.loss=mse"],
+        ["method.name=milan", "method.masker=random"],
+        ["method.name=milan", "method.target.norm=none"],
+        ["method.name=milan", "method.target.norm=whiten", "method.loss=mse"],
         ["method.name=maskdistill"],
         ["method.name=supmim", "method.target=teacher_features", "method.num_classes=4"],
     ],
@@ -153,7 +153,7 @@ def test_feature_target_method_learns_a_fixed_batch(extra: list[str], tiny_teach
         out["loss"].backward()
         opt.step()
         losses.append(float(out["loss"].detach()))
-        explained.append(float(out["target_explained"]))
+        explained.append(float(out["logs"]["target_explained"]))
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
     assert sum(explained[-5:]) / 5 > sum(explained[:5]) / 5 + 0.1, explained
 
@@ -182,15 +182,15 @@ def _module_teacher(module: nn.Module) -> ModuleTeacher:
     return ModuleTeacher(module, embed_dim=8, image_size=16, mean=[0.5] * 3, std=[0.25] * 3, name=type(module).__name__)
 
 
-WARN_RUN = ("method.name=milan", "method.masking=random", "trainer.max_steps=8", "optim.warmup_steps=1")
+WARN_RUN = ("method.name=milan", "method.masker=random", "trainer.max_steps=8", "optim.warmup_steps=1")
 
 
 def test_explained_warning_fires_on_a_collapsed_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    cfg = load_config(None, tiny_overrides(*WARN_RUN, "teacher.target_norm=center"))
+    cfg = load_config(None, tiny_overrides(*WARN_RUN, "method.target.norm=center"))
     pretrain(cfg, tmp_path / "run", teacher=_module_teacher(RandomMap()))
     printed = capsys.readouterr().out
     assert printed.count("warning: target_explained is") == 1
-    assert "teacher.target_norm=center (or" in printed
+    assert "method.target.norm=center (or" in printed
     assert all(r["target_explained"] < 0.05 for r in read_metrics(tmp_path / "run")[2:])
 
 
@@ -244,7 +244,7 @@ def test_knn_monitor_on_unlabelled_data_fails_before_training(tmp_path: Path) ->
 def test_module_teacher_run_resumes_and_reports(tmp_path: Path) -> None:
     from semmim.report import write_report
 
-    overrides = tiny_overrides("method.name=milan", "method.masking=random", "trainer.ckpt_every_n_steps=2")
+    overrides = tiny_overrides("method.name=milan", "method.masker=random", "trainer.ckpt_every_n_steps=2")
     cfg = load_config(None, [*overrides, "trainer.max_steps=4"])
     out = tmp_path / "run"
     pretrain(load_config(None, [*overrides, "trainer.max_steps=2"]), out, teacher=_module_teacher(PixelMap()))
@@ -271,7 +271,7 @@ def test_semantic_masking_without_attention_names_the_teacher_before_step_0(tmp_
             return torch.zeros(x.shape[0], 17, 8)
 
     teacher = ModuleTeacher(ViTLikeTokens(), embed_dim=8, image_size=16, mean=[0.5] * 3, std=[0.25] * 3)
-    cfg = load_config(None, tiny_overrides("method.name=milan", "method.masking=semantic"))
+    cfg = load_config(None, tiny_overrides("method.name=milan", "method.masker=semantic"))
     with pytest.raises(ConfigError, match=r"the teacher module ViTLikeTokens.* gives none \(a module teacher") as e:
         pretrain(cfg, tmp_path / "run", teacher=teacher)
     assert "CNN" not in str(e.value)
@@ -284,7 +284,7 @@ def test_python_teacher_replaces_the_config_source_and_says_so(
     cfg = load_config(
         None,
         tiny_overrides(
-            "method.name=milan", "method.masking=random", "trainer.max_steps=1", *teacher_overrides(tiny_teacher_dir)
+            "method.name=milan", "method.masker=random", "trainer.max_steps=1", *teacher_overrides(tiny_teacher_dir)
         ),
     )
     pretrain(cfg, tmp_path / "run", teacher=_module_teacher(PixelMap()))

@@ -12,20 +12,16 @@ Examples:
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf import OmegaConf
 
-
-class ConfigError(ValueError):
-    """A config file or override is wrong; the message names the key and what is allowed."""
-
+from semmim.errors import ConfigError
+from semmim.parts import merge_checked, suggest
 
 MAX_CONFIG_BYTES = 1 << 20
 """Largest config file :func:`load_config` reads (1 MiB; the shipped configs are a few KiB)."""
@@ -157,50 +153,24 @@ def check_loader_kwargs(kwargs: Any, where: str) -> None:
 
 @dataclass
 class MethodConfig:
+    """What every method takes; a method adds its own keys in a subclass (its ``Options``).
+
+    The part nodes ``masker``, ``target`` and ``loss`` are ``{name: <registered part>, <its keys>}``
+    (a bare name is shorthand for ``{name: ...}``); a node left out is the method's default part.
+    """
+
     name: str = "mae"
     """Registered method: ``semmim list`` shows them."""
-    mask_ratio: float | None = None
-    """Fraction of patches masked; None = the method's default (0.75; 0.4 for MaskDistill)."""
-    masking: str | None = None
-    """Registered masker: random | block | semantic; ``None`` = the method's default."""
-    norm_pix_loss: bool = True
-    """MAE: normalise each target patch by its own mean and variance."""
-    loss: str | None = None
-    """Override the method's default loss (a registered loss name)."""
     num_masks: int = 1
     """Draw M masks per image and reuse one data load and one teacher pass for all of them (data2vec 2.0,
-    Baevski et al. 2022, arXiv:2212.07525): the student sees batch_size x M masked views; mae, milan,
-    maskdistill."""
-    block_min_patches: int = 16
-    block_min_aspect: float = 0.3
-    smooth_l1_beta: float = 2.0
-    """MaskDistill: threshold of the smooth-L1 loss (targets are LayerNorm-normalised, unit variance)."""
-    target: str | None = None
-    """supmim: what the MIM branch reconstructs (pixels | teacher_features); None = method default."""
-    num_classes: int | None = None
-    """supmim: classes of the classifier; None = taken from the dataset."""
-    mim_weight: float = 1.0
-    """supmim: total loss = cross-entropy + mim_weight * MIM loss (0 = supervised only)."""
-    label_smoothing: float = 0.1
-    mixup: float = 0.0
-    """supmim: mixup alpha (0 = off), applied on the device with timm's Mixup."""
-    cutmix: float = 0.0
-    """supmim: cutmix alpha (0 = off)."""
-    embed_dim: int = 256
-    """clip/rils: width of the joint image-text embedding space."""
-    init_temperature: float = 0.07
-    """clip/rils: initial softmax temperature of the contrastive loss (learnable, as in CLIP)."""
-    pool: str | None = None
-    """clip/rils: image embedding from the CLS token ("cls") or the mean of patch tokens ("mean");
-    None = the method's default (clip: cls; rils: mean, its global average pooling)."""
-    teacher_temperature: float = 0.04
-    """rils: temperature of the unmasked pass's patch-to-caption distribution."""
-    student_temperature: float = 0.1
-    """rils: temperature of the masked pass's patch-to-caption distribution."""
-    kl_weight: float = 0.5
-    """rils: loss = InfoNCE + kl_weight * KL(teacher || student)."""
-    gate_correct: bool = True
-    """rils: use only samples whose image-to-text retrieval was correct for the KL term."""
+    Baevski et al. 2022, arXiv:2212.07525): the student sees batch_size x M masked views (methods that
+    declare multi-mask support: mae, milan, maskdistill)."""
+    masker: Any = None
+    """Which patches are hidden: ``{name: random|block|semantic|<yours>, mask_ratio: ..., ...}``."""
+    target: Any = None
+    """What is reconstructed: ``{name: pixels, norm_pix: true}`` or ``{name: teacher_features, norm: ...}``."""
+    loss: Any = None
+    """How predictions are compared with targets: ``{name: mse|cosine|smooth_l1|<yours>, ...}``."""
 
 
 @dataclass
@@ -222,16 +192,6 @@ class ModelConfig:
 
 
 @dataclass
-class DecoderConfig:
-    name: str | None = None
-    """Registered decoder (mae | prompting); ``None`` = the method's default."""
-    embed_dim: int = 512
-    depth: int = 8
-    num_heads: int = 16
-    mlp_ratio: float = 4.0
-
-
-@dataclass
 class TeacherConfig:
     """A frozen teacher that provides feature targets (and attention for semantic masking)."""
 
@@ -247,19 +207,6 @@ class TeacherConfig:
     """Teacher input size; ``None`` = the teacher's own default."""
     mean: list[float] | None = None
     std: list[float] | None = None
-    ln_target: bool | None = None
-    """Shorthand: true = ``target_norm=ln``, false = ``target_norm=none`` (kept for older configs)."""
-    target_norm: str | None = None
-    """How teacher tokens are conditioned before the loss: none | ln | center | center_ln | whiten | pca
-    (``semmim.targets.conditioning``). None = the method's default: ``center`` for MILAN, ``ln`` for
-    MaskDistill and supmim."""
-    pca_dim: int | None = None
-    """Output width of ``target_norm=pca``."""
-    grid: str = "student"
-    """Where the loss compares tokens: "student" (the teacher's map resampled to the student's grid) or
-    "native" (MILAN: the student's predictions pooled to the teacher's own grid)."""
-    global_weight: float = 1.0
-    """MILAN: weight of the global (CLS) token in the loss against each patch token (1 = as in MILAN)."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for the teacher's model factory (e.g. timm ``img_size``)."""
 
@@ -370,7 +317,9 @@ class TrainerConfig:
 class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    decoder: Any = None
+    """The decoder node ``{name: mae|prompting|linear|<yours>, embed_dim: ..., depth: ...}`` (None = the
+    method's default)."""
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     text: TextConfig = field(default_factory=TextConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -378,39 +327,127 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
-def _suggest(key: str, node: Any) -> str:
-    try:
-        names = list(node.keys())
-    except Exception:
-        return ""
-    close = difflib.get_close_matches(key.split(".")[-1], names, n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    return f" Allowed keys here: {', '.join(sorted(names))}.{hint}"
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "teacher": TeacherConfig,
+    "text": TextConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "trainer": TrainerConfig,
+}
+"""Sections with a fixed schema; ``method`` and ``decoder`` are typed by the chosen method and parts."""
+
+PART_SLOTS = ("masker", "target", "loss")
+"""Part nodes inside the ``method`` section (the decoder node is the top-level ``decoder``)."""
+
+MOVED_KEYS: dict[str, str] = {
+    "method.mask_ratio": "method.masker.mask_ratio",
+    "method.masking": "method.masker (e.g. method.masker=block, or method.masker.name=block)",
+    "method.block_min_patches": "method.masker.min_patches",
+    "method.block_min_aspect": "method.masker.min_aspect",
+    "method.smooth_l1_beta": "method.loss.beta",
+    "method.norm_pix_loss": "method.target.norm_pix",
+    "teacher.target_norm": "method.target.norm",
+    "teacher.ln_target": "method.target.norm (ln or none)",
+    "teacher.pca_dim": "method.target.pca_dim",
+    "teacher.grid": "method.target.grid",
+    "teacher.global_weight": "method.global_weight (milan)",
+}
+"""Keys of semmim 0.1 that now live elsewhere: naming one is an error that gives the new key."""
+
+BASE_KEY = "base"
+"""Top-level key of a config file naming the file(s) it extends: ``base: demo/mae`` or a list."""
 
 
-def _parent(schema: DictConfig, full_key: str) -> Any:
-    node: Any = schema
-    for part in full_key.split(".")[:-1]:
-        try:
-            node = node[part]
-        except Exception:
-            return schema
-    return node
+# ------------------------------------------------------------------ finding and composing files
+def configs_dir() -> Path:
+    """The configs shipped inside the package (``semmim/configs``; ``configs/`` in a checkout links there)."""
+    return Path(__file__).resolve().parent / "configs"
 
 
-def _merge(schema: DictConfig, other: DictConfig | dict[str, Any], where: str) -> DictConfig:
-    try:
-        merged = OmegaConf.merge(schema, other)
-        assert isinstance(merged, DictConfig)
-        return merged
-    except (ConfigKeyError, ConfigAttributeError) as e:
-        key = str(getattr(e, "full_key", "") or getattr(e, "key", ""))
-        raise ConfigError(f"{where}: unknown config key '{key}'.{_suggest(key, _parent(schema, key))}") from None
-    except ValidationError as e:
-        key = str(getattr(e, "full_key", ""))
-        raise ConfigError(f"{where}: bad value for '{key}': {str(e.msg).splitlines()[0]}") from None
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{where}: {e}") from None
+def shipped_configs() -> list[str]:
+    """Names of the shipped configs (``demo/mae.yaml``, ...)."""
+    root = configs_dir()
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*.yaml")) if root.is_dir() else []
+
+
+def find_config(name: str | Path, relative_to: Path | None = None) -> Path:
+    """A config file: a path (relative to ``relative_to`` first, for ``base:``), or a shipped name (``demo/mae``).
+
+    Raises:
+        FileNotFoundError: neither exists (the message lists where it looked).
+    """
+    p = Path(name)
+    candidates = [relative_to / p, relative_to / f"{p}.yaml"] if relative_to is not None and not p.is_absolute() else []
+    candidates += [p, configs_dir() / p, configs_dir() / f"{p}.yaml"]
+    for cand in candidates:
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError(
+        f"config file not found: {name} (looked in {relative_to or Path.cwd()} and among the shipped configs "
+        f"in {configs_dir()}; `semmim list` shows them)"
+    )
+
+
+def _is_node_path(path: tuple[str, ...]) -> bool:
+    return path == ("decoder",) or (len(path) == 2 and path[0] == "method" and path[1] in PART_SLOTS)
+
+
+def deep_merge(base: dict[str, Any], other: Mapping[str, Any], path: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``other`` merged onto ``base`` (a new dict). Mappings merge key by key; anything else replaces.
+
+    Part nodes (``method.masker``, ``method.target``, ``method.loss``, ``decoder``) follow
+    :func:`semmim.parts.merge_node`: a bare string is ``{name: ...}``, and a node naming another part
+    replaces the node whole, so switching ``block`` to ``random`` drops ``min_patches``.
+    """
+    out = dict(base)
+    for key, value in other.items():
+        here = (*path, str(key))
+        old = out.get(key)
+        if _is_node_path(here):
+            new = {"name": value} if isinstance(value, str) else value
+            if isinstance(new, Mapping) and isinstance(old, Mapping):
+                if new.get("name") not in (None, old.get("name")):
+                    out[key] = dict(new)
+                else:
+                    out[key] = deep_merge(dict(old), new, here)
+            else:
+                out[key] = dict(new) if isinstance(new, Mapping) else new
+        elif isinstance(value, Mapping) and isinstance(old, Mapping):
+            out[key] = deep_merge(dict(old), value, here)
+        else:
+            out[key] = dict(value) if isinstance(value, Mapping) else value
+    return out
+
+
+def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file with its ``base:`` files merged underneath (bases first, in the order listed).
+
+    Raises:
+        ConfigError: the file is not a mapping, ``base`` is not a name or list of names, the bases form a
+            cycle, or the file uses ``defaults:`` (write ``base:``).
+        FileNotFoundError: the file or one of its bases does not exist.
+    """
+    p = Path(path).resolve()
+    if p in _chain:
+        chain = " -> ".join(str(c) for c in (*_chain, p))
+        raise ConfigError(f"config files extend each other in a cycle: {chain}")
+    data = read_yaml_file(p) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(data).__name__}")
+    if "defaults" in data:
+        raise ConfigError(f"{p}: 'defaults:' is not read by semmim; name the files this one extends with 'base:'")
+    bases = data.pop(BASE_KEY, None)
+    if bases is None:
+        bases = []
+    elif isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{p}: '{BASE_KEY}' must be a config name or a list of them, got {bases!r}")
+    merged: dict[str, Any] = {}
+    for b in bases:
+        merged = deep_merge(merged, read_config_file(find_config(b, relative_to=p.parent), (*_chain, p)))
+    return deep_merge(merged, data)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -439,71 +476,106 @@ def _nest(key: str, value: Any) -> dict[str, Any]:
     return out
 
 
+def compose(path: str | Path | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The raw (unchecked) config: a file with its bases, then ``key=value`` overrides in order."""
+    raw: dict[str, Any] = {} if path is None else read_config_file(find_config(path))
+    for text in overrides:
+        key, value = parse_override(text)
+        _check_moved(key, f"override '{text}'")
+        raw = deep_merge(raw, _nest(key, value))
+    return raw
+
+
+def _check_moved(key: str, where: str) -> None:
+    for old, new in MOVED_KEYS.items():
+        if key == old or key.startswith(old + "."):
+            raise ConfigError(f"{where}: '{old}' has moved to {new}")
+
+
+def _flat_keys(d: Mapping[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.append(key)
+        if isinstance(v, Mapping) and not _is_node_path(tuple(key.split("."))):
+            out += _flat_keys(v, key + ".")
+    return out
+
+
+# ------------------------------------------------------------------ typing the raw config
+def _typed_section(schema_cls: type, raw: Any, section: str, where: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: '{section}' must be a mapping of keys, got {raw!r}")
+    merged = merge_checked(OmegaConf.structured(schema_cls), raw, where, prefix=f"{section}.")
+    return OmegaConf.to_object(merged)
+
+
+def resolve(raw: Mapping[str, Any], where: str = "config") -> Config:
+    """Type and check a raw config (from :func:`compose`): every key, every part node, every combination.
+
+    Raises:
+        ConfigError: one line naming the first wrong key and its fix.
+    """
+    from semmim.parts import SLOT_CONTEXT, SLOT_REGISTRY, build_part, merge_node, resolve_part
+    from semmim.registry import METHODS, RegistryError
+
+    for key in _flat_keys(raw):
+        _check_moved(key, where)
+    unknown = [k for k in raw if k not in (*SECTIONS, "method", "decoder")]
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown config section '{unknown[0]}'.{suggest(unknown[0], [*SECTIONS, 'method', 'decoder'])}"
+        )
+    sections = {name: _typed_section(cls, raw.get(name), name, where) for name, cls in SECTIONS.items()}
+    method_raw = dict(raw.get("method") or {})
+    name = method_raw.get("name", MethodConfig.name)
+    try:
+        method_cls = METHODS.get(str(name))
+    except RegistryError as e:
+        raise ConfigError(f"{where}: method.name: {e}") from None
+    options_cls = getattr(method_cls, "Options", MethodConfig)
+    user_nodes = {slot: method_raw.pop(slot, None) for slot in PART_SLOTS}
+    user_nodes["decoder"] = raw.get("decoder")
+    method = _typed_section(options_cls, method_raw, "method", where)
+    model: ModelConfig = sections["model"]
+    slots = tuple(getattr(method_cls, "slots", ()))
+    defaults = method_cls.default_parts(model, user_nodes) if hasattr(method_cls, "default_parts") else {}
+    resolved: dict[str, Any] = {}
+    for slot in ("masker", "decoder", "target", "loss"):
+        key = "decoder" if slot == "decoder" else f"method.{slot}"
+        if slot not in slots:
+            if user_nodes[slot] is not None:
+                raise ConfigError(f"{key}: method '{name}' uses no {slot}; remove it")
+            resolved[slot] = None
+            continue
+        node = merge_node(defaults.get(slot), user_nodes[slot])
+        if node is None:
+            raise ConfigError(f"{key} is not set and method '{name}' has no default {slot}: set {key}.name")
+        resolved[slot] = resolve_part(SLOT_REGISTRY[slot], node, key, SLOT_CONTEXT[slot])
+    for slot in PART_SLOTS:
+        setattr(method, slot, resolved[slot])
+    cfg = Config(method=method, decoder=resolved["decoder"], **sections)
+    validate(cfg)
+    for slot in ("masker", "loss"):  # cheap to build: their own checks (a mask ratio in (0, 1)) run now
+        if resolved[slot] is not None:
+            build_part(SLOT_REGISTRY[slot], resolved[slot], f"method.{slot}")
+    return cfg
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Build a :class:`Config` from defaults, an optional YAML file and ``key=value`` overrides.
+    """Build a :class:`Config` from defaults, an optional YAML file (with its bases) and ``key=value`` overrides.
+
+    ``path`` is a file or a shipped config name (``demo/mae``).
 
     Raises:
         ConfigError: unknown key, wrong type or impossible value (the message names the key); a YAML file
             over :data:`MAX_CONFIG_BYTES` or whose aliases expand beyond :data:`MAX_YAML_NODES` nodes.
         FileNotFoundError: the YAML file does not exist.
     """
-    cfg = OmegaConf.structured(Config)
-    if path is not None:
-        p = Path(path)
-        data = read_yaml_file(p) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(data).__name__}")
-        data.pop("defaults", None)
-        cfg = _merge(cfg, data, str(p))
-    for text in overrides:
-        key, value = parse_override(text)
-        cfg = _merge(cfg, _nest(key, value), f"override '{text}'")
-    obj = OmegaConf.to_object(cfg)
-    assert isinstance(obj, Config)
-    validate(obj)
-    return obj
-
-
-# Which parts each built-in method can compose: its encoder style fixes the decoders it can feed (a
-# visible-only MAE-style encoder feeds the MAE / prompting decoders; a BEiT-style encoder with mask
-# tokens returns every position, so only a per-token head fits), and maskers that vary the number of
-# visible patches per image only work with mask tokens. Methods registered by users are not checked here.
-METHOD_PARTS: dict[str, dict[str, tuple[str, ...]]] = {
-    "mae": {"encoder": ("visible-only",), "decoder": ("mae", "prompting"), "masking": ("random",)},
-    "milan": {"encoder": ("visible-only",), "decoder": ("prompting", "mae"), "masking": ("semantic", "random")},
-    "maskdistill": {"encoder": ("mask-token (BEiT)",), "decoder": ("linear",), "masking": ("block", "random")},
-    "supmim": {"encoder": ("visible-only",), "decoder": ("mae", "prompting"), "masking": ("random",)},
-    "rils": {"encoder": ("visible-only",), "decoder": ("mae", "prompting"), "masking": ("random",)},
-    "clip": {"encoder": ("full image",), "decoder": (), "masking": ()},
-}
-
-
-MULTI_MASK_METHODS = ("mae", "milan", "maskdistill")
-"""Methods that accept method.num_masks > 1."""
-
-
-def _check_parts(cfg: Config) -> None:
-    parts = METHOD_PARTS.get(cfg.method.name)
-    if parts is None:
-        return
-    style = parts["encoder"][0]
-    for key, value in (("decoder.name", cfg.decoder.name), ("method.masking", cfg.method.masking)):
-        allowed = parts[key.split(".")[0] if key.startswith("decoder") else "masking"]
-        if value is None or value in allowed:
-            continue
-        if not allowed:
-            raise ConfigError(f"{key}={value!r}: method '{cfg.method.name}' uses no {key.split('.')[-1]}; remove it")
-        why = ""
-        if key == "decoder.name" and value == "prompting":
-            why = " (the prompting decoder needs a visible-only encoder; this method's encoder is " + style + ")"
-        elif key == "method.masking" and value == "block":
-            why = " (block masking varies the visible count per image, which a visible-only encoder cannot batch)"
-        elif key == "method.masking" and value == "semantic":
-            why = " (semantic-aware masking needs a teacher's attention)"
-        raise ConfigError(
-            f"{key}={value!r} cannot be combined with method.name={cfg.method.name!r}{why}; "
-            f"allowed: {', '.join(allowed)}"
-        )
+    where = str(path) if path is not None else "config"
+    return resolve(compose(path, overrides), where)
 
 
 _AT_LEAST: dict[str, int] = {
@@ -522,7 +594,7 @@ _AT_LEAST: dict[str, int] = {
     "trainer.knn_every_n_steps": 0,
     "trainer.knn_train_limit": 1,
     "trainer.knn_test_limit": 1,
-    "teacher.pca_dim": 1,
+    "method.num_masks": 1,
 }
 """Lower bounds of counts and intervals: a zero step count or interval is an error before any work (a
 ``None`` value means "not set" and is not checked)."""
@@ -542,66 +614,46 @@ def _check_counts(cfg: Config) -> None:
         raise ConfigError(f"optim.warmup_epochs must be >= 0, got {cfg.optim.warmup_epochs}")
     if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
         raise ConfigError(f"data.max_bad_fraction must lie in [0, 1], got {cfg.data.max_bad_fraction}")
-    if cfg.teacher.global_weight < 0:
-        raise ConfigError(f"teacher.global_weight must be >= 0, got {cfg.teacher.global_weight}")
     if cfg.optim.clip_grad is not None and cfg.optim.clip_grad <= 0:
         raise ConfigError(f"optim.clip_grad must be > 0 (or null for no clipping), got {cfg.optim.clip_grad}")
 
 
-TEACHER_TARGET_METHODS = ("milan", "maskdistill", "supmim")
-"""Built-in methods whose targets are teacher features (supmim with method.target=teacher_features)."""
+def _unused_sections(cfg: Config) -> None:
+    """A section the method does not read (a teacher for pixel targets, a text tower for MAE) must stay unset."""
+    from semmim.registry import METHODS
 
-
-def _check_targets(cfg: Config) -> None:
-    from semmim.targets.conditioning import TARGET_NORMS
-
-    t, name = cfg.teacher, cfg.method.name
-    uses_features = name in ("milan", "maskdistill") or (name == "supmim" and cfg.method.target == "teacher_features")
-    set_keys = [
-        k
-        for k, v, default in (
-            ("teacher.target_norm", t.target_norm, None),
-            ("teacher.ln_target", t.ln_target, None),
-            ("teacher.pca_dim", t.pca_dim, None),
-            ("teacher.grid", t.grid, "student"),
-            ("teacher.global_weight", t.global_weight, 1.0),
-        )
-        if v != default
-    ]
-    if set_keys and name in METHOD_PARTS and not uses_features:
-        raise ConfigError(
-            f"{set_keys[0]} conditions teacher-feature targets, which method '{name}' does not use; remove it "
-            f"(teacher-feature methods: milan, maskdistill, supmim with method.target=teacher_features)"
-        )
-    if t.target_norm is not None and t.target_norm not in TARGET_NORMS:
-        raise ConfigError(f"teacher.target_norm={t.target_norm!r} is not one of {', '.join(TARGET_NORMS)}")
-    if t.ln_target is not None and t.target_norm is not None and t.target_norm != ("ln" if t.ln_target else "none"):
-        raise ConfigError(
-            f"teacher.ln_target={t.ln_target} contradicts teacher.target_norm={t.target_norm}: set only target_norm"
-        )
-    if t.target_norm == "pca" and t.pca_dim is None:
-        raise ConfigError("teacher.target_norm=pca needs teacher.pca_dim (the number of principal directions kept)")
-    if t.pca_dim is not None and t.target_norm != "pca":
-        raise ConfigError(f"teacher.pca_dim={t.pca_dim} is used only by teacher.target_norm=pca; remove it or set that")
-    if t.grid not in ("student", "native"):
-        raise ConfigError(f"teacher.grid must be student or native, got {t.grid!r}")
-    if name in METHOD_PARTS and name != "milan":
-        for key, value, default in (
-            ("teacher.grid", t.grid, "student"),
-            ("teacher.global_weight", t.global_weight, 1.0),
-        ):
-            if value != default:
+    method_cls = METHODS.get(cfg.method.name)
+    for section, used in (("teacher", method_cls.uses_teacher(cfg)), ("text", method_cls.uses_text(cfg))):
+        if used:
+            continue
+        default = SECTIONS[section]()
+        for f in fields(default):
+            value = getattr(getattr(cfg, section), f.name)
+            if value != getattr(default, f.name):
+                why = "its parts take no teacher" if section == "teacher" else "it has no text tower"
                 raise ConfigError(
-                    f"{key}={value!r} applies to MILAN's loss over all tokens; method '{name}' compares masked "
-                    "patches on the student's grid: remove it"
+                    f"{section}.{f.name}={value!r} is not used: method '{cfg.method.name}' reads no {section} section "
+                    f"({why}); remove it"
                 )
+
+
+def _check_data(cfg: Config) -> None:
+    """``data.root`` is refused by a dataset that reads no files (it would be silently ignored)."""
+    from semmim.registry import DATASETS, RegistryError
+
+    try:
+        dataset = DATASETS.get(cfg.data.name)
+    except RegistryError as e:
+        raise ConfigError(f"data.name: {e}") from None
+    if cfg.data.root is not None and not getattr(dataset, "reads_files", True):
+        raise ConfigError(f"data.root={cfg.data.root!r}: dataset '{cfg.data.name}' reads no files; remove data.root")
 
 
 def validate(cfg: Config) -> None:
     """Reject impossible combinations before any work starts."""
+    from semmim.registry import METHODS
+
     m = cfg.model
-    if cfg.method.mask_ratio is not None and not 0.0 < cfg.method.mask_ratio < 1.0:
-        raise ConfigError(f"method.mask_ratio must lie in (0, 1), got {cfg.method.mask_ratio}")
     if m.img_size % m.patch_size != 0:
         raise ConfigError(
             f"model.patch_size={m.patch_size} does not divide model.img_size={m.img_size}; "
@@ -609,9 +661,6 @@ def validate(cfg: Config) -> None:
         )
     if m.embed_dim % m.num_heads != 0:
         raise ConfigError(f"model.embed_dim={m.embed_dim} is not divisible by model.num_heads={m.num_heads}")
-    d = cfg.decoder
-    if d.embed_dim % d.num_heads != 0:
-        raise ConfigError(f"decoder.embed_dim={d.embed_dim} is not divisible by decoder.num_heads={d.num_heads}")
     if cfg.data.max_image_pixels is not None and cfg.data.max_image_pixels < 1:
         raise ConfigError(f"data.max_image_pixels must be >= 1 or null, got {cfg.data.max_image_pixels}")
     if cfg.data.batch_size < 1:
@@ -627,17 +676,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.accumulate must be >= 1, got {cfg.optim.accumulate}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must have two values, got {cfg.optim.betas}")
-    _check_parts(cfg)
-    _check_targets(cfg)
     if cfg.trainer.compile not in (True, False, "auto"):
         raise ConfigError(f"trainer.compile must be true, false or auto, got {cfg.trainer.compile!r}")
-    if cfg.method.num_masks < 1:
-        raise ConfigError(f"method.num_masks must be >= 1, got {cfg.method.num_masks}")
-    if cfg.method.num_masks > 1 and cfg.method.name not in MULTI_MASK_METHODS:
+    method_cls = METHODS.get(cfg.method.name)
+    if cfg.method.num_masks > 1 and not getattr(method_cls, "multi_mask", False):
+        multi = [n for n in METHODS.names() if getattr(METHODS.get(n), "multi_mask", False)]
         raise ConfigError(
-            f"method.num_masks={cfg.method.num_masks} is supported by {', '.join(MULTI_MASK_METHODS)}, "
-            f"not by '{cfg.method.name}'"
+            f"method.num_masks={cfg.method.num_masks} is supported by {', '.join(multi)}, not by '{cfg.method.name}'"
         )
+    method_cls.check_config(cfg)
+    _unused_sections(cfg)
+    _check_data(cfg)
     check_loader_kwargs(cfg.teacher.kwargs, "teacher.kwargs")
     if cfg.trainer.precision not in ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"):
         raise ConfigError(
@@ -645,11 +694,87 @@ def validate(cfg: Config) -> None:
         )
 
 
-def to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
 def to_dict(cfg: Config) -> dict[str, Any]:
-    out = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    assert isinstance(out, dict)
-    return out  # type: ignore[return-value]
+    """The config as plain Python data (what ``config.yaml`` holds)."""
+    return asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None, width=1000)
+
+
+# ------------------------------------------------------------------ explaining a config
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a dataclass (and its bases): ``{"batch_size": "Per-device batch size."}``."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is object or not dataclasses_is(klass):
+            continue
+        try:
+            tree = ast.parse(inspect.cleandoc("\n" + inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, nxt in zip(body, [*body[1:], None], strict=True):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def dataclasses_is(obj: Any) -> bool:
+    from dataclasses import is_dataclass
+
+    return is_dataclass(obj)
+
+
+def explain(cfg: Config) -> str:
+    """The resolved config as YAML, each key followed by its help (``semmim config show``)."""
+    from semmim.parts import SLOT_CONTEXT, SLOT_REGISTRY, part_keys
+
+    def fmt(value: Any) -> str:
+        return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+
+    def line(indent: int, key: str, value: Any, doc: str) -> str:
+        text = f"{'  ' * indent}{key}: {fmt(value)}"
+        return f"{text:<48} # {doc}" if doc else text
+
+    def node_lines(slot: str, node: dict[str, Any] | None, indent: int) -> list[str]:
+        if node is None:
+            return []
+        registry = SLOT_REGISTRY[slot]
+        helps = {k.name: k.help for k in part_keys(registry, node["name"], SLOT_CONTEXT[slot])}
+        out = [line(indent + 1, "name", node["name"], f"registered {registry.kind}: {', '.join(registry.names())}")]
+        out += [line(indent + 1, k, v, helps.get(k, "")) for k, v in node.items() if k != "name"]
+        return out
+
+    lines: list[str] = []
+    method_docs = field_docs(type(cfg.method))
+    lines.append("method:")
+    for f in fields(cfg.method):
+        value = getattr(cfg.method, f.name)
+        if f.name in PART_SLOTS:
+            if value is not None:
+                lines.append(f"  {f.name}:{'':<{40 - len(f.name)}} # {method_docs.get(f.name, '')}")
+                lines += node_lines(f.name, value, 1)
+            continue
+        lines.append(line(1, f.name, value, method_docs.get(f.name, "")))
+    for section in ("model", "decoder", "teacher", "text", "data", "optim", "trainer"):
+        obj = getattr(cfg, section)
+        if section == "decoder":
+            if obj is not None:
+                lines.append("decoder:")
+                lines += node_lines("decoder", obj, 0)
+            continue
+        docs = field_docs(type(obj))
+        lines.append(f"{section}:")
+        lines += [line(1, f.name, getattr(obj, f.name), docs.get(f.name, "")) for f in fields(obj)]
+    return "\n".join(lines) + "\n"

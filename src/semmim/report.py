@@ -140,11 +140,9 @@ def _duration(s: float | None) -> str:
 def teacher_of(config: dict[str, Any]) -> str:
     """A short description of a run's teacher ("–" when it has none)."""
     name = _get(config, "teacher.name")
-    method = _get(config, "method.name")
-    if not name or name == "none" or method in ("mae", "clip", "rils"):
-        return MISSING
-    if method == "supmim" and _get(config, "method.target") != "teacher_features":
-        return MISSING
+    target = _get(config, "method.target")
+    if not name or name == "none" or (isinstance(target, dict) and target.get("name") == "pixels"):
+        return MISSING  # config validation refuses a teacher section that no part reads
     src = _get(config, "teacher.model") or _get(config, "teacher.path") or _get(config, "teacher.pretrained")
     return f"{name}: {Path(str(src)).name}" if src else str(name)
 
@@ -218,8 +216,9 @@ def config_summary(config: dict[str, Any]) -> str:
         return _get(config, key)
 
     parts = [f"method {g('method.name')}"]
-    if g("method.masking") or g("method.mask_ratio") is not None:
-        parts.append(f"masking {g('method.masking') or 'default'} {g('method.mask_ratio') or ''}".rstrip())
+    masker = g("method.masker")
+    if isinstance(masker, dict) and masker.get("name"):
+        parts.append(f"masking {masker['name']} {masker.get('mask_ratio') or ''}".rstrip())
     parts.append(
         f"ViT {g('model.embed_dim')}d x {g('model.depth')} blocks, patch {g('model.patch_size')}, "
         f"{g('model.img_size')} px, {g('model.in_chans')} ch"

@@ -341,10 +341,6 @@ def predict(method: Any, batch: Mapping[str, Any], seed: int) -> dict[str, Any]:
         student input, ``normalize_features`` (bool: the loss is a cosine, compare directions).
     """
     from semmim.losses.reconstruction import CosineLoss
-    from semmim.masking import mask_from_bool
-    from semmim.methods.rils import RILS
-    from semmim.targets.features import TeacherFeatureTarget
-    from semmim.targets.pixels import PixelTarget
 
     imgs = batch["image"]
     grid = method.grid
@@ -352,30 +348,20 @@ def predict(method: Any, batch: Mapping[str, Any], seed: int) -> dict[str, Any]:
     x = method.normalize(imgs)
     res: dict[str, Any] = {"kind": None, "x": x, "cls_attn": None, "teacher": None, "normalize_features": False}
     torch.manual_seed(seed)
-    if isinstance(method, RILS):  # the unmasked pass, projected to the joint space, is the target
-        full = method.encoder.forward_features(x)
-        mask = method.masker(x.shape[0], grid, device=x.device)
-        pred = method.decoder(method.encoder.forward_visible(x, mask.ids_keep), mask)
-        res.update(kind="features", mask=mask.mask, pred=_patch_tokens(pred, length))
-        res.update(teacher=method.image_proj(full[:, 1:]), normalize_features=True)
-        return res
     out = method(dict(batch))
-    if "mask" not in out:
+    if "mask" not in out or "pred" not in out:
         return res
-    mask = out["mask"].bool()
-    pred = out.get("pred")
-    if pred is None:  # supmim logs no prediction: decode the same mask again
-        m = mask_from_bool(mask)
-        pred = method.decoder(method.encoder.forward_visible(x, m.require_ids("pictures")[0]), m)
-    res.update(mask=mask, pred=_patch_tokens(pred.float(), length))
+    res.update(mask=out["mask"].bool(), pred=_patch_tokens(out["pred"].float(), length))
     target = getattr(method, "target", None)
-    if isinstance(target, PixelTarget):
-        res.update(kind="pixels", norm_pix=target.norm_pix)
-    elif isinstance(target, TeacherFeatureTarget):
-        need_attn = bool(getattr(method.masker, "needs_scores", False))
-        t_out = target(imgs, grid, need_attn=need_attn)
-        res.update(kind="features", teacher=_patch_tokens(t_out.tokens, length), cls_attn=t_out.cls_attn)
-        res["normalize_features"] = isinstance(getattr(method, "loss_fn", None), CosineLoss)
+    loss_fn = getattr(method, "loss_fn", None)
+    if target is not None and getattr(target, "kind", "features") == "pixels":
+        res.update(kind="pixels", norm_pix=bool(getattr(target, "norm_pix", False)))
+        return res
+    if "target" in out:
+        res.update(kind="features", teacher=_patch_tokens(out["target"].float(), length))
+        res["normalize_features"] = loss_fn is None or isinstance(loss_fn, CosineLoss)
+    if target is not None and getattr(getattr(method, "masker", None), "needs_scores", False):
+        res["cls_attn"] = target(imgs, grid, need_attn=True).cls_attn
     return res
 
 

@@ -530,6 +530,7 @@ class SyntheticDataset(ImageDataset):
     """
 
     name = "synthetic"
+    reads_files = False
 
     def __init__(
         self,

@@ -117,9 +117,9 @@ def _files_in(folder: Path, split: str) -> tuple[Path, Path] | None:
 
 def _candidates(root: str | os.PathLike[str] | None) -> list[Path]:
     dirs: list[Path] = []
-    if root is not None:
+    if root is not None:  # a root the user names is the only place looked in: never silently another copy
         r = Path(root).expanduser()
-        dirs += [r, r / "FashionMNIST" / "raw", r / "fashion-mnist", r / "fashion_mnist"]
+        return [r, r / "FashionMNIST" / "raw", r / "fashion-mnist", r / "fashion_mnist"]
     env = os.environ.get(ENV_VAR)
     if env:
         e = Path(env).expanduser()

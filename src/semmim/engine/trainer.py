@@ -43,9 +43,9 @@ def explained_warning(value: float, step: int) -> str:
         f"[semmim] warning: target_explained is {value:.3f} at step {step} (under {EXPLAINED_WARN} for 3 log steps "
         "after warmup): the student predicts little more than the teacher's average token. Likely causes: the "
         "teacher's tokens share a large common component (post-ReLU CNN features, raw features), a teacher map "
-        "much coarser than the student's grid, or the learning rate. Knobs: teacher.target_norm=center (or "
-        "center_ln, whiten, pca with teacher.pca_dim), teacher.image_size (run the teacher at the size whose map "
-        "matches the student's grid) or teacher.grid=native, optim.lr; see the README's teacher section."
+        "much coarser than the student's grid, or the learning rate. Knobs: method.target.norm=center (or "
+        "center_ln, whiten, pca with method.target.pca_dim), teacher.image_size (run the teacher at the size whose map "
+        "matches the student's grid) or method.target.grid=native, optim.lr; see the README's teacher section."
     )
 
 
@@ -693,8 +693,8 @@ def _pretrain(
                     )
                 extras = {
                     k: float(v.detach().float().item())
-                    for k, v in outputs.items()
-                    if k != "loss" and isinstance(v, torch.Tensor) and v.dim() == 0
+                    for k, v in outputs.get("logs", {}).items()
+                    if isinstance(v, torch.Tensor) and v.dim() == 0
                 }
                 if "target_explained" in extras and step > warmup:
                     explained_low = explained_low + 1 if extras["target_explained"] < EXPLAINED_WARN else 0

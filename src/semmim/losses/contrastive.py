@@ -63,7 +63,9 @@ def info_nce(image: Tensor, text: Tensor, logit_scale: Tensor | float, gather: b
 
 @LOSSES.register("info_nce")
 class InfoNCE(nn.Module):
-    """Symmetric image-text InfoNCE with a learnable temperature (CLIP)."""
+    """Symmetric image-text InfoNCE with a learnable temperature (CLIP): ``(image, text) -> scalar``."""
+
+    kind = "contrastive"
 
     def __init__(self, init_temperature: float = 0.07, max_scale: float = 100.0) -> None:
         super().__init__()

@@ -52,7 +52,9 @@ def cosine_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Ten
 
 @LOSSES.register("mse")
 class MaskedMSE(nn.Module):
-    """MSE over masked tokens (MAE)."""
+    """MSE over masked tokens (MAE), or over every token when the method passes no mask."""
+
+    kind = "reconstruction"
 
     def forward(self, pred: Tensor, target: Tensor, mask: Tensor | None) -> Tensor:
         return masked_mse(pred, target, mask)
@@ -60,17 +62,12 @@ class MaskedMSE(nn.Module):
 
 @LOSSES.register("cosine")
 class CosineLoss(nn.Module):
-    """2 - 2*cos over all tokens (MILAN), or over masked tokens with ``masked_only=True``."""
+    """2 - 2*cos averaged over the tokens the method compares: all tokens for MILAN (it passes no mask), the
+    masked ones for methods that pass a mask (MaskDistill, MAE)."""
 
-    def __init__(self, masked_only: bool = False) -> None:
-        super().__init__()
-        self.masked_only = masked_only
+    kind = "reconstruction"
 
     def forward(self, pred: Tensor, target: Tensor, mask: Tensor | None) -> Tensor:
-        if not self.masked_only or mask is None:
-            return cosine_loss(pred, target, None)
-        if pred.shape[1] == mask.shape[1] + 1:  # drop CLS when restricting to masked patches
-            pred, target = pred[:, 1:], target[:, 1:]
         return cosine_loss(pred, target, mask)
 
 
@@ -87,7 +84,13 @@ def masked_smooth_l1(pred: Tensor, target: Tensor, mask: Tensor | None, beta: fl
 
 @LOSSES.register("smooth_l1")
 class MaskedSmoothL1(nn.Module):
-    """Smooth-L1 over masked tokens (MaskDistill); ``beta`` defaults to 2.0 for unit-variance targets."""
+    """Smooth-L1 over masked tokens (MaskDistill), or every token when the method passes no mask.
+
+    Args:
+        beta: threshold between the quadratic and linear zones (2.0 suits unit-variance targets).
+    """
+
+    kind = "reconstruction"
 
     def __init__(self, beta: float = 2.0) -> None:
         super().__init__()

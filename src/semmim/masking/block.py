@@ -98,7 +98,13 @@ def block_masking(
 
 @MASKERS.register("block")
 class BlockMasker:
-    """BEiT/MaskDistill: block-wise masking (blocks of >= 16 patches, aspect 0.3..1/0.3)."""
+    """BEiT/MaskDistill: block-wise masking (blocks of >= 16 patches, aspect 0.3..1/0.3).
+
+    Args:
+        mask_ratio: fraction of patches hidden, in (0, 1).
+        min_patches: smallest block, in patches.
+        min_aspect: smallest block aspect ratio (the largest is its inverse).
+    """
 
     needs_scores = False
     uniform_count = False

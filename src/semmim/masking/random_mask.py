@@ -34,7 +34,11 @@ def random_masking(
 
 @MASKERS.register("random")
 class RandomMasker:
-    """MAE: uniform random masking with an exact visible count per sample."""
+    """MAE: uniform random masking with an exact visible count per sample.
+
+    Args:
+        mask_ratio: fraction of patches hidden, in (0, 1).
+    """
 
     needs_scores = False
     uniform_count = True

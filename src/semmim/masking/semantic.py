@@ -41,7 +41,11 @@ def semantic_masking(importance: Tensor, mask_ratio: float, generator: torch.Gen
 
 @MASKERS.register("semantic")
 class SemanticMasker:
-    """MILAN: keep patches drawn by the teacher's CLS attention (needs a teacher with attention)."""
+    """MILAN: keep patches drawn by the teacher's CLS attention (needs a teacher with attention).
+
+    Args:
+        mask_ratio: fraction of patches hidden, in (0, 1).
+    """
 
     needs_scores = True
     uniform_count = True
@@ -62,7 +66,7 @@ class SemanticMasker:
             raise ValueError(
                 "semantic masking needs the teacher's CLS attention, but the teacher gave none (models without a "
                 "CLS token, such as CNNs, have none; a module teacher must return a dict with 'cls_attn'): use "
-                "method.masking=random"
+                "method.masker=random"
             )
         if scores.shape != (n, grid[0] * grid[1]):
             raise ValueError(f"attention scores have shape {tuple(scores.shape)}, expected {(n, grid[0] * grid[1])}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from semmim.config import Config
-from semmim.methods.base import Method
+from semmim.methods.base import Method, MethodOutput, method_output
 from semmim.methods.clip import CLIP
 from semmim.methods.mae import MAE
 from semmim.methods.maskdistill import MaskDistill
@@ -15,12 +15,32 @@ from semmim.methods.supmim import SupervisedMIM
 from semmim.registry import METHODS
 
 
-def build_method(cfg: Config, teacher: nn.Module | None = None) -> Method:
-    """Build the method ``cfg.method.name`` from a config (a Python teacher overrides ``cfg.teacher``)."""
-    method_cls = METHODS.get(cfg.method.name)
-    method = method_cls.from_config(cfg, teacher=teacher)
-    method.num_masks = int(getattr(cfg.method, "num_masks", 1))
+def method_class(cfg: Config) -> type[Method]:
+    """The registered class of ``cfg.method.name``."""
+    cls: type[Method] = METHODS.get(cfg.method.name)
+    return cls
+
+
+def build_method(cfg: Config, teacher: nn.Module | None = None, **context: object) -> Method:
+    """Build the method ``cfg.method.name`` from a config (a Python teacher overrides ``cfg.teacher``).
+
+    ``context`` holds what the method learned from the data (``num_classes`` for supmim).
+    """
+    method = method_class(cfg).from_config(cfg, teacher=teacher, **context)
+    method.num_masks = int(cfg.method.num_masks)
     return method
 
 
-__all__ = ["CLIP", "MAE", "MILAN", "RILS", "MaskDistill", "Method", "SupervisedMIM", "build_method"]
+__all__ = [
+    "CLIP",
+    "MAE",
+    "MILAN",
+    "RILS",
+    "MaskDistill",
+    "Method",
+    "MethodOutput",
+    "SupervisedMIM",
+    "build_method",
+    "method_class",
+    "method_output",
+]

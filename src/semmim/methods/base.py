@@ -9,14 +9,56 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypedDict
 
 import torch
 from torch import Tensor, nn
 
-from semmim.config import Config, ConfigError
+from semmim.config import Config, ConfigError, MethodConfig, ModelConfig
 from semmim.models.vit import ViTEncoder
-from semmim.registry import DECODERS, LOSSES, MASKERS, TEACHERS
+from semmim.parts import SLOT_KEY, SLOT_REGISTRY, Lazy, build_part
+from semmim.registry import DECODERS, LOSSES, MASKERS, TARGETS, TEACHERS
+
+
+class MethodOutput(TypedDict, total=False):
+    """What every method's ``forward(batch)`` returns (a dict, so ``torch.compile`` passes it through).
+
+    Keys:
+        loss: the scalar to minimise.
+        pred: (N, T, D) predictions, detached (absent for methods that predict no tokens).
+        target: (N, T, D) what ``pred`` is compared with, detached.
+        mask: (N, L) bool, True = masked patch.
+        logs: named scalars to log (``target_explained``, ``acc``, ...), detached.
+    """
+
+    loss: Tensor
+    pred: Tensor
+    target: Tensor
+    mask: Tensor
+    logs: dict[str, Tensor]
+
+
+def method_output(
+    loss: Tensor,
+    pred: Tensor | None = None,
+    target: Tensor | None = None,
+    mask: Tensor | None = None,
+    **logs: Tensor,
+) -> MethodOutput:
+    """Build a :class:`MethodOutput`, leaving out what a method does not have."""
+    out = MethodOutput(loss=loss, logs={k: v.detach() for k, v in logs.items()})
+    if pred is not None:
+        out["pred"] = pred.detach()
+    if target is not None:
+        out["target"] = target.detach()
+    if mask is not None:
+        out["mask"] = mask
+    return out
+
+
+def _refuse(method: str, slot: str, name: str, why: str, ok: list[str]) -> ConfigError:
+    allowed = f"; allowed here: {', '.join(ok)}" if ok else ""
+    return ConfigError(f"{SLOT_KEY[slot]}={name!r} cannot be used by method '{method}': {why}{allowed}")
 
 
 def as_float01(images: Tensor) -> Tensor:
@@ -36,9 +78,101 @@ class Method(nn.Module):
     """
 
     frozen_prefixes: tuple[str, ...] = ("target.teacher.",)
-    default_masking = "random"
-    default_loss = "mse"
-    default_decoder = "mae"
+
+    # ------------------------------------------------------------------ what the method declares
+    Options: ClassVar[type[MethodConfig]] = MethodConfig
+    """The dataclass of the ``method`` section for this method (its own keys on top of MethodConfig's)."""
+    slots: ClassVar[tuple[str, ...]] = ()
+    """The swappable parts it composes, among masker, decoder, target, loss."""
+    encoder_kind: ClassVar[str] = "visible"
+    """Its encoder: "visible" (MAE style, visible patches only: maskers must keep the same count per image,
+    decoders take visible tokens), "mask_token" (BEiT style: any masker, per-token heads) or "full"."""
+    target_kinds: ClassVar[tuple[str, ...]] = ()
+    """Kinds of target it reconstructs (a target class's ``kind``: "pixels" or "features")."""
+    masker_scores: ClassVar[bool] = False
+    """It hands the target's CLS attention to the masker (so a masker with ``needs_scores`` works)."""
+    multi_mask: ClassVar[bool] = False
+    """It accepts ``method.num_masks`` > 1."""
+    native_grid: ClassVar[bool] = False
+    """It pools its predictions to a teacher's own grid (a feature target's ``grid=native``)."""
+    needs_text: ClassVar[bool] = False
+    """It reads the ``text`` section (a text tower)."""
+
+    @classmethod
+    def default_parts(cls, model: ModelConfig, nodes: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        """The default node of each slot; ``nodes`` are the user's (unresolved) nodes, for defaults that
+        depend on them (supmim's loss follows its target)."""
+        return {}
+
+    @classmethod
+    def part_problem(cls, slot: str, part: Any, parts: Mapping[str, Any]) -> str | None:
+        """Why the registered part class ``part`` cannot fill ``slot`` (None = it can).
+
+        ``parts`` are the resolved nodes of the other slots. Capabilities are class attributes of the parts:
+        a masker's ``uniform_count`` / ``needs_scores``, a decoder's ``input``, a target's ``kind``, a loss's
+        ``kind`` (a part without the attribute gets the permissive default).
+        """
+        if slot == "masker":
+            if cls.encoder_kind == "visible" and not getattr(part, "uniform_count", True):
+                return "it hides a different number of patches per image, which a visible-only encoder cannot batch"
+            if getattr(part, "needs_scores", False):
+                target = parts.get("target")
+                kind = getattr(TARGETS.get(target["name"]), "kind", "features") if target else None
+                if not cls.masker_scores or kind != "features":
+                    return "it needs a teacher's CLS attention, which this method does not give its masker"
+        elif slot == "decoder":
+            want = "tokens" if cls.encoder_kind == "mask_token" else "visible"
+            have = getattr(part, "input", "visible")
+            if have != want:
+                return (
+                    f"it takes {'every token (a per-token head)' if have == 'tokens' else 'the visible tokens only'}, "
+                    f"but this method's encoder gives {'every token' if want == 'tokens' else 'visible tokens only'}"
+                )
+        elif slot == "target":
+            kind = getattr(part, "kind", "features")
+            if kind not in cls.target_kinds:
+                return f"it is a {kind} target; this method reconstructs {' or '.join(cls.target_kinds)}"
+        elif slot == "loss" and getattr(part, "kind", "reconstruction") != "reconstruction":
+            return f"it is a {getattr(part, 'kind', '?')} loss; this method needs a (pred, target, mask) reconstruction loss"
+        return None
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Refuse parts this method cannot compose (called by config validation, before any work).
+
+        Raises:
+            ConfigError: names the node, why, and the registered parts that fit.
+        """
+        parts = {
+            "masker": cfg.method.masker,
+            "target": cfg.method.target,
+            "loss": cfg.method.loss,
+            "decoder": cfg.decoder,
+        }
+        for slot in sorted(cls.slots, key=("target", "loss", "decoder", "masker").index):  # what, then how
+            node = parts[slot]
+            registry = SLOT_REGISTRY[slot]
+            why = cls.part_problem(slot, registry.get(node["name"]), parts)
+            if why is not None:
+                ok = [n for n in registry.names() if cls.part_problem(slot, registry.get(n), parts) is None]
+                raise _refuse(cfg.method.name, slot, node["name"], why, ok)
+        target = cfg.method.target
+        if target is not None and target.get("grid", "student") != "student" and not cls.native_grid:
+            raise ConfigError(
+                f"method.target.grid={target['grid']!r}: method '{cfg.method.name}' compares masked patches on the "
+                "student's grid (only milan pools its predictions to the teacher's grid): remove it"
+            )
+
+    @classmethod
+    def uses_teacher(cls, cfg: Config) -> bool:
+        """Whether the ``teacher`` section is read (a feature target takes a teacher)."""
+        target = cfg.method.target
+        return target is not None and getattr(TARGETS.get(target["name"]), "kind", "features") == "features"
+
+    @classmethod
+    def uses_text(cls, cfg: Config) -> bool:
+        """Whether the ``text`` section is read."""
+        return cls.needs_text
 
     def __init__(self, encoder: ViTEncoder, mean: list[float], std: list[float]) -> None:
         super().__init__()
@@ -116,11 +250,11 @@ class Method(nn.Module):
             extra=extra,
         )
 
-    def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:  # pragma: no cover - abstract
+    def forward(self, batch: Mapping[str, Any]) -> MethodOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
     @classmethod
-    def from_config(cls, cfg: Config, teacher: nn.Module | None = None) -> Method:  # pragma: no cover
+    def from_config(cls, cfg: Config, teacher: nn.Module | None = None, **context: Any) -> Method:  # pragma: no cover
         raise NotImplementedError
 
 
@@ -143,46 +277,41 @@ def build_encoder(cfg: Config, mask_token: bool = False) -> ViTEncoder:
     )
 
 
-def build_masker(cfg: Config, default: str, default_ratio: float = 0.75) -> Any:
-    name = cfg.method.masking or default
-    masker_cls = MASKERS.get(name)
-    ratio = cfg.method.mask_ratio if cfg.method.mask_ratio is not None else default_ratio
-    kwargs: dict[str, Any] = {"mask_ratio": ratio}
-    if name == "block":
-        kwargs.update(min_patches=cfg.method.block_min_patches, min_aspect=cfg.method.block_min_aspect)
-    return masker_cls(**kwargs)
+def build_masker(cfg: Config) -> Any:
+    """The masker of ``method.masker``."""
+    return build_part(MASKERS, cfg.method.masker, "method.masker")
 
 
-def build_decoder(cfg: Config, encoder: ViTEncoder, out_dim: int, default: str) -> nn.Module:
-    d = cfg.decoder
-    return DECODERS.build(
-        d.name or default,
+def build_decoder(cfg: Config, encoder: ViTEncoder, out_dim: int) -> nn.Module:
+    """The decoder of the ``decoder`` node, fed by ``encoder`` and predicting ``out_dim`` values per token."""
+    return build_part(
+        DECODERS,
+        cfg.decoder,
+        "decoder",
         grid_size=encoder.grid_size,
         encoder_dim=encoder.embed_dim,
         out_dim=out_dim,
-        embed_dim=d.embed_dim,
-        depth=d.depth,
-        num_heads=d.num_heads,
-        mlp_ratio=d.mlp_ratio,
     )
 
 
-def build_loss(cfg: Config, default: str) -> nn.Module:
-    name = cfg.method.loss or default
-    if name == "smooth_l1":
-        return LOSSES.build(name, beta=cfg.method.smooth_l1_beta)
-    return LOSSES.build(name)
+def build_loss(cfg: Config) -> nn.Module:
+    """The loss of ``method.loss``."""
+    return build_part(LOSSES, cfg.method.loss, "method.loss")
 
 
-def build_feature_target(cfg: Config, teacher: nn.Module | None, default_norm: str) -> Any:
-    """The teacher-feature target of ``cfg.teacher`` (conditioning ``target_norm``, ``pca_dim``, ``grid``)."""
-    from semmim.targets.features import TeacherFeatureTarget
-
-    t = cfg.teacher
-    norm = t.target_norm
-    if norm is None:
-        norm = default_norm if t.ln_target is None else ("ln" if t.ln_target else "none")
-    return TeacherFeatureTarget(build_teacher(cfg, teacher), norm=norm, pca_dim=t.pca_dim, grid=t.grid)  # type: ignore[arg-type]
+def build_target(cfg: Config, teacher: nn.Module | None = None) -> Any:
+    """The target of ``method.target``; a teacher is built (from ``cfg.teacher`` or the one given) only if the
+    target takes one."""
+    return build_part(
+        TARGETS,
+        cfg.method.target,
+        "method.target",
+        patch_size=cfg.model.patch_size,
+        in_chans=cfg.model.in_chans,
+        mean=list(cfg.data.mean),
+        std=list(cfg.data.std),
+        teacher=Lazy(lambda: build_teacher(cfg, teacher)),
+    )
 
 
 def target_explained(loss_fn: Any, loss: Tensor, target: Tensor, mask: Tensor | None, global_token: bool) -> Tensor:
@@ -247,8 +376,8 @@ def check_teacher_attention(method: nn.Module, device: torch.device | str = "cpu
             else " (models without a CLS token, such as CNNs, have none)"
         )
         raise ConfigError(
-            f"method.masking=semantic needs the teacher's CLS attention, but the teacher {what} gives none"
-            f"{module_hint}: use method.masking=random"
+            f"method.masker=semantic needs the teacher's CLS attention, but the teacher {what} gives none"
+            f"{module_hint}: use method.masker=random"
         )
 
 

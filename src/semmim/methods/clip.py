@@ -11,6 +11,7 @@ MaskDistill targets in the joint image-text space (all tokens projected, as CLIP
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +20,25 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from semmim.config import Config, ConfigError
+from semmim.config import Config, ConfigError, MethodConfig
 from semmim.losses.contrastive import InfoNCE
-from semmim.methods.base import Method, build_encoder
+from semmim.methods.base import Method, MethodOutput, build_encoder, method_output
 from semmim.models.vit import ViTEncoder
 from semmim.registry import METHODS, TEXT_ENCODERS
 
 PROJECTION_FILE = "image_projection.safetensors"
 CLIP_FILE = "clip.safetensors"
+
+
+@dataclass
+class CLIPConfig(MethodConfig):
+    embed_dim: int = 256
+    """Width of the joint image-text embedding space."""
+    init_temperature: float = 0.07
+    """Initial softmax temperature of the contrastive loss (learnable, as in CLIP)."""
+    pool: str | None = None
+    """Image embedding from the CLS token ("cls") or the mean of patch tokens ("mean"); None = the method's
+    default (clip: cls; rils: mean, its global average pooling)."""
 
 
 def build_text_tower(cfg: Config) -> Any:
@@ -58,6 +70,8 @@ class ImageTextModel(Method):
     """
 
     needs_captions = True
+    needs_text = True
+    Options = CLIPConfig
 
     def __init__(
         self,
@@ -132,7 +146,7 @@ class ImageTextModel(Method):
 class CLIP(ImageTextModel):
     """Symmetric InfoNCE between pooled image tokens and caption embeddings (learnable temperature)."""
 
-    def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+    def forward(self, batch: Mapping[str, Any]) -> MethodOutput:
         imgs = self.images_of(batch)
         captions = captions_of(batch, "clip")
         image = self.embed_image(imgs)
@@ -142,11 +156,12 @@ class CLIP(ImageTextModel):
             sims = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
             hit = [captions[j] == captions[i] for i, j in enumerate(sims.argmax(1).tolist())]
             acc = torch.tensor(sum(hit) / len(hit), device=imgs.device)
-        return {"loss": loss, "i2t_acc": acc, "temperature": 1.0 / self.contrastive.scale.detach()}
+        return method_output(loss, i2t_acc=acc, temperature=1.0 / self.contrastive.scale.detach())
 
     @classmethod
-    def from_config(cls, cfg: Config, teacher: nn.Module | None = None) -> CLIP:
+    def from_config(cls, cfg: Config, teacher: nn.Module | None = None, **context: Any) -> CLIP:
         m = cfg.method
+        assert isinstance(m, CLIPConfig)
         return cls(
             encoder=build_encoder(cfg),
             text_encoder=build_text_tower(cfg),

@@ -8,13 +8,21 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
-from semmim.config import Config, ConfigError
-from semmim.methods.base import Method, build_decoder, build_encoder, build_loss, build_masker
+from semmim.config import Config, ModelConfig
+from semmim.methods.base import (
+    Method,
+    MethodOutput,
+    build_decoder,
+    build_encoder,
+    build_loss,
+    build_masker,
+    build_target,
+    method_output,
+)
 from semmim.models.vit import ViTEncoder
 from semmim.registry import METHODS
-from semmim.targets.pixels import PixelTarget
 
 
 @METHODS.register("mae")
@@ -25,55 +33,62 @@ class MAE(Method):
         encoder: visible-only ViT.
         decoder: predicts p*p*C values per patch.
         masker: a uniform-count masker (random).
-        target: :class:`PixelTarget`.
+        target: a pixel target (:class:`semmim.targets.PixelTarget`).
         loss: (pred, target, mask) -> scalar.
         mean, std: student input normalisation.
     """
+
+    slots = ("masker", "decoder", "target", "loss")
+    target_kinds = ("pixels",)
+    multi_mask = True
+
+    @classmethod
+    def default_parts(cls, model: ModelConfig, nodes: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        return {
+            "masker": {"name": "random", "mask_ratio": 0.75},
+            "decoder": {"name": "mae"},
+            "target": {"name": "pixels", "norm_pix": True},
+            "loss": {"name": "mse"},
+        }
 
     def __init__(
         self,
         encoder: ViTEncoder,
         decoder: nn.Module,
         masker: Any,
-        target: PixelTarget,
+        target: nn.Module,
         loss: nn.Module,
         mean: list[float],
         std: list[float],
     ) -> None:
         super().__init__(encoder, mean, std)
-        if not getattr(masker, "uniform_count", True):
-            raise ConfigError(
-                f"MAE's visible-only encoder needs the same visible count per image; {masker!r} varies it. "
-                "Use method.masking=random."
-            )
-        if getattr(masker, "needs_scores", False):
-            raise ConfigError("MAE has no teacher to give attention scores: use method.masking=random")
         self.decoder = decoder
         self.masker = masker
         self.target = target
         self.loss_fn = loss
 
-    def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+    def forward(self, batch: Mapping[str, Any]) -> MethodOutput:
         imgs = self.images_of(batch)
-        (x,) = self.repeat_views(self.normalize(imgs))  # M masked views per loaded image: (N * M, C, H, W)
-        assert x is not None
+        target = self.target(imgs, self.grid).patches  # (N, L, p*p*C)
+        # M masked views per loaded image share the load and the target: (N * M, ...) from here on
+        x, target = self.repeat_views(self.normalize(imgs), target)
+        assert x is not None and target is not None
         mask = self.masker(x.shape[0], self.grid, device=x.device)
         latent = self.encoder.forward_visible(x, mask.ids_keep)
         pred = self.decoder(latent, mask)[:, 1:]  # drop the CLS prediction
-        target = self.target(x)
         loss = self.loss_fn(pred, target, mask.mask)
-        return {"loss": loss, "pred": pred.detach(), "mask": mask.mask}
+        return method_output(loss, pred=pred, target=target, mask=mask.mask)
 
     @classmethod
-    def from_config(cls, cfg: Config, teacher: nn.Module | None = None) -> MAE:
+    def from_config(cls, cfg: Config, teacher: nn.Module | None = None, **context: Any) -> MAE:
         encoder = build_encoder(cfg)
-        p, c = cfg.model.patch_size, cfg.model.in_chans
+        target = build_target(cfg, teacher)
         return cls(
             encoder=encoder,
-            decoder=build_decoder(cfg, encoder, p * p * c, default="mae"),
-            masker=build_masker(cfg, default="random"),
-            target=PixelTarget(p, norm_pix=cfg.method.norm_pix_loss),
-            loss=build_loss(cfg, default="mse"),
+            decoder=build_decoder(cfg, encoder, target.out_dim),
+            masker=build_masker(cfg),
+            target=target,
+            loss=build_loss(cfg),
             mean=list(cfg.data.mean),
             std=list(cfg.data.std),
         )

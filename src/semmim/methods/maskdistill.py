@@ -8,7 +8,7 @@ affine parameters; the loss is smooth-L1 over the masked positions only.
 The smooth-L1 threshold defaults to ``beta = 2.0``: the normalised targets have unit variance per
 channel, so typical residuals lie in the quadratic zone (|e| < 2) as with MSE, while the linear zone
 above keeps rare large residuals early in training from dominating the gradient. Set
-``method.smooth_l1_beta`` to change it.
+``method.loss.beta`` to change it.
 """
 
 from __future__ import annotations
@@ -16,21 +16,22 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
-from semmim.config import Config
+from semmim.config import Config, ModelConfig
 from semmim.methods.base import (
     Method,
+    MethodOutput,
     build_decoder,
     build_encoder,
-    build_feature_target,
     build_loss,
     build_masker,
+    build_target,
+    method_output,
     target_explained,
 )
 from semmim.models.vit import ViTEncoder
 from semmim.registry import METHODS
-from semmim.targets.features import TeacherFeatureTarget
 
 
 @METHODS.register("maskdistill")
@@ -41,17 +42,32 @@ class MaskDistill(Method):
         encoder: ViT built with ``mask_token=True`` (BEiT style; LayerScale recommended).
         head: per-token predictor to the teacher width (a linear layer by default).
         masker: block-wise by default (any masker works: the encoder takes per-sample counts).
-        target: :class:`TeacherFeatureTarget` (``ln_target=True`` for MaskDistill).
+        target: teacher-feature target (``norm=ln`` for MaskDistill).
         loss: (pred, target, mask) -> scalar over masked patches.
         mean, std: student input normalisation.
     """
+
+    slots = ("masker", "decoder", "target", "loss")
+    encoder_kind = "mask_token"
+    target_kinds = ("features",)
+    masker_scores = True
+    multi_mask = True
+
+    @classmethod
+    def default_parts(cls, model: ModelConfig, nodes: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        return {
+            "masker": {"name": "block", "mask_ratio": 0.4},
+            "decoder": {"name": "linear"},
+            "target": {"name": "teacher_features", "norm": "ln"},
+            "loss": {"name": "smooth_l1", "beta": 2.0},
+        }
 
     def __init__(
         self,
         encoder: ViTEncoder,
         head: nn.Module,
         masker: Any,
-        target: TeacherFeatureTarget,
+        target: nn.Module,
         loss: nn.Module,
         mean: list[float],
         std: list[float],
@@ -64,31 +80,31 @@ class MaskDistill(Method):
         self.target = target
         self.loss_fn = loss
 
-    def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+    def forward(self, batch: Mapping[str, Any]) -> MethodOutput:
         imgs = self.images_of(batch)
         need_attn = bool(getattr(self.masker, "needs_scores", False))
         teacher_out = self.target(imgs, self.grid, need_attn=need_attn)
         # M masked views per image share the load and the teacher pass: (N * M, ...) from here on
-        x, target, scores = self.repeat_views(self.normalize(imgs), teacher_out.tokens, teacher_out.cls_attn)
+        x, target, scores = self.repeat_views(self.normalize(imgs), teacher_out.patches, teacher_out.cls_attn)
         assert x is not None and target is not None
         mask = self.masker(x.shape[0], self.grid, device=x.device, scores=scores)
         tokens = self.encoder.forward_masked(x, mask.mask)  # (N * M, 1 + L, D)
         pred = self.head(tokens[:, 1:], mask)  # patch tokens only
-        patches = target[:, 1:].to(pred.dtype)
+        patches = target.to(pred.dtype)
         loss = self.loss_fn(pred, patches, mask.mask)
         explained = target_explained(self.loss_fn, loss, patches, mask.mask, global_token=False)
-        return {"loss": loss, "target_explained": explained, "pred": pred.detach(), "mask": mask.mask}
+        return method_output(loss, pred=pred, target=patches, mask=mask.mask, target_explained=explained)
 
     @classmethod
-    def from_config(cls, cfg: Config, teacher: nn.Module | None = None) -> MaskDistill:
+    def from_config(cls, cfg: Config, teacher: nn.Module | None = None, **context: Any) -> MaskDistill:
         encoder = build_encoder(cfg, mask_token=True)
-        target = build_feature_target(cfg, teacher, default_norm="ln")
+        target = build_target(cfg, teacher)
         return cls(
             encoder=encoder,
-            head=build_decoder(cfg, encoder, target.out_dim, default="linear"),
-            masker=build_masker(cfg, default="block", default_ratio=0.4),
+            head=build_decoder(cfg, encoder, target.out_dim),
+            masker=build_masker(cfg),
             target=target,
-            loss=build_loss(cfg, default="smooth_l1"),
+            loss=build_loss(cfg),
             mean=list(cfg.data.mean),
             std=list(cfg.data.std),
         )

@@ -9,28 +9,36 @@ patches the teacher's CLS token attends to visible more often; the loss is 2 - 2
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from semmim.config import Config, ConfigError
+from semmim.config import Config, ConfigError, MethodConfig, ModelConfig
 from semmim.methods.base import (
     Method,
+    MethodOutput,
     build_decoder,
     build_encoder,
-    build_feature_target,
     build_loss,
     build_masker,
+    build_target,
+    method_output,
     target_explained,
 )
 from semmim.models.vit import ViTEncoder
 from semmim.registry import METHODS
-from semmim.targets.features import TeacherFeatureTarget
 from semmim.teachers.base import resample_tokens
 
 DEFAULT_TARGET_NORM = "center"
-"""MILAN's target conditioning when ``teacher.target_norm`` is not set: see benchmarks/results/semantic_transfer."""
+"""MILAN's target conditioning when ``method.target.norm`` is not set: see benchmarks/results/semantic_transfer."""
+
+
+@dataclass
+class MILANConfig(MethodConfig):
+    global_weight: float = 1.0
+    """Weight of the global (CLS) token in the loss against each patch token (1 = as in MILAN)."""
 
 
 @METHODS.register("milan")
@@ -44,25 +52,45 @@ class MILAN(Method):
         target: :class:`TeacherFeatureTarget` around a frozen teacher.
         loss: (pred, target, mask) -> scalar; default 2 - 2*cos over all tokens.
         mean, std: student input normalisation.
+        global_weight: weight of the global token against each patch token in the loss.
     """
+
+    Options = MILANConfig
+    slots = ("masker", "decoder", "target", "loss")
+    target_kinds = ("features",)
+    masker_scores = True
+    multi_mask = True
+    native_grid = True
+
+    @classmethod
+    def default_parts(cls, model: ModelConfig, nodes: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        return {
+            "masker": {"name": "semantic", "mask_ratio": 0.75},
+            "decoder": {"name": "prompting"},
+            "target": {"name": "teacher_features", "norm": DEFAULT_TARGET_NORM},
+            "loss": {"name": "cosine"},
+        }
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        super().check_config(cfg)
+        opts = cfg.method
+        assert isinstance(opts, MILANConfig)
+        if opts.global_weight < 0:
+            raise ConfigError(f"method.global_weight must be >= 0, got {opts.global_weight}")
 
     def __init__(
         self,
         encoder: ViTEncoder,
         decoder: nn.Module,
         masker: Any,
-        target: TeacherFeatureTarget,
+        target: nn.Module,
         loss: nn.Module,
         mean: list[float],
         std: list[float],
         global_weight: float = 1.0,
     ) -> None:
         super().__init__(encoder, mean, std)
-        if not getattr(masker, "uniform_count", True):
-            raise ConfigError(
-                f"MILAN's visible-only encoder needs the same visible count per image; {masker!r} varies it. "
-                "Use method.masking=semantic or random."
-            )
         self.decoder = decoder
         self.masker = masker
         self.target = target
@@ -82,7 +110,7 @@ class MILAN(Method):
         patches = self.loss_fn(pred[:, 1:], target[:, 1:], None)
         return (self.global_weight * glob + n_patch * patches) / (self.global_weight + n_patch)
 
-    def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+    def forward(self, batch: Mapping[str, Any]) -> MethodOutput:
         imgs = self.images_of(batch)
         need_attn = bool(getattr(self.masker, "needs_scores", False))
         teacher_out = self.target(imgs, self.grid, need_attn=need_attn)  # one teacher pass: targets + attention
@@ -92,27 +120,29 @@ class MILAN(Method):
         mask = self.masker(x.shape[0], self.grid, device=x.device, scores=scores)
         latent = self.encoder.forward_visible(x, mask.ids_keep)
         pred = self.decoder(latent, mask)  # (N * M, 1 + L, D_target)
-        if target.shape[1] != pred.shape[1]:  # teacher.grid=native: pool the predictions to the teacher's grid
-            own = self.target.teacher.native_grid
+        if target.shape[1] != pred.shape[1]:  # method.target.grid=native: pool the predictions to the teacher's grid
+            own = self.target.teacher.native_grid  # type: ignore[union-attr]
             assert own is not None
             pooled = resample_tokens(pred[:, 1:], self.grid, own)
             pred = torch.cat([pred[:, :1], pooled], dim=1)
         target = target.to(pred.dtype)
         loss = self.token_loss(pred, target)
         explained = target_explained(lambda p, t, m: self.token_loss(p, t), loss, target, None, global_token=True)
-        return {"loss": loss, "target_explained": explained, "pred": pred.detach(), "mask": mask.mask}
+        return method_output(loss, pred=pred, target=target, mask=mask.mask, target_explained=explained)
 
     @classmethod
-    def from_config(cls, cfg: Config, teacher: nn.Module | None = None) -> MILAN:
+    def from_config(cls, cfg: Config, teacher: nn.Module | None = None, **context: Any) -> MILAN:
+        opts = cfg.method
+        assert isinstance(opts, MILANConfig)
         encoder = build_encoder(cfg)
-        target = build_feature_target(cfg, teacher, default_norm=DEFAULT_TARGET_NORM)
+        target = build_target(cfg, teacher)
         return cls(
             encoder=encoder,
-            decoder=build_decoder(cfg, encoder, target.out_dim, default="prompting"),
-            masker=build_masker(cfg, default="semantic"),
+            decoder=build_decoder(cfg, encoder, target.out_dim),
+            masker=build_masker(cfg),
             target=target,
-            loss=build_loss(cfg, default="cosine"),
+            loss=build_loss(cfg),
             mean=list(cfg.data.mean),
             std=list(cfg.data.std),
-            global_weight=cfg.teacher.global_weight,
+            global_weight=opts.global_weight,
         )

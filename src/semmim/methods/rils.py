@@ -12,6 +12,7 @@ masked patches of the samples whose image-to-text retrieval was correct.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,12 +20,24 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from semmim.config import Config, ConfigError
+from semmim.config import Config, ModelConfig
 from semmim.losses.contrastive import gather_with_grad, patch_text_kl, world_info
-from semmim.methods.base import build_encoder, build_masker
-from semmim.methods.clip import ImageTextModel, build_text_tower, captions_of
+from semmim.methods.base import MethodOutput, build_decoder, build_encoder, build_masker, method_output
+from semmim.methods.clip import CLIPConfig, ImageTextModel, build_text_tower, captions_of
 from semmim.models.vit import ViTEncoder
-from semmim.registry import DECODERS, METHODS
+from semmim.registry import METHODS
+
+
+@dataclass
+class RILSConfig(CLIPConfig):
+    teacher_temperature: float = 0.04
+    """Temperature of the unmasked pass's patch-to-caption distribution."""
+    student_temperature: float = 0.1
+    """Temperature of the masked pass's patch-to-caption distribution."""
+    kl_weight: float = 0.5
+    """loss = InfoNCE + kl_weight * KL(teacher || student)."""
+    gate_correct: bool = True
+    """Use only samples whose image-to-text retrieval was correct for the KL term."""
 
 
 def gather_captions(captions: list[str]) -> list[str]:
@@ -64,6 +77,15 @@ class RILS(ImageTextModel):
         gate_correct: restrict the KL to samples with correct image-to-text retrieval.
     """
 
+    Options = RILSConfig
+    slots = ("masker", "decoder")
+
+    @classmethod
+    def default_parts(cls, model: ModelConfig, nodes: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        # "a 1-block decoder of encoder width"
+        decoder = {"name": "mae", "depth": 1, "embed_dim": model.embed_dim, "num_heads": model.num_heads}
+        return {"masker": {"name": "random", "mask_ratio": 0.75}, "decoder": decoder}
+
     def __init__(
         self,
         encoder: ViTEncoder,
@@ -82,8 +104,6 @@ class RILS(ImageTextModel):
         pool: str = "mean",
     ) -> None:
         super().__init__(encoder, text_encoder, embed_dim, init_temperature, locked_text, pool, mean, std)
-        if not getattr(masker, "uniform_count", True):
-            raise ConfigError(f"RILS uses the visible-only encoder; {masker!r} varies the visible count")
         self.decoder = decoder
         self.masker = masker
         self.student_temperature = student_temperature
@@ -91,7 +111,7 @@ class RILS(ImageTextModel):
         self.kl_weight = kl_weight
         self.gate_correct = gate_correct
 
-    def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+    def forward(self, batch: Mapping[str, Any]) -> MethodOutput:
         imgs = self.images_of(batch)
         captions = captions_of(batch, "rils")
         x = self.normalize(imgs)
@@ -114,30 +134,23 @@ class RILS(ImageTextModel):
         kl = patch_text_kl(
             pred, teacher_patches, prototypes, mask.mask, self.student_temperature, self.teacher_temperature, gate
         )
-        out = {"loss": contrastive + self.kl_weight * kl, "info_nce": contrastive.detach(), "kl": kl.detach()}
+        logs = {"info_nce": contrastive, "kl": kl}
         if gate is not None:
-            out["gate_frac"] = gate.mean()
-        return out
+            logs["gate_frac"] = gate.mean()
+        return method_output(
+            contrastive + self.kl_weight * kl, pred=pred, target=teacher_patches, mask=mask.mask, **logs
+        )
 
     @classmethod
-    def from_config(cls, cfg: Config, teacher: nn.Module | None = None) -> RILS:
+    def from_config(cls, cfg: Config, teacher: nn.Module | None = None, **context: Any) -> RILS:
         m = cfg.method
+        assert isinstance(m, RILSConfig)
         encoder = build_encoder(cfg)
-        decoder = DECODERS.build(
-            cfg.decoder.name or "mae",
-            grid_size=encoder.grid_size,
-            encoder_dim=encoder.embed_dim,
-            out_dim=m.embed_dim,
-            embed_dim=encoder.embed_dim,  # "a 1-block decoder of encoder width"
-            depth=cfg.decoder.depth,
-            num_heads=cfg.model.num_heads,
-            mlp_ratio=cfg.decoder.mlp_ratio,
-        )
         return cls(
             encoder=encoder,
             text_encoder=build_text_tower(cfg),
-            decoder=decoder,
-            masker=build_masker(cfg, default="random"),
+            decoder=build_decoder(cfg, encoder, m.embed_dim),
+            masker=build_masker(cfg),
             embed_dim=m.embed_dim,
             init_temperature=m.init_temperature,
             locked_text=cfg.text.locked,

@@ -11,6 +11,7 @@ so there is no overhead, and the export loads into ``timm.create_model(..., num_
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +19,35 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from semmim.config import Config, ConfigError
+from semmim.config import Config, ConfigError, MethodConfig, ModelConfig
 from semmim.eval.classify import CLASSIFIER_FILE
 from semmim.methods.base import (
     Method,
+    MethodOutput,
     build_decoder,
     build_encoder,
-    build_feature_target,
     build_loss,
     build_masker,
+    build_target,
+    method_output,
     target_explained,
 )
 from semmim.models.vit import ViTEncoder
-from semmim.registry import METHODS
-from semmim.targets.pixels import PixelTarget
+from semmim.registry import METHODS, TARGETS
+
+
+@dataclass
+class SupMIMConfig(MethodConfig):
+    num_classes: int | None = None
+    """Classes of the classifier; None = taken from the dataset."""
+    mim_weight: float = 1.0
+    """Total loss = cross-entropy + mim_weight * MIM loss (0 = supervised only)."""
+    label_smoothing: float = 0.1
+    """Label smoothing of the cross-entropy."""
+    mixup: float = 0.0
+    """Mixup alpha (0 = off), applied on the device with timm's Mixup."""
+    cutmix: float = 0.0
+    """CutMix alpha (0 = off)."""
 
 
 @METHODS.register("supmim")
@@ -43,7 +59,7 @@ class SupervisedMIM(Method):
         head: linear classifier on the CLS token, (N, D) -> (N, K).
         decoder: shallow decoder for the masked view (MAE decoder, 2 blocks by default).
         masker: uniform-count masker for the masked view (random 75% by default).
-        target: :class:`PixelTarget` or :class:`TeacherFeatureTarget`.
+        target: a pixel or teacher-feature target.
         mim_loss: (pred, target, mask) -> scalar over masked patches.
         mim_weight: weight of the MIM loss (0 trains the classifier alone, same code path otherwise).
         label_smoothing: for the cross-entropy when mixup/cutmix are off.
@@ -52,8 +68,22 @@ class SupervisedMIM(Method):
     """
 
     needs_labels = True
-
+    Options = SupMIMConfig
+    slots = ("masker", "decoder", "target", "loss")
+    target_kinds = ("pixels", "features")
     _labels_checked = False
+
+    @classmethod
+    def default_parts(cls, model: ModelConfig, nodes: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        target = nodes.get("target")
+        name = target if isinstance(target, str) else (target or {}).get("name", "pixels")
+        features = name is not None and getattr(TARGETS.get(str(name)), "kind", "features") == "features"
+        return {
+            "masker": {"name": "random", "mask_ratio": 0.75},
+            "decoder": {"name": "mae", "depth": 2},
+            "target": {"name": "teacher_features", "norm": "ln"} if features else {"name": "pixels", "norm_pix": True},
+            "loss": {"name": "smooth_l1"} if features else {"name": "mse"},
+        }
 
     def __init__(
         self,
@@ -70,8 +100,6 @@ class SupervisedMIM(Method):
         std: list[float],
     ) -> None:
         super().__init__(encoder, mean, std)
-        if not getattr(masker, "uniform_count", True):
-            raise ConfigError(f"supmim's masked view uses the visible-only encoder; {masker!r} varies the count")
         self.head = head
         self.decoder = decoder
         self.masker = masker
@@ -89,7 +117,7 @@ class SupervisedMIM(Method):
         """Inference: (N, C, H, W) in [0, 1] -> logits (N, K); no masking, no decoder."""
         return self.head(self.encoder.forward_features(self.normalize(images))[:, 0])
 
-    def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+    def forward(self, batch: Mapping[str, Any]) -> MethodOutput:
         imgs = self.images_of(batch)
         if "label" not in batch:
             raise KeyError("supmim needs labelled batches ('label'); the dataset gave none")
@@ -110,20 +138,18 @@ class SupervisedMIM(Method):
             ce = torch.sum(-soft * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
         else:
             ce = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
-        out: dict[str, Tensor] = {"ce": ce.detach(), "acc": (logits.argmax(-1) == labels).float().mean().detach()}
+        acc = (logits.argmax(-1) == labels).float().mean()
         if self.mim_weight == 0:
-            out["loss"] = ce
-            return out
+            return method_output(ce, ce=ce, acc=acc)
         mask = self.masker(x.shape[0], self.grid, device=x.device)
         latent = self.encoder.forward_visible(x, mask.ids_keep)
         pred = self.decoder(latent, mask)[:, 1:]
-        pixels = isinstance(self.target, PixelTarget)
-        target = self.target(x) if pixels else self.target(imgs, self.grid).tokens[:, 1:].to(pred.dtype)
+        target = self.target(imgs, self.grid).patches.to(pred.dtype)  # (N, L, D) of the (mixed) images
         mim = self.mim_loss(pred, target, mask.mask)
-        if not pixels:
-            out["target_explained"] = target_explained(self.mim_loss, mim, target, mask.mask, global_token=False)
-        out.update({"loss": ce + self.mim_weight * mim, "mim": mim.detach(), "mask": mask.mask})
-        return out
+        logs = {"ce": ce, "acc": acc, "mim": mim}
+        if getattr(self.target, "kind", "features") == "features":
+            logs["target_explained"] = target_explained(self.mim_loss, mim, target, mask.mask, global_token=False)
+        return method_output(ce + self.mim_weight * mim, pred=pred, target=target, mask=mask.mask, **logs)
 
     def export(self, out_dir: Path, extra: dict[str, str]) -> Path:
         """Write encoder.safetensors and classifier.safetensors (timm ViT with its head)."""
@@ -143,24 +169,17 @@ class SupervisedMIM(Method):
         return path
 
     @classmethod
-    def from_config(cls, cfg: Config, teacher: nn.Module | None = None) -> SupervisedMIM:
+    def from_config(cls, cfg: Config, teacher: nn.Module | None = None, **context: Any) -> SupervisedMIM:
         m = cfg.method
-        if not m.num_classes:
+        assert isinstance(m, SupMIMConfig)
+        num_classes = m.num_classes or context.get("num_classes")
+        if not num_classes:
             raise ConfigError(
                 "supmim needs method.num_classes (set it, or let `semmim pretrain` take it from a labelled dataset)"
             )
         encoder = build_encoder(cfg)
-        target_name = m.target or "pixels"
-        target: nn.Module
-        if target_name == "pixels":
-            p, c = cfg.model.patch_size, cfg.model.in_chans
-            target, out_dim, default_loss = PixelTarget(p, norm_pix=m.norm_pix_loss), p * p * c, "mse"
-        elif target_name == "teacher_features":
-            feat = build_feature_target(cfg, teacher, default_norm="ln")
-            target, out_dim, default_loss = feat, feat.out_dim, "smooth_l1"
-        else:
-            raise ConfigError(f"method.target='{target_name}' is not one of pixels, teacher_features")
-        head = nn.Linear(encoder.embed_dim, m.num_classes)
+        target = build_target(cfg, teacher)
+        head = nn.Linear(encoder.embed_dim, num_classes)
         nn.init.trunc_normal_(head.weight, std=0.02)
         nn.init.zeros_(head.bias)
         mixup = None
@@ -168,15 +187,15 @@ class SupervisedMIM(Method):
             from timm.data import Mixup
 
             mixup = Mixup(
-                mixup_alpha=m.mixup, cutmix_alpha=m.cutmix, label_smoothing=m.label_smoothing, num_classes=m.num_classes
+                mixup_alpha=m.mixup, cutmix_alpha=m.cutmix, label_smoothing=m.label_smoothing, num_classes=num_classes
             )
         return cls(
             encoder=encoder,
             head=head,
-            decoder=build_decoder(cfg, encoder, out_dim, default="mae"),
-            masker=build_masker(cfg, default="random"),
+            decoder=build_decoder(cfg, encoder, target.out_dim),
+            masker=build_masker(cfg),
             target=target,
-            mim_loss=build_loss(cfg, default=default_loss),
+            mim_loss=build_loss(cfg),
             mim_weight=m.mim_weight,
             label_smoothing=m.label_smoothing,
             mixup=mixup,

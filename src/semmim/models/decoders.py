@@ -84,8 +84,13 @@ class MAEDecoder(_DecoderBase):
         grid_size: (h, w) patch grid of the encoder.
         encoder_dim: width of the encoder tokens.
         out_dim: width of each prediction (p*p*C for pixels, D_teacher for features).
-        embed_dim, depth, num_heads, mlp_ratio: decoder shape.
+        embed_dim: decoder width.
+        depth: decoder blocks.
+        num_heads: attention heads (must divide embed_dim).
+        mlp_ratio: MLP hidden width / embed_dim.
     """
+
+    input = "visible"
 
     def __init__(
         self,
@@ -170,8 +175,17 @@ class PromptingBlock(nn.Module):
 class PromptingDecoder(_DecoderBase):
     """MILAN's prompting decoder: visible tokens are fixed prompts, mask tokens are the queries.
 
-    Args: as :class:`MAEDecoder`.
+    Args:
+        grid_size: (h, w) patch grid of the encoder.
+        encoder_dim: width of the encoder tokens.
+        out_dim: width of each prediction.
+        embed_dim: decoder width.
+        depth: decoder blocks.
+        num_heads: attention heads (must divide embed_dim).
+        mlp_ratio: MLP hidden width / embed_dim.
     """
+
+    input = "visible"
 
     def __init__(
         self,
@@ -204,12 +218,14 @@ class LinearHead(nn.Module):
     """A single linear layer on every encoder token (MaskDistill's head on the mask-token encoder).
 
     Args:
-        grid_size: unused (kept for a uniform decoder interface).
+        grid_size: the encoder's patch grid (kept for a uniform decoder interface).
         encoder_dim: width of the encoder tokens.
         out_dim: width of each prediction.
     """
 
-    def __init__(self, grid_size: tuple[int, int], encoder_dim: int, out_dim: int, **unused: object) -> None:
+    input = "tokens"
+
+    def __init__(self, grid_size: tuple[int, int], encoder_dim: int, out_dim: int) -> None:
         super().__init__()
         self.grid_size = grid_size
         self.out_dim = out_dim

@@ -6,8 +6,9 @@ import torch
 from torch import Tensor, nn
 
 from semmim.registry import TARGETS
+from semmim.targets.base import TargetOutput
 from semmim.targets.conditioning import TargetConditioner
-from semmim.teachers.base import Teacher, TeacherOutput, resample_attention
+from semmim.teachers.base import Teacher, resample_attention
 
 
 @TARGETS.register("teacher_features")
@@ -21,27 +22,36 @@ class TeacherFeatureTarget(nn.Module):
     grid, so the teacher runs once per image.
 
     Args:
-        teacher: a :class:`semmim.teachers.Teacher` (frozen).
-        ln_target: shorthand for ``norm="ln"`` (MaskDistill's target); ignored when ``norm`` is given.
-        norm: target conditioning, one of :data:`semmim.targets.conditioning.TARGET_NORMS`.
-        pca_dim: output width of ``norm="pca"``.
-        grid: "student" or "native".
+        teacher: a :class:`semmim.teachers.Teacher` (frozen; built from the ``teacher`` section).
+        norm: how teacher tokens are conditioned before the loss: none | ln | center | center_ln | whiten |
+            pca (:mod:`semmim.targets.conditioning`); MILAN's default is center, MaskDistill's ln.
+        pca_dim: output width of ``norm=pca`` (required by it, refused otherwise).
+        grid: where the loss compares tokens: "student" (the teacher's map resampled to the student's grid)
+            or "native" (the student's predictions pooled to the teacher's own grid; MILAN).
     """
+
+    kind = "features"
 
     def __init__(
         self,
         teacher: Teacher,
-        ln_target: bool = False,
-        norm: str | None = None,
+        norm: str = "none",
         pca_dim: int | None = None,
         grid: str = "student",
     ) -> None:
         super().__init__()
+        from semmim.targets.conditioning import TARGET_NORMS
+
         if grid not in ("student", "native"):
-            raise ValueError(f"teacher.grid must be 'student' or 'native', got {grid!r}")
+            raise ValueError(f"grid must be 'student' or 'native', got {grid!r}")
+        if norm not in TARGET_NORMS:
+            raise ValueError(f"norm={norm!r} is not one of {', '.join(TARGET_NORMS)}")
+        if norm == "pca" and pca_dim is None:
+            raise ValueError("norm=pca needs pca_dim (the number of principal directions kept)")
+        if pca_dim is not None and norm != "pca":
+            raise ValueError(f"pca_dim={pca_dim} is used only by norm=pca; remove it or set norm=pca")
         self.teacher = teacher
-        self.norm = norm if norm is not None else ("ln" if ln_target else "none")
-        self.ln_target = self.norm == "ln"
+        self.norm = norm
         self.grid = grid
         self.conditioner = TargetConditioner(self.norm, int(teacher.embed_dim), pca_dim=pca_dim)
 
@@ -50,7 +60,7 @@ class TeacherFeatureTarget(nn.Module):
         return self.conditioner.out_dim
 
     @torch.no_grad()
-    def forward(self, images: Tensor, grid: tuple[int, int], need_attn: bool = False) -> TeacherOutput:
+    def forward(self, images: Tensor, grid: tuple[int, int], need_attn: bool = False) -> TargetOutput:
         """(N, C, H, W) images in [0, 1] -> tokens (N, 1 + L, D') (+ CLS attention (N, L) on ``grid``).
 
         ``L`` is the student's ``grid`` (or the teacher's own grid when ``self.grid == "native"``) and
@@ -61,8 +71,8 @@ class TeacherFeatureTarget(nn.Module):
             own = self.teacher.native_grid
             assert own is not None
             attn = None if out.cls_attn is None else resample_attention(out.cls_attn, own, grid)
-            out = TeacherOutput(tokens=out.tokens, cls_attn=attn)
         else:
             out = self.teacher(images, grid, need_attn=need_attn)
+            attn = out.cls_attn
         tokens = self.conditioner(out.tokens.float())
-        return TeacherOutput(tokens=tokens, cls_attn=out.cls_attn)
+        return TargetOutput(tokens=tokens, global_token=True, cls_attn=attn)

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from semmim.registry import TARGETS
+from semmim.targets.base import TargetOutput
 
 
 def patchify(imgs: Tensor, patch_size: int) -> Tensor:
@@ -38,15 +39,42 @@ def normalize_patches(x: Tensor, eps: float = 1e-6) -> Tensor:
 
 @TARGETS.register("pixels")
 class PixelTarget(nn.Module):
-    """MAE target: the image's patches, normalised per patch when ``norm_pix`` (MAE's default)."""
+    """MAE target: the image's patches (of the student-normalised image), normalised per patch when ``norm_pix``.
 
-    def __init__(self, patch_size: int, norm_pix: bool = True) -> None:
+    Args:
+        patch_size: side of a patch (from ``model.patch_size``).
+        in_chans: image channels (from ``model.in_chans``).
+        mean, std: the student's input normalisation (from ``data.mean`` / ``data.std``).
+        norm_pix: standardise each target patch by its own mean and variance (MAE's ``norm_pix_loss``).
+    """
+
+    kind = "pixels"
+
+    def __init__(
+        self,
+        patch_size: int,
+        in_chans: int = 3,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        norm_pix: bool = True,
+    ) -> None:
         super().__init__()
         self.patch_size = patch_size
+        self.in_chans = in_chans
         self.norm_pix = norm_pix
+        mean_t = torch.tensor(mean if mean is not None else [0.0] * in_chans).view(1, in_chans, 1, 1)
+        std_t = torch.tensor(std if std is not None else [1.0] * in_chans).view(1, in_chans, 1, 1)
+        self.register_buffer("mean", mean_t, persistent=False)
+        self.register_buffer("std", std_t, persistent=False)
+
+    @property
+    def out_dim(self) -> int:
+        return self.patch_size * self.patch_size * self.in_chans
 
     @torch.no_grad()
-    def forward(self, images: Tensor) -> Tensor:
-        """(N, C, H, W) normalised images -> (N, L, p*p*C)."""
-        t = patchify(images.float(), self.patch_size)
-        return normalize_patches(t) if self.norm_pix else t
+    def forward(self, images: Tensor, grid: tuple[int, int] | None = None, need_attn: bool = False) -> TargetOutput:
+        """(N, C, H, W) images in [0, 1] -> tokens (N, L, p*p*C) of the normalised image."""
+        mean: Tensor = self.mean  # type: ignore[assignment]
+        std: Tensor = self.std  # type: ignore[assignment]
+        t = patchify(((images - mean) / std).float(), self.patch_size)
+        return TargetOutput(tokens=normalize_patches(t) if self.norm_pix else t)
