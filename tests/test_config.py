@@ -75,5 +75,5 @@ def test_paper_recipes() -> None:
 
 
 def test_unknown_method_names_choices() -> None:
-    with pytest.raises(ConfigError, match="method.name: unknown method 'maee'.*Did you mean 'mae'"):
+    with pytest.raises(ConfigError, match=r"method.name: unknown method 'maee'.*Did you mean 'mae'"):
         load_config(None, ["method.name=maee"])

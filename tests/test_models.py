@@ -143,3 +143,18 @@ def test_prompting_decoder_mask_tokens_do_not_change_visible_when_perturbed() ->
 def test_registries() -> None:
     assert "vit" in ENCODERS
     assert {"mae", "prompting"} <= set(DECODERS.names())
+
+
+def test_export_sets_timm_pretrained_cfg(tmp_path) -> None:
+    """``timm.data.resolve_data_config`` on a loaded export gives the run's input size, mean, std and resize."""
+    import timm.data
+
+    from semmim.export import load_timm_model, save_encoder
+    from semmim.models.vit import ViTEncoder
+
+    enc = ViTEncoder(img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=1, num_heads=2)
+    extra = {"mean": "[0.286]", "std": "[0.353]"}
+    save_encoder(tmp_path / "encoder.safetensors", enc.timm_state_dict(), enc.timm_name, enc.timm_kwargs(), extra)
+    cfg = timm.data.resolve_data_config({}, model=load_timm_model(tmp_path))
+    assert cfg["input_size"] == (1, 28, 28) and cfg["interpolation"] == "bicubic" and cfg["crop_pct"] == 1.0
+    assert cfg["mean"] == (0.286,) and cfg["std"] == (0.353,)

@@ -174,7 +174,38 @@ def read_timm_config(path: str | os.PathLike[str], verify: bool = True) -> tuple
     name = meta["timm_model"]
     if verify:
         check_export_architecture(p, name, kwargs, num_classes)
+    overlay = pretrained_cfg_of(meta, kwargs)
+    if overlay is not None:
+        kwargs["pretrained_cfg_overlay"] = overlay
     return name, kwargs
+
+
+def pretrained_cfg_of(meta: dict[str, str], kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """timm's ``pretrained_cfg`` entries for the run's preprocessing (input size, mean, std, interpolation, crop).
+
+    Passed to ``timm.create_model`` as ``pretrained_cfg_overlay``, so ``timm.data.resolve_data_config({},
+    model=model)`` gives the evaluation transform semmim itself uses (bicubic resize by 256/224 for images of
+    at least 112 px, then a center crop). None when the export records no normalisation.
+    """
+    from semmim.data.transforms import EVAL_CROP_MIN_SIZE
+
+    if "mean" not in meta or "std" not in meta:
+        return None
+    try:
+        mean, std = [float(v) for v in json.loads(meta["mean"])], [float(v) for v in json.loads(meta["std"])]
+    except (ValueError, TypeError):
+        return None
+    size = int(kwargs.get("img_size", 224))
+    chans = int(kwargs.get("in_chans", 3))
+    crop_pct = 224 / 256 if size >= EVAL_CROP_MIN_SIZE else 1.0
+    return {
+        "input_size": (chans, size, size),
+        "mean": tuple(mean),
+        "std": tuple(std),
+        "interpolation": "bicubic",
+        "crop_pct": crop_pct,
+        "crop_mode": "center",
+    }
 
 
 def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

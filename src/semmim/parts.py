@@ -79,7 +79,7 @@ def _parent_keys(schema: DictConfig, full_key: str) -> list[str]:
         except Exception:
             return list(schema.keys())  # type: ignore[arg-type]
     try:
-        return [str(k) for k in node.keys()]
+        return [str(k) for k in node]
     except Exception:
         return []
 
@@ -190,16 +190,20 @@ def part_keys(registry: Registry[Any], name: str, context: Collection[str] = ())
     return keys
 
 
+def _copier(value: Any) -> Callable[[], Any]:
+    import copy
+
+    return lambda: copy.deepcopy(value)
+
+
 def _schema(registry: Registry[Any], name: str, keys: list[PartKey]) -> DictConfig:
     fields = []
     for k in keys:
         if k.default is dataclasses.MISSING:
             fields.append((k.name, k.type, dataclasses.field()))
         elif isinstance(k.default, list | dict | tuple):
-            value = k.default
-            fields.append(
-                (k.name, Any, dataclasses.field(default_factory=lambda v=value: list(v) if isinstance(v, tuple) else v))
-            )  # noqa: E501
+            value = list(k.default) if isinstance(k.default, tuple) else k.default
+            fields.append((k.name, Any, dataclasses.field(default_factory=_copier(value))))
         else:
             fields.append((k.name, k.type, dataclasses.field(default=k.default)))
     cls = dataclasses.make_dataclass(f"{registry.kind.title().replace(' ', '')}_{name}", fields)

@@ -133,7 +133,8 @@ class Method(nn.Module):
             if kind not in cls.target_kinds:
                 return f"it is a {kind} target; this method reconstructs {' or '.join(cls.target_kinds)}"
         elif slot == "loss" and getattr(part, "kind", "reconstruction") != "reconstruction":
-            return f"it is a {getattr(part, 'kind', '?')} loss; this method needs a (pred, target, mask) reconstruction loss"
+            kind = getattr(part, "kind", "?")
+            return f"it is a {kind} loss; this method needs a (pred, target, mask) reconstruction loss"
         return None
 
     @classmethod

@@ -121,7 +121,7 @@ class MILAN(Method):
         latent = self.encoder.forward_visible(x, mask.ids_keep)
         pred = self.decoder(latent, mask)  # (N * M, 1 + L, D_target)
         if target.shape[1] != pred.shape[1]:  # method.target.grid=native: pool the predictions to the teacher's grid
-            own = self.target.teacher.native_grid  # type: ignore[union-attr]
+            own: Any = self.target.teacher.native_grid  # type: ignore[union-attr]
             assert own is not None
             pooled = resample_tokens(pred[:, 1:], self.grid, own)
             pred = torch.cat([pred[:, :1], pooled], dim=1)
