@@ -9,7 +9,7 @@ import torch
 from semmim.export import load_timm_model, read_timm_config, save_encoder
 from semmim.masking import random_masking
 from semmim.models import MAEDecoder, PromptingDecoder, ViTEncoder, sincos_pos_embed_2d
-from semmim.registry import DECODERS, ENCODERS
+from semmim.registry import ENCODERS
 
 
 def tiny_encoder(**kw) -> ViTEncoder:
@@ -140,9 +140,26 @@ def test_prompting_decoder_mask_tokens_do_not_change_visible_when_perturbed() ->
     assert not torch.allclose(a[0, 1 + m.ids_mask[0]], b[0, 1 + m.ids_mask[0]])
 
 
-def test_registries() -> None:
-    assert "vit" in ENCODERS
-    assert {"mae", "prompting"} <= set(DECODERS.names())
+def test_model_name_selects_a_registered_encoder() -> None:
+    from semmim.config import ConfigError, load_config
+    from semmim.methods.base import build_encoder
+
+    calls = []
+
+    @ENCODERS.register("test_recording_vit")
+    class RecordingViT(ViTEncoder):
+        def __init__(self, **kwargs: object) -> None:
+            calls.append(kwargs["embed_dim"])
+            super().__init__(**kwargs)  # type: ignore[arg-type]
+
+    try:
+        over = ["model.name=test_recording_vit", "model.embed_dim=32", "model.num_heads=2", "model.depth=1"]
+        cfg = load_config(None, over)
+        assert isinstance(build_encoder(cfg), RecordingViT) and calls == [32]
+    finally:
+        ENCODERS._items.pop("test_recording_vit")
+    with pytest.raises(ConfigError, match=r"model\.name"):
+        load_config(None, ["model.name=vitt"])
 
 
 def test_export_sets_timm_pretrained_cfg(tmp_path) -> None:

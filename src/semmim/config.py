@@ -177,6 +177,8 @@ class MethodConfig:
 class ModelConfig:
     """The student ViT encoder (timm-compatible)."""
 
+    name: str = "vit"
+    """Registered encoder (``semmim list``); it is built with the keys below."""
     img_size: int = 224
     patch_size: int = 16
     in_chans: int = 3
@@ -651,9 +653,13 @@ def _check_data(cfg: Config) -> None:
 
 def validate(cfg: Config) -> None:
     """Reject impossible combinations before any work starts."""
-    from semmim.registry import METHODS
+    from semmim.registry import ENCODERS, METHODS, RegistryError
 
     m = cfg.model
+    try:
+        ENCODERS.get(m.name)
+    except RegistryError as e:
+        raise ConfigError(f"model.name: {e}") from None
     if m.img_size % m.patch_size != 0:
         raise ConfigError(
             f"model.patch_size={m.patch_size} does not divide model.img_size={m.img_size}; "

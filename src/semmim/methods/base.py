@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from semmim.config import Config, ConfigError, MethodConfig, ModelConfig
 from semmim.models.vit import ViTEncoder
 from semmim.parts import SLOT_KEY, SLOT_REGISTRY, Lazy, build_part
-from semmim.registry import DECODERS, LOSSES, MASKERS, TARGETS, TEACHERS
+from semmim.registry import DECODERS, ENCODERS, LOSSES, MASKERS, TARGETS, TEACHERS
 
 
 class MethodOutput(TypedDict, total=False):
@@ -261,8 +261,10 @@ class Method(nn.Module):
 
 # ------------------------------------------------------------------ builders shared by methods
 def build_encoder(cfg: Config, mask_token: bool = False) -> ViTEncoder:
+    """The student encoder ``model.name`` from the ``model`` section; ``mask_token`` for BEiT-style methods."""
     m = cfg.model
-    return ViTEncoder(
+    encoder_cls = ENCODERS.get(m.name)
+    return encoder_cls(  # type: ignore[no-any-return]
         img_size=m.img_size,
         patch_size=m.patch_size,
         in_chans=m.in_chans,
