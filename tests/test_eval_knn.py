@@ -66,6 +66,22 @@ def test_extract_features_pools_and_leaves_the_encoder_alone(tiny_teacher_dir: P
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="pool must be"):
         extract_features(model, loader, mean, std, pool="max")
+    shown, _ = extract_features(model, loader, mean, std, pool="both", progress=True)  # a bar, same numbers
+    assert all(torch.equal(shown[p], feats[p]) for p in feats)
+
+
+def test_feature_extraction_shows_progress_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Stderr:
+        def __init__(self, tty: bool) -> None:
+            self.tty = tty
+
+        def isatty(self) -> bool:
+            return self.tty
+
+    monkeypatch.setattr(features.sys, "stderr", Stderr(True))
+    assert features.show_progress(10_000) and not features.show_progress(100)  # tiny sets: no bar
+    monkeypatch.setattr(features.sys, "stderr", Stderr(False))
+    assert not features.show_progress(10_000)
 
 
 def test_knn_eval_caches_features(tiny_teacher_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
