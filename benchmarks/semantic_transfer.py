@@ -443,8 +443,8 @@ def size_for_grid(arch: TeacherArch, grid: int) -> int | None:
 @torch.no_grad()
 def teacher_knn(teacher: Any, knn_train: int, knn_test: int, batch: int = 256) -> dict[str, float]:
     """kNN top-1 of the teacher's own pooled features (mean of its patch tokens) on the students' kNN images."""
+    from semmim.eval.common import labelled_split
     from semmim.eval.knn import knn_classify
-    from semmim.eval.protocols import labelled_split
 
     feats: list[dict[str, Tensor]] = []
     labels: list[Tensor] = []
@@ -654,8 +654,8 @@ def plan(
 
 def check_configs(jobs: Sequence[Job]) -> None:
     """Fail before any training if an override is not accepted by this semmim (e.g. a key not added yet)."""
-    from semmim.cli import resolve_config
     from semmim.config import ConfigError, load_config
+    from semmim.config_files import resolve_config
 
     seen: set[str] = set()
     for job in jobs:
@@ -690,10 +690,10 @@ def last_metric(run_dir: Path, name: str) -> float | None:
 
 def execute(job: Job, budget: Budget, runs_dir: Path, teacher_model: nn.Module | None) -> dict[str, Any]:
     """Pretrain one run and score it with kNN, or read its ``run.json`` if it finished before."""
-    from semmim.cli import resolve_config
     from semmim.config import load_config
+    from semmim.config_files import resolve_config
     from semmim.engine import pretrain
-    from semmim.eval.protocols import knn_eval
+    from semmim.eval.knn import knn_eval
 
     run_dir = job.run_dir(runs_dir, budget)
     done = run_dir / "run.json"

@@ -27,11 +27,11 @@ def main() -> None:
     parser.add_argument("--knn-test", type=int, default=2000)
     args = parser.parse_args()
 
-    from semmim.cli import resolve_config
     from semmim.config import load_config
+    from semmim.config_files import resolve_config
     from semmim.engine import pretrain
     from semmim.eval.classify import classify_eval
-    from semmim.eval.protocols import knn_eval
+    from semmim.eval.knn import knn_eval
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

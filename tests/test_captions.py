@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from semmim.cli.data import add_data_parser
 from semmim.config import DataConfig
 from semmim.data import (
     TEMPLATES,
@@ -28,7 +29,6 @@ from semmim.data import (
     SeededDataset,
     ShardStream,
     SyntheticDataset,
-    add_data_parser,
     build_dataset,
     caption_class_name,
     class_prompts,

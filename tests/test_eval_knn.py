@@ -1,4 +1,4 @@
-"""kNN (DINO protocol) on cases with known answers, the feature cache, and the CLI's default output folder."""
+"""kNN (DINO protocol) on cases with known answers, and the feature cache."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from semmim.cli import default_eval_out
-from semmim.eval import protocols
-from semmim.eval.knn import extract_features, knn_classify
-from semmim.eval.protocols import knn_eval
+from semmim.eval import features
+from semmim.eval.common import load_encoder
+from semmim.eval.features import extract_features
+from semmim.eval.knn import knn_classify, knn_eval
 
 
 def _clusters(n_per_class: int, classes: int, dim: int, noise: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +50,7 @@ def test_weighted_vote_by_hand() -> None:
 
 
 def test_extract_features_pools_and_leaves_the_encoder_alone(tiny_teacher_dir: Path) -> None:
-    model, mean, std = protocols.load_encoder(tiny_teacher_dir)
+    model, mean, std = load_encoder(tiny_teacher_dir)
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     images = torch.rand(6, 3, 16, 16)
@@ -66,6 +66,22 @@ def test_extract_features_pools_and_leaves_the_encoder_alone(tiny_teacher_dir: P
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="pool must be"):
         extract_features(model, loader, mean, std, pool="max")
+    shown, _ = extract_features(model, loader, mean, std, pool="both", progress=True)  # a bar, same numbers
+    assert all(torch.equal(shown[p], feats[p]) for p in feats)
+
+
+def test_feature_extraction_shows_progress_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Stderr:
+        def __init__(self, tty: bool) -> None:
+            self.tty = tty
+
+        def isatty(self) -> bool:
+            return self.tty
+
+    monkeypatch.setattr(features.sys, "stderr", Stderr(True))
+    assert features.show_progress(10_000) and not features.show_progress(100)  # tiny sets: no bar
+    monkeypatch.setattr(features.sys, "stderr", Stderr(False))
+    assert not features.show_progress(10_000)
 
 
 def test_knn_eval_caches_features(tiny_teacher_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -79,73 +95,8 @@ def test_knn_eval_caches_features(tiny_teacher_dir: Path, tmp_path: Path, monkey
     def no_extraction(*args: object, **kwargs: object) -> None:
         raise AssertionError("features should come from the cache")
 
-    monkeypatch.setattr(protocols, "extract_features", no_extraction)
+    monkeypatch.setattr(features, "extract_features", no_extraction)
     again = knn_eval(tiny_teacher_dir, pool="mean", **kw)  # another pooling: same cache entry
     assert again["top1"] == first["top1_mean"]
     after = load_file(str(weights))
     assert all(torch.equal(before[k], after[k]) for k in before)
-
-
-def test_eval_output_defaults_to_the_run(tiny_teacher_dir: Path) -> None:
-    assert default_eval_out(str(tiny_teacher_dir), "knn") == str(tiny_teacher_dir / "eval" / "knn")
-    assert default_eval_out(f"random:{tiny_teacher_dir}", "knn") is None
-    assert default_eval_out(str(tiny_teacher_dir / "encoder.safetensors"), "knn") is None
-
-
-def test_eval_cli_protocols_write_into_the_run(tiny_teacher_dir: Path, tmp_path: Path) -> None:
-    """Every `semmim eval` protocol runs from the command line and writes RUN/eval/<protocol>/metrics.json."""
-    import json
-    import shutil
-
-    from semmim.cli import main
-
-    run = tmp_path / "run"
-    shutil.copytree(tiny_teacher_dir, run)
-    common = ["--encoder", str(run), "--data", "synthetic", "--train-limit", "64", "--test-limit", "32"]
-    common += ["--num-workers", "0", "--cache-dir", str(tmp_path / "cache")]
-    quick_ft = ["--epochs", "1", "--max-steps", "2", "--batch-size", "8", "--rand-augment", "none"]
-    cases = {
-        "knn": ["--pool", "both"],
-        "linear": ["--epochs", "2", "--optimizer", "sgd"],
-        "lowshot": ["--epochs", "2", "--seeds", "0", "1", "--fractions", "0.1"],
-        "finetune": quick_ft,
-    }
-    for protocol, extra in cases.items():
-        assert main(["eval", protocol, *common, *extra]) == 0, protocol
-        metrics = json.loads((run / "eval" / protocol / "metrics.json").read_text())
-        assert metrics["protocol"] == protocol
-    assert (run / "eval" / "finetune" / "classifier.safetensors").is_file()
-    assert json.loads((run / "eval" / "lowshot" / "metrics.json").read_text())["seeds"] == [0, 1]
-
-
-@pytest.mark.skipif(
-    not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file(),
-    reason="apt-get install dataset-fashion-mnist",
-)
-def test_eval_seg_cli(tiny_teacher_dir: Path, tmp_path: Path) -> None:
-    import json
-
-    from semmim.cli import main
-
-    out = tmp_path / "seg"
-    args = ["eval", "seg", "--encoder", str(tiny_teacher_dir), "--head", "upernet", "--channels", "16"]
-    args += ["--train-limit", "32", "--test-limit", "16", "--max-steps", "2", "--num-workers", "0", "--out", str(out)]
-    assert main(args) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["head"] == "upernet" and 0 <= metrics["miou"] <= 100 and metrics["num_classes"] == 11
-
-
-def test_report_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from semmim.cli import main
-    from semmim.config import load_config
-    from semmim.engine import pretrain
-    from tests.conftest import tiny_overrides
-
-    run = tmp_path / "mae"
-    pretrain(load_config(None, tiny_overrides("method.name=mae")), run)
-    assert main(["report", str(run), "--out", str(tmp_path / "report"), "--num-images", "2"]) == 0
-    assert (tmp_path / "report" / "report.html").is_file() and (
-        tmp_path / "report" / "mae_reconstruction.png"
-    ).is_file()
-    assert main(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "r2")]) == 2
-    assert "run directory not found" in capsys.readouterr().err

@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-import semmim.eval.protocols as protocols
+import semmim.eval.features as features
 from semmim.data.datasets import SubsetDataset, SyntheticDataset
+from semmim.eval.common import load_encoder
 from semmim.eval.linear import LARS, linear_eval, linear_probe, probe_head
 from semmim.eval.lowshot import dataset_labels, fraction_tag, lowshot_eval, stratified_subset
 
@@ -214,13 +215,13 @@ def test_linear_eval_is_frozen_and_cached(
     def no_extraction(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("features should come from the cache")
 
-    monkeypatch.setattr(protocols, "extract_features", no_extraction)
+    monkeypatch.setattr(features, "extract_features", no_extraction)
     again = linear_eval(tiny_teacher_dir, pool="cls", **kw)
     assert again["top1"] == res["top1"] and again["top5"] == res["top5"]
 
 
 def test_linear_eval_leaves_an_module_encoder_unchanged(tiny_teacher_dir: Path) -> None:
-    model, mean, std = protocols.load_encoder(tiny_teacher_dir)
+    model, mean, std = load_encoder(tiny_teacher_dir)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     res = linear_eval(

@@ -20,7 +20,7 @@ from semmim.data.segmentation import (
     FashionMNISTSeg,
     build_seg_dataset,
 )
-from semmim.eval.protocols import load_encoder
+from semmim.eval.common import load_encoder
 from semmim.eval.seg import (
     LinearSegHead,
     SegMetric,

@@ -202,7 +202,7 @@ def test_explained_warning_stays_quiet_on_a_learning_run(tmp_path: Path, capsys:
 
 
 def test_knn_monitor_matches_eval_knn(tmp_path: Path) -> None:
-    from semmim.eval.protocols import knn_eval
+    from semmim.eval.knn import knn_eval
 
     cfg = load_config(
         "configs/demo/mae.yaml",

@@ -20,14 +20,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from semmim.cli import resolve_config
 from semmim.config import load_config
+from semmim.config_files import resolve_config
 from semmim.engine import pretrain
+from semmim.eval.knn import knn_eval
 from semmim.eval.linear import linear_eval
-from semmim.eval.protocols import knn_eval
 from semmim.eval.seg import seg_eval
 from semmim.eval.zeroshot import zeroshot_eval
 from semmim.report import write_report
+from semmim.run import EVAL_DIR
 
 # full demo: stages sized for ~2 CPU cores (about 13 minutes); quick: a smoke test of every stage
 BUDGET = {
@@ -58,7 +59,7 @@ BUDGET = {
 
 def _save_eval(run: Path, protocol: str, metrics: dict[str, Any]) -> dict[str, Any]:
     """Keep an evaluation where ``semmim report`` finds it: RUN/eval/<protocol>/metrics.json."""
-    folder = run / "eval" / protocol
+    folder = run / EVAL_DIR / protocol
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
@@ -128,12 +129,13 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         "num_workers": 2,
     }
     random_spec = f"random:{out / 'mae'}"
+    base = out / "mae"  # the random-init baseline is saved next to MAE's results, as `semmim eval` saves it
     rows: list[dict[str, Any]] = [
         {
             "name": "random init",
-            **knn_eval(random_spec, **knn_kw),
-            "linear_top1": linear_eval(random_spec, **lin_kw)["top1"],
-            "seg_miou": seg_eval(random_spec, **seg_kw)["miou"],
+            **_save_eval(base, "knn_random", knn_eval(random_spec, **knn_kw)),
+            "linear_top1": _save_eval(base, "linear_random", linear_eval(random_spec, **lin_kw))["top1"],
+            "seg_miou": _save_eval(base, "seg_linear_random", seg_eval(random_spec, **seg_kw))["miou"],
         }
     ]
     for name in ("mae", "milan", "rils", "teacher"):

@@ -45,8 +45,6 @@ from semmim.data.loader import build_dataset, build_loader, describe
 from semmim.data.sampler import ResumableSampler
 from semmim.data.shards import (
     ShardStream,
-    add_data_parser,
-    cmd_data_shards,
     count_shard_samples,
     expand_urls,
     read_shard_manifest,
@@ -73,12 +71,10 @@ __all__ = [
     "ShardStream",
     "SubsetDataset",
     "SyntheticDataset",
-    "add_data_parser",
     "build_dataset",
     "build_loader",
     "caption_class_name",
     "class_prompts",
-    "cmd_data_shards",
     "count_shard_samples",
     "decode_image",
     "describe",

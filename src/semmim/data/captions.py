@@ -42,9 +42,9 @@ from semmim.data.datasets import (
     SkipsBadFiles,
     SubsetDataset,
     Transform,
-    _apply,
-    _check_index,
-    _mode_for,
+    apply_transform,
+    check_index,
+    image_mode_for,
     sample_seed,
 )
 from semmim.registry import DATASETS
@@ -289,7 +289,7 @@ class ManifestDataset(SkipsBadFiles, ImageDataset):
         self.root = str(mpath)
         base = Path(root).expanduser() if root is not None else mpath.parent
         self.image_root = str(base)
-        self.mode = _mode_for(in_chans)
+        self.mode = image_mode_for(in_chans)
         self.in_chans = in_chans
         self.image_key = image_key
         self.caption_key = caption_key
@@ -365,12 +365,12 @@ class ManifestDataset(SkipsBadFiles, ImageDataset):
         Returns:
             ``(image, label)``: a PIL image in mode "RGB" (or "L") and the label or ``-1``.
         """
-        image, label, _ = self.decode_first_good(_check_index(index, len(self)))
+        image, label, _ = self.decode_first_good(check_index(index, len(self)))
         return image, label
 
     def caption(self, index: int) -> str:
         """The caption of sample ``index`` (of the sample :meth:`load` served for it)."""
-        return self.captions[self.served_index(_check_index(index, len(self)))]
+        return self.captions[self.served_index(check_index(index, len(self)))]
 
     def __getitem__(self, index: int) -> Sample:
         """``{"image", "label", "index", "caption"}`` without seeded augmentation."""
@@ -461,14 +461,14 @@ class ClassCaptions(ImageDataset):
 
     def load(self, index: int) -> tuple[Image.Image, int]:
         """The wrapped dataset's ``load(index)``."""
-        index = _check_index(index, len(self))
+        index = check_index(index, len(self))
         img, label = self.dataset.load(index)
         self._last = (index, int(label))
         return img, int(label)
 
     def label(self, index: int) -> int:
         """The label of item ``index`` (decoding only when the dataset has no ``targets``)."""
-        index = _check_index(index, len(self))
+        index = check_index(index, len(self))
         if self._last is not None and self._last[0] == index:
             return self._last[1]
         return _peek_label(self.dataset, index)
@@ -480,7 +480,7 @@ class ClassCaptions(ImageDataset):
 
     def caption(self, index: int) -> str:
         """A template filled with the class name of item ``index`` (``""`` when it is unlabelled)."""
-        index = _check_index(index, len(self))
+        index = check_index(index, len(self))
         label = self.label(index)
         if label < 0:
             return ""
@@ -490,9 +490,14 @@ class ClassCaptions(ImageDataset):
 
     def __getitem__(self, index: int) -> Sample:
         """``{"image", "label", "index", "caption"}`` without seeded augmentation."""
-        index = _check_index(index, len(self))
+        index = check_index(index, len(self))
         img, label = self.load(index)
-        return {"image": _apply(self.transform, img), "label": label, "index": index, "caption": self.caption(index)}
+        return {
+            "image": apply_transform(self.transform, img),
+            "label": label,
+            "index": index,
+            "caption": self.caption(index),
+        }
 
 
 class CaptionSubset(SubsetDataset):
@@ -500,7 +505,7 @@ class CaptionSubset(SubsetDataset):
 
     def caption(self, index: int) -> str:
         """The caption of ``dataset[indices[index]]``."""
-        return str(self.dataset.caption(self.indices[_check_index(index, len(self))]))  # type: ignore[attr-defined]
+        return str(self.dataset.caption(self.indices[check_index(index, len(self))]))  # type: ignore[attr-defined]
 
     def set_epoch(self, epoch: int) -> None:
         """Forward the epoch to the wrapped dataset, if it has epochs."""

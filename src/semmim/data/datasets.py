@@ -59,7 +59,8 @@ Sample = dict[str, Any]
 _MODES = {1: "L", 3: "RGB"}
 
 
-def _mode_for(in_chans: int) -> str:
+def image_mode_for(in_chans: int) -> str:
+    """The PIL mode images are converted to for ``in_chans`` input channels: "L" (1) or "RGB" (3)."""
     if in_chans not in _MODES:
         raise ValueError(f"in_chans must be 1 (grayscale) or 3 (RGB), got {in_chans}")
     return _MODES[in_chans]
@@ -80,7 +81,8 @@ def pil_to_tensor01(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous().float().div_(255.0)
 
 
-def _apply(transform: Transform | None, img: Image.Image) -> torch.Tensor:
+def apply_transform(transform: Transform | None, img: Image.Image) -> torch.Tensor:
+    """``transform(img)`` (a plain [0, 1] conversion when ``None``), checked to be a tensor."""
     out = pil_to_tensor01(img) if transform is None else transform(img)
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"the transform must return a tensor (C, H, W), got {type(out).__name__}")
@@ -118,12 +120,13 @@ class ImageDataset(Dataset[Sample]):
 
     def __getitem__(self, index: int) -> Sample:
         """Returns ``{"image": (C, H, W) float tensor in [0, 1], "label": int, "index": int}``."""
-        index = _check_index(index, len(self))
+        index = check_index(index, len(self))
         img, label = self.load(index)
-        return {"image": _apply(self.transform, img), "label": int(label), "index": index}
+        return {"image": apply_transform(self.transform, img), "label": int(label), "index": index}
 
 
-def _check_index(index: int, n: int) -> int:
+def check_index(index: int, n: int) -> int:
+    """``index`` as a non-negative int (negative counts from the end); IndexError outside ``[-n, n)``."""
     index = int(index)
     if index < 0:
         index += n
@@ -455,7 +458,7 @@ class ImageFolderDataset(SkipsBadFiles, ImageDataset):
         if not 0.0 <= max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction must lie in [0, 1], got {max_bad_fraction}")
         self.root = str(path)
-        self.mode = _mode_for(in_chans)
+        self.mode = image_mode_for(in_chans)
         self.in_chans = in_chans
         self.max_bad_fraction = float(max_bad_fraction)
         if max_image_pixels is not None and max_image_pixels < 1:
@@ -505,7 +508,7 @@ class ImageFolderDataset(SkipsBadFiles, ImageDataset):
         Returns:
             ``(image, label)``: a PIL image in mode "RGB" (or "L") and the class index or ``-1``.
         """
-        image, label, _ = self.decode_first_good(_check_index(index, len(self)))
+        image, label, _ = self.decode_first_good(check_index(index, len(self)))
         return image, label
 
 
@@ -547,7 +550,7 @@ class SyntheticDataset(ImageDataset):
         self.size = int(size)
         self.img_size = int(img_size)
         self.in_chans = int(in_chans)
-        self.mode = _mode_for(in_chans)
+        self.mode = image_mode_for(in_chans)
         self.num_classes = int(num_classes)
         self.seed = int(seed)
         self.classes = [f"class_{k}" for k in range(self.num_classes)]
@@ -559,7 +562,7 @@ class SyntheticDataset(ImageDataset):
 
     def load(self, index: int) -> tuple[Image.Image, int]:
         """Returns ``(image, label)``: a PIL image of size ``img_size`` and an int label."""
-        index = _check_index(index, self.size)
+        index = check_index(index, self.size)
         rng = np.random.default_rng([self.seed, index])
         label = int(rng.integers(self.num_classes)) if self.num_classes else -1
         base = self._palette[max(label, 0)]
@@ -595,7 +598,7 @@ class SubsetDataset(ImageDataset):
         return len(self.indices)
 
     def load(self, index: int) -> tuple[Image.Image, int]:
-        return self.dataset.load(self.indices[_check_index(index, len(self))])
+        return self.dataset.load(self.indices[check_index(index, len(self))])
 
 
 def _skipped_by(dataset: Any) -> int:
@@ -676,7 +679,7 @@ class SeededDataset(Dataset[Sample]):
 
         When the wrapped dataset has ``caption(i) -> str``, the item also has ``"caption": str``.
         """
-        index = _check_index(index, len(self))
+        index = check_index(index, len(self))
         img, label = self.dataset.load(index)
         s = sample_seed(self.seed, self.epoch, index)
         py_state = random.getstate()
@@ -689,7 +692,7 @@ class SeededDataset(Dataset[Sample]):
             if np_state is not None:
                 np.random.seed(s & 0xFFFFFFFF)
             try:
-                image = _apply(self.transform, img)
+                image = apply_transform(self.transform, img)
             finally:
                 random.setstate(py_state)
                 if np_state is not None:

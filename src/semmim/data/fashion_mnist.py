@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from semmim.data.datasets import ImageDataset, Transform, _check_index, _mode_for
+from semmim.data.datasets import ImageDataset, Transform, check_index, image_mode_for
 from semmim.registry import DATASETS
 
 __all__ = ["FASHION_MNIST_CLASSES", "FashionMNIST", "find_fashion_mnist", "read_idx"]
@@ -188,7 +188,7 @@ class FashionMNIST(ImageDataset):
         if split not in _SPLIT_ALIASES:
             raise ValueError(f"Fashion-MNIST split must be 'train' or 'test', got '{split}'")
         self.split = _SPLIT_ALIASES[split]
-        self.mode = _mode_for(in_chans)
+        self.mode = image_mode_for(in_chans)
         self.in_chans = in_chans
         files = find_fashion_mnist(root, self.split)
         if files is None and download:
@@ -232,7 +232,7 @@ class FashionMNIST(ImageDataset):
 
     def load(self, index: int) -> tuple[Image.Image, int]:
         """Returns ``(image, label)``: a 28x28 PIL image ("L" or "RGB") and the class index."""
-        index = _check_index(index, len(self))
+        index = check_index(index, len(self))
         img = Image.fromarray(np.ascontiguousarray(self.data[index]))
         if self.mode != "L":
             img = img.convert(self.mode)

@@ -13,8 +13,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from semmim.config import DataConfig
 from semmim.data.captions import ClassCaptions, subset_keeping_captions
-from semmim.data.datasets import DEFAULT_MAX_IMAGE_PIXELS, SeededDataset, SubsetDataset
+from semmim.data.datasets import DEFAULT_MAX_IMAGE_PIXELS, SeededDataset
 from semmim.data.shards import MAX_IMAGE_PIXELS, ShardStream
+from semmim.data.summary import describe
 from semmim.data.transforms import eval_transform, pretrain_transform
 from semmim.registry import DATASETS
 
@@ -244,37 +245,3 @@ def build_loader(
         drop_last=drop_last,
         persistent_workers=False,
     )
-
-
-def _unwrap(dataset: Any) -> Any:
-    while isinstance(dataset, (SeededDataset, SubsetDataset)):
-        dataset = dataset.dataset
-    return dataset
-
-
-def describe(dataset: Any) -> str:
-    """One line about a dataset: name, root, split, size and classes.
-
-    Examples:
-        >>> from semmim.data import SyntheticDataset
-        >>> describe(SyntheticDataset(16, img_size=8, num_classes=2))
-        'synthetic: 16 images, 2 classes (class_0, class_1)'
-    """
-    inner = _unwrap(dataset)
-    name = getattr(inner, "name", None) or type(inner).__name__
-    where = []
-    if getattr(inner, "root", None):
-        where.append(f"root={inner.root}")
-    if getattr(inner, "split", None):
-        where.append(f"split={inner.split}")
-    head = f"{name} ({', '.join(where)})" if where else name
-    size = f"{len(dataset)} images"
-    if len(dataset) != len(inner):
-        size += f" (first {len(dataset)} of {len(inner)})"
-    classes = list(getattr(inner, "classes", []) or [])
-    if classes:
-        shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
-        cls = f"{len(classes)} classes ({shown})"
-    else:
-        cls = "unlabelled"
-    return f"{head}: {size}, {cls}"

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from semmim.data.datasets import _check_index, _mode_for, decode_image, pil_to_tensor01, sample_seed
+from semmim.data.datasets import check_index, decode_image, image_mode_for, pil_to_tensor01, sample_seed
 from semmim.data.fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST
 
 __all__ = [
@@ -114,7 +114,7 @@ class FashionMNISTSeg(Dataset[SegSample]):
         threshold: float = 0.1,
         limit: int | None = None,
     ) -> None:
-        _mode_for(in_chans)
+        image_mode_for(in_chans)
         if img_size < 1:
             raise ValueError(f"img_size must be >= 1, got {img_size}")
         if not 0.0 <= threshold < 1.0:
@@ -139,7 +139,7 @@ class FashionMNISTSeg(Dataset[SegSample]):
 
     def __getitem__(self, index: int) -> SegSample:
         """Returns ``{"image": (in_chans, S, S) in [0, 1], "mask": (S, S) int64 in {0, 1 + label}, "index"}``."""
-        index = _check_index(index, len(self))
+        index = check_index(index, len(self))
         gray = torch.from_numpy(np.array(self.base.data[index], dtype=np.float32)) / 255.0  # (28, 28)
         label = int(self.base.targets[index])
         mask = torch.where(gray > self.threshold, 1 + label, 0).long()
@@ -220,7 +220,7 @@ class ADE20KSeg(Dataset[SegSample]):
             raise ValueError(f"ADE20K split must be 'training' or 'validation', got '{split}'")
         if img_size < 1:
             raise ValueError(f"img_size must be >= 1, got {img_size}")
-        self.mode = _mode_for(in_chans)
+        self.mode = image_mode_for(in_chans)
         self.split = self._ALIASES[split]
         base = Path(root).expanduser()
         self.root = str(base)
@@ -268,7 +268,7 @@ class ADE20KSeg(Dataset[SegSample]):
         Returns:
             image (C, H, W) float in [0, 1], mask (H, W) int64 (after ``reduce_zero_label``).
         """
-        index = _check_index(index, len(self))
+        index = check_index(index, len(self))
         img_path, ann_path = self.samples[index]
         try:
             img = decode_image(img_path, self.mode, exif_transpose=False)  # annotations use the stored layout
@@ -288,7 +288,7 @@ class ADE20KSeg(Dataset[SegSample]):
 
     def __getitem__(self, index: int) -> SegSample:
         """Returns ``{"image": (C, S, S) in [0, 1], "mask": (S, S) int64, "index": int}``, S = ``img_size``."""
-        index = _check_index(index, len(self))
+        index = check_index(index, len(self))
         image, mask = self.load(index)
         if self.train:
             image, mask = self._train_transform(image, mask, random.Random(sample_seed(self.seed, self.epoch, index)))

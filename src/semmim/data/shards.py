@@ -23,14 +23,13 @@ corrupt tar warns, naming the shard. With known shard counts an epoch has exactl
 (whole batches evened out between workers), so an epoch ends when the stream ends. See
 :class:`ShardStream`.
 
-Command line::
+Command line (:mod:`semmim.cli.data`)::
 
     semmim data shards --src fashion_mnist --out data/fmnist-shards --captions templates --shard-size 1000
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -52,16 +51,17 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from semmim.data.captions import MANIFEST_SUFFIXES, ClassCaptions, ManifestDataset, has_captions
+from semmim.data.captions import has_captions
 from semmim.data.datasets import (
     ImageTooLargeError,
     Sample,
     Transform,
-    _apply,
-    _mode_for,
+    apply_transform,
     decode_image_file,
+    image_mode_for,
     sample_seed,
 )
+from semmim.data.summary import describe
 from semmim.registry import DATASETS
 
 __all__ = [
@@ -70,8 +70,6 @@ __all__ = [
     "MAX_MEMBER_BYTES",
     "SHARD_MANIFEST",
     "ShardStream",
-    "add_data_parser",
-    "cmd_data_shards",
     "count_shard_samples",
     "expand_urls",
     "read_shard_manifest",
@@ -562,7 +560,7 @@ class ShardStream(IterableDataset[Sample]):
         self.world_size = int(world_size)
         self.num_samples = num_samples
         self.shuffle = bool(shuffle)
-        self.mode = _mode_for(in_chans)
+        self.mode = image_mode_for(in_chans)
         self.in_chans = in_chans
         self.batch_size = batch_size
         self.drop_last = bool(drop_last)
@@ -775,7 +773,7 @@ class ShardStream(IterableDataset[Sample]):
             random.seed(s)
             np.random.seed(s % 2**32)  # timm's RandAugment draws its ops from NumPy's global generator
             try:
-                tensor = _apply(self.transform, image)
+                tensor = apply_transform(self.transform, image)
             finally:
                 random.setstate(py_state)
                 np.random.set_state(np_state)
@@ -943,8 +941,6 @@ def _encode_image(img: Image.Image, fmt: str, quality: int) -> bytes:
 
 def _describe_source(ds: Any) -> str:
     try:
-        from semmim.data.loader import describe
-
         return describe(ds)
     except Exception:  # describing is best effort, writing must not fail over it
         return type(ds).__name__
@@ -1071,67 +1067,3 @@ def write_shards(
     tmp_manifest.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp_manifest, manifest)
     return paths
-
-
-# --------------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------------
-
-
-def _source_dataset(args: argparse.Namespace) -> Any:
-    from semmim.data.captions import subset_keeping_captions
-    from semmim.data.datasets import ImageFolderDataset
-    from semmim.data.fashion_mnist import FashionMNIST
-
-    src = str(args.src)
-    ds: Any
-    if src in ("fashion_mnist", "fashion-mnist", "fashionmnist"):
-        ds = FashionMNIST(root=args.root, split=args.split, in_chans=1)
-    else:
-        path = Path(src).expanduser()
-        if path.is_dir():
-            ds = ImageFolderDataset(path)
-        elif path.is_file():
-            if path.suffix.lower() not in MANIFEST_SUFFIXES:
-                raise ValueError(
-                    f"--src {src}: a file must be a manifest ({', '.join(sorted(MANIFEST_SUFFIXES))}), "
-                    f"got suffix {path.suffix!r}"
-                )
-            ds = ManifestDataset(path, root=args.root, image_key=args.image_key, caption_key=args.caption_key)
-        else:
-            raise FileNotFoundError(
-                f"--src {src}: not an image folder, a manifest file (.csv/.tsv/.jsonl) or 'fashion_mnist'"
-            )
-    if args.limit is not None:
-        if args.limit < 1:
-            raise ValueError(f"--limit must be >= 1, got {args.limit}")
-        if args.limit < len(ds):
-            ds = subset_keeping_captions(ds, range(args.limit))
-    if args.captions == "templates":
-        ds = ClassCaptions(ds, seed=args.seed)
-    return ds
-
-
-def cmd_data_shards(args: argparse.Namespace) -> int:
-    """``semmim data shards``: write a dataset as WebDataset shards; prints the shard and sample counts."""
-    ds = _source_dataset(args)
-    paths = write_shards(
-        ds,
-        args.out,
-        shard_size=args.shard_size,
-        prefix=args.prefix,
-        image_format=args.image_format,
-        quality=args.quality,
-        progress=not args.no_progress,
-        overwrite=args.overwrite,
-    )
-    out = Path(args.out)
-    print(f"wrote {len(paths)} shards, {len(ds)} samples to {out} (index: {out / SHARD_MANIFEST})")
-    return 0
-
-
-def add_data_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``data`` (with ``data shards``) to an ``argparse`` subparsers object (see :mod:`semmim.data_cli`)."""
-    from semmim.data_cli import add_data_parser as add
-
-    return add(subparsers)

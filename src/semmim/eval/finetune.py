@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from semmim.eval.accuracy import topk_accuracy
-from semmim.eval.protocols import IMAGENET_MEAN, IMAGENET_STD, encoder_geometry, eval_loader, labelled_split
+from semmim.eval.common import IMAGENET_MEAN, IMAGENET_STD, encoder_geometry, eval_loader, labelled_split
 from semmim.export import read_normalization, read_timm_config, resolve_encoder_file
 
 __all__ = ["finetune_eval", "layer_decay_groups"]

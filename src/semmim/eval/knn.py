@@ -7,53 +7,15 @@ exp(sim / T), T = 0.07.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-@torch.no_grad()
-def extract_features(
-    encoder: nn.Module,
-    loader: Iterable[Any],
-    mean: list[float],
-    std: list[float],
-    pool: str = "cls",
-    device: torch.device | str = "cpu",
-) -> tuple[dict[str, Tensor], Tensor]:
-    """Frozen features of every image of ``loader``.
-
-    Args:
-        encoder: any module with ``forward_features`` giving (N, 1 + L, D) tokens (timm ViTs, semmim encoders).
-        loader: yields dicts with "image" (N, C, H, W) in [0, 1] and "label" (N,).
-        mean, std: the input normalisation the encoder was trained with.
-        pool: "cls" (token 0), "mean" (mean of the patch tokens) or "both" (one pass, both poolings).
-
-    Returns:
-        {pool: features (num_images, D) float32} and labels (num_images,) int64.
-    """
-    if pool not in ("cls", "mean", "both"):
-        raise ValueError(f"pool must be 'cls', 'mean' or 'both', got '{pool}'")
-    pools = ("cls", "mean") if pool == "both" else (pool,)
-    was_training = encoder.training
-    encoder.eval().to(device)
-    m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=device).view(1, -1, 1, 1)
-    feats: dict[str, list[Tensor]] = {p: [] for p in pools}
-    labels = []
-    for batch in loader:
-        x = (batch["image"].to(device) - m) / s
-        tokens = encoder.forward_features(x)  # type: ignore[operator]
-        if tokens.dim() != 3:
-            raise ValueError(f"forward_features must return (N, T, D) tokens, got {tuple(tokens.shape)}")
-        for p in pools:
-            feats[p].append((tokens[:, 0] if p == "cls" else tokens[:, 1:].mean(1)).float().cpu())
-        labels.append(batch["label"].long().cpu())
-    encoder.train(was_training)
-    return {p: torch.cat(f) for p, f in feats.items()}, torch.cat(labels)
+from semmim.eval.common import pools_of
+from semmim.eval.features import frozen_split_features
 
 
 @torch.no_grad()
@@ -93,3 +55,39 @@ def knn_classify(
         top5 += int((pred == truth).any(1).sum())
     n = test.shape[0]
     return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "k": float(k), "n_test": float(n)}
+
+
+def knn_eval(
+    encoder: str | os.PathLike[str] | nn.Module,
+    data: str = "fashion_mnist",
+    root: str | None = None,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+    k: int = 20,
+    temperature: float = 0.07,
+    pool: str = "cls",
+    batch_size: int = 256,
+    num_workers: int = 2,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    device: str | None = None,
+    cache_dir: str | None = None,
+) -> dict[str, Any]:
+    """kNN top-1/top-5 of an encoder on a labelled dataset's train (memory bank) and test splits.
+
+    For ``data="imagefolder"`` the root must hold ``train/`` and ``val/`` class folders. Features of
+    an exported encoder are cached (see :func:`semmim.eval.features.cached_features`).
+    """
+    pools = pools_of(pool)
+    f_train, y_train, f_test, y_test, info = frozen_split_features(
+        encoder, data, root, train_limit, test_limit, batch_size, num_workers, mean, std, device, cache_dir
+    )
+    out: dict[str, Any] = {}
+    for p in pools:
+        res = knn_classify(f_train[p], y_train, f_test[p], y_test, k=k, temperature=temperature)
+        if not out:  # the first pooling gives the headline numbers
+            out.update(res)
+        if len(pools) > 1:
+            out.update({f"top1_{p}": res["top1"], f"top5_{p}": res["top5"]})
+    out.update({"protocol": "knn", "pool": pool, "temperature": temperature, "n_train": info["n_train"]})
+    return out

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from semmim.engine.optim import cosine_lr
-from semmim.eval.protocols import frozen_split_features, pools_of
+from semmim.eval.common import pools_of
+from semmim.eval.features import frozen_split_features
 
 __all__ = ["LARS", "linear_eval", "linear_probe", "probe_head"]
 

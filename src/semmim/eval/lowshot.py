@@ -4,7 +4,7 @@ The protocol of the semi-supervised ImageNet benchmarks (Chen et al. 2020, "A Si
 Contrastive Learning of Visual Representations", arXiv:2002.05709, section 7; Assran et al. 2022,
 "Masked Siamese Networks for Label-Efficient Learning", arXiv:2204.07141): a class-balanced
 fraction of the training labels, several random draws, mean and spread of the test accuracy. The
-linear mode reuses the frozen features of :func:`semmim.eval.protocols.frozen_split_features` (extracted
+linear mode reuses the frozen features of :func:`semmim.eval.features.frozen_split_features` (extracted
 once, cached) and trains :func:`semmim.eval.linear.linear_probe` on each subset; the fine-tuning
 mode calls :func:`semmim.eval.finetune.finetune_eval` with the subset's indices.
 """
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from semmim.eval.features import frozen_split_features
 from semmim.eval.linear import linear_probe
-from semmim.eval.protocols import frozen_split_features
 
 __all__ = ["dataset_labels", "fraction_tag", "lowshot_eval", "stratified_subset"]
 
@@ -100,7 +100,7 @@ def dataset_labels(ds: Any, batch_size: int = 256, num_workers: int = 0) -> Tens
     labels = _stored_labels(ds)
     if labels is not None:
         return labels
-    from semmim.eval.protocols import eval_loader
+    from semmim.eval.common import eval_loader
 
     return torch.cat([batch["label"].long().cpu() for batch in eval_loader(ds, batch_size, num_workers)])
 
@@ -184,8 +184,8 @@ def lowshot_eval(
         x_train, x_test = f_train[pool], f_test[pool]
         out.update({"pool": pool, "optimizer": optimizer, "epochs": epochs, "n_test": int(y_test.shape[0])})
     else:
+        from semmim.eval.common import encoder_geometry, labelled_split, load_encoder
         from semmim.eval.finetune import finetune_eval
-        from semmim.eval.protocols import encoder_geometry, labelled_split, load_encoder
 
         if isinstance(encoder, nn.Module):
             raise ValueError("low-shot fine-tuning needs an exported encoder (a run directory or .safetensors file)")

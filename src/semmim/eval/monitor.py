@@ -1,6 +1,6 @@
 """The online kNN monitor: weighted 20-NN top-1 of the encoder being trained, every few steps.
 
-The protocol is :func:`semmim.eval.protocols.knn_eval`'s (DINO: cosine, k = 20, T = 0.07, CLS
+The protocol is :func:`semmim.eval.knn.knn_eval`'s (DINO: cosine, k = 20, T = 0.07, CLS
 token) on fixed subsets: the first ``train_limit`` images of the labelled dataset's train split as
 the memory bank and the first ``test_limit`` of its test split as queries, with the eval transform.
 So ``knn_top1`` logged at the last step equals ``semmim eval knn RUN --train-limit N --test-limit M``.
@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from semmim.eval.knn import extract_features, knn_classify
-from semmim.eval.protocols import eval_loader, labelled_split
+from semmim.eval.common import eval_loader, labelled_split
+from semmim.eval.features import extract_features
+from semmim.eval.knn import knn_classify
 
 
 class KnnMonitor:

@@ -378,7 +378,7 @@ def _prepare_encoder(
     mean: list[float] | None,
     std: list[float] | None,
 ) -> tuple[nn.Module, list[float], list[float]]:
-    from semmim.eval.protocols import encoder_geometry, load_encoder
+    from semmim.eval.common import encoder_geometry, load_encoder
 
     if isinstance(spec, nn.Module):
         if mean is None or std is None:
@@ -480,7 +480,7 @@ def seg_eval(
     from semmim.data import build_loader
     from semmim.data.segmentation import build_seg_dataset
     from semmim.engine.optim import cosine_lr
-    from semmim.eval.protocols import encoder_geometry
+    from semmim.eval.common import encoder_geometry
 
     if head not in SEG_HEADS:
         raise ValueError(f"unknown segmentation head '{head}'; choose one of {', '.join(SEG_HEADS)}")

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from semmim.config import DataConfig, load_config
 from semmim.eval.accuracy import topk_accuracy
 from semmim.export import resolve_run_file
+from semmim.run import CONFIG
 
 
 def load_image_text_model(run_dir: str | os.PathLike[str]) -> Any:
@@ -27,7 +28,7 @@ def load_image_text_model(run_dir: str | os.PathLike[str]) -> Any:
 
     run = Path(run_dir)
     weights = resolve_run_file(run, CLIP_FILE)
-    cfg_path = weights.parent / "config.yaml"
+    cfg_path = weights.parent / CONFIG
     if not cfg_path.is_file():
         raise FileNotFoundError(f"zero-shot needs the run's config: {cfg_path} is missing")
     cfg = load_config(cfg_path)

@@ -203,7 +203,7 @@ def load_hf_text_model(source: str | os.PathLike[str], pretrained: bool = True, 
     return model, tokenizer
 
 
-def _make_hf_encoder(
+def make_hf_encoder(
     source: str | os.PathLike[str],
     pretrained: bool,
     max_length: int | None,
@@ -254,7 +254,7 @@ def build_hf_text_encoder(
         raise ValueError("hf text encoder: give model= (a hub name or a local directory) or path=")
     if path is not None and not Path(os.fspath(path)).expanduser().is_dir():
         raise FileNotFoundError(f"hf text encoder: model directory not found: {Path(os.fspath(path)).expanduser()}")
-    return _make_hf_encoder(
+    return make_hf_encoder(
         source,
         pretrained=parse_flag(pretrained, True),
         max_length=max_length,

@@ -17,7 +17,7 @@ from typing import Any
 
 from semmim.registry import TEXT_ENCODERS
 from semmim.text.base import parse_flag
-from semmim.text.hf import HFTextEncoder, _make_hf_encoder
+from semmim.text.hf import HFTextEncoder, make_hf_encoder
 
 __all__ = ["MINILM_DIM", "MINILM_PACKAGE", "build_minilm_text_encoder", "minilm_model_dir"]
 
@@ -76,7 +76,7 @@ def build_minilm_text_encoder(
     if model is not None or path is not None:
         given = model if model is not None else path
         raise ValueError(f"the 'minilm' text encoder is fixed; use the 'hf' text encoder for model/path {given!r}")
-    return _make_hf_encoder(
+    return make_hf_encoder(
         minilm_model_dir(),
         pretrained=parse_flag(pretrained, True),
         max_length=max_length,

@@ -1,11 +1,10 @@
-"""The ``semmim`` command line: a thin layer over the Python API.
+"""``semmim eval <protocol>``: kNN, linear probe, fine-tuning, low-shot, segmentation, classifier and
+zero-shot evaluation.
 
-semmim pretrain --config configs/demo/mae.yaml --out runs/mae trainer.max_steps=100
-semmim pretrain --out runs/mae --resume
-semmim eval knn --encoder runs/mae --data fashion_mnist      (also: linear, finetune, lowshot, seg, zeroshot)
-semmim report runs/mae runs/milan --out runs/report
-semmim list
-semmim demo --out runs/demo
+Every ``metrics.json`` records what it was measured on (``measured_on``: the encoder, the dataset, its
+root and the split limits) and how (``settings``: every command-line option that can change the result).
+A run directory's results go to ``RUN/eval/<protocol>/``; a ``random:RUN`` baseline's to
+``RUN/eval/<protocol>_random/``, where ``semmim report`` finds both.
 """
 
 from __future__ import annotations
@@ -17,94 +16,82 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from semmim.config import ConfigError
+from semmim.run import EVAL_DIR
 
+RANDOM_PREFIX = "random:"
+RANDOM_SUFFIX = "_random"
+"""``random:RUN`` results are saved in ``RUN/eval/<protocol>_random``."""
 
-def configs_dir() -> Path:
-    """The shipped ``configs/`` folder (next to ``src/`` in a checkout)."""
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        if (parent / "configs").is_dir() and (parent / "pyproject.toml").is_file():
-            return parent / "configs"
-    return Path.cwd() / "configs"
+DEFAULT_DATA = "fashion_mnist"
+CLASSIFICATION_DATA = "imagefolder | fashion_mnist"
+SEGMENTATION_DATA = "ade20k | fashion_mnist"
 
-
-def resolve_config(name: str) -> Path:
-    """A path, or a shipped config name such as ``demo/mae`` / ``mae/vit_base_p16_in1k.yaml``."""
-    p = Path(name)
-    if p.is_file():
-        return p
-    for cand in (configs_dir() / name, configs_dir() / f"{name}.yaml"):
-        if cand.is_file():
-            return cand
-    raise FileNotFoundError(f"config file not found: {name} (also looked in {configs_dir()}; see `semmim list`)")
-
-
-def shipped_configs() -> list[str]:
-    root = configs_dir()
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*.yaml")) if root.is_dir() else []
-
-
-def cmd_list(args: argparse.Namespace) -> int:
-    from semmim.registry import ALL_REGISTRIES, load_builtins
-
-    load_builtins()
-    for kind, reg in ALL_REGISTRIES.items():
-        print(f"{kind}:")
-        for name in reg.names():
-            print(f"  {name:<18} {reg.describe(name)}")
-    print(f"configs ({configs_dir()}):")
-    for c in shipped_configs():
-        print(f"  {c}")
-    return 0
-
-
-def cmd_pretrain(args: argparse.Namespace) -> int:
-    from semmim.config import load_config
-    from semmim.engine import pretrain
-
-    out = Path(args.out)
-    if args.config is None:
-        if not args.resume:
-            raise ConfigError("--config is required (unless --resume reads DIR/config.yaml)")
-        config_path = out / "config.yaml"
-        if not config_path.is_file():
-            raise FileNotFoundError(f"--resume without --config: {config_path} does not exist")
-    else:
-        config_path = resolve_config(args.config)
-    cfg = load_config(config_path, args.overrides)
-    if cfg.teacher.name == "module":
-        raise ConfigError(
-            "teacher.name=module is a teacher passed from Python (semmim.pretrain(cfg, out, "
-            "teacher=ModuleTeacher(...))) and cannot be given on the command line: use teacher.name=timm, "
-            "open_clip or hf_clip"
-        )
-    result = pretrain(cfg, out, resume=args.resume, overwrite=args.overwrite)
-    print(
-        json.dumps(
-            {
-                "out_dir": str(result.out_dir),
-                "steps": result.steps,
-                "final_loss": result.final_loss,
-                "encoder": str(result.encoder_path) if result.encoder_path else None,
-                "images_per_s": round(result.images_per_s, 1),
-                "elapsed_s": round(result.elapsed_s, 1),
-            }
-        )
-    )
-    return 0
+# options that only say where results go or how fast they come, never what they are
+PLUMBING = frozenset({"func", "command", "protocol", "out", "num_workers", "cache_dir", "data_choices"})
+# options recorded under "measured_on" rather than "settings"
+MEASURED_ON = ("encoder", "model", "data", "root", "train_limit", "test_limit", "split", "limit")
 
 
 def default_eval_out(encoder: str, protocol: str) -> str | None:
-    """``RUN/eval/<protocol>`` when the encoder is a run directory (where ``semmim report`` looks), else None."""
-    path = Path(encoder.removeprefix("random:"))
-    if encoder.startswith("random:") or not path.is_dir():
+    """Where ``semmim eval`` saves results by default (where ``semmim report`` looks), else None.
+
+    ``RUN/eval/<protocol>`` for a run directory, ``RUN/eval/<protocol>_random`` for ``random:RUN``;
+    None for an encoder file.
+    """
+    random_init = encoder.startswith(RANDOM_PREFIX)
+    path = Path(encoder.removeprefix(RANDOM_PREFIX))
+    if not path.is_dir():
         return None
-    return str(path / "eval" / protocol)
+    return str(path / EVAL_DIR / (protocol + (RANDOM_SUFFIX if random_init else "")))
 
 
-def _emit_metrics(metrics: dict[str, object], out: str | None) -> int:
-    """Print an evaluation's metrics and write them to OUT/metrics.json when asked."""
+def check_data(args: argparse.Namespace) -> None:
+    """Fill in the default dataset, refusing ``--root`` without ``--data`` (a root alone names no dataset)."""
+    if args.data is not None:
+        return
+    if args.root is not None:
+        raise ValueError(
+            f"--root needs --data {args.data_choices.replace(' ', '')}: say which dataset {args.root} holds "
+            f"(without --data the evaluation would run on {DEFAULT_DATA})"
+        )
+    args.data = DEFAULT_DATA
+
+
+def _absolute(spec: str | None) -> str | None:
+    if spec is None:
+        return None
+    random_init = spec.startswith(RANDOM_PREFIX)
+    path = os.path.abspath(spec.removeprefix(RANDOM_PREFIX))
+    return (RANDOM_PREFIX if random_init else "") + path
+
+
+def provenance(args: argparse.Namespace) -> dict[str, Any]:
+    """What an evaluation was measured on and with which settings, from its parsed command line.
+
+    Returns:
+        {"measured_on": {"encoder" or "model" (as given), "encoder_path" / "model_path" (absolute),
+        "data", "root" (absolute or None), "train_limit", "test_limit" or "split", "limit"},
+        "settings": {option: value} for every other option that can change the result}.
+    """
+    given = vars(args)
+    measured: dict[str, Any] = {}
+    for key in MEASURED_ON:
+        if key not in given:
+            continue
+        value = given[key]
+        measured[key] = value
+        if key in ("encoder", "model"):
+            measured[f"{key}_path"] = _absolute(value)
+        elif key == "root":
+            measured[key] = os.path.abspath(value) if value is not None else None
+    settings = {k: v for k, v in sorted(given.items()) if k not in PLUMBING and k not in MEASURED_ON}
+    return {"measured_on": measured, "settings": settings}
+
+
+def emit_metrics(metrics: dict[str, Any], out: str | None, args: argparse.Namespace | None = None) -> int:
+    """Print an evaluation's metrics (with its :func:`provenance`) and write them to OUT/metrics.json."""
+    if args is not None:
+        metrics = {**metrics, **provenance(args)}
     text = json.dumps(metrics, indent=2)
     print(text)
     if out:
@@ -131,10 +118,12 @@ def _frozen_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_eval_knn(args: argparse.Namespace) -> int:
-    from semmim.eval.protocols import knn_eval
+    """``semmim eval knn``."""
+    check_data(args)
+    from semmim.eval.knn import knn_eval
 
     metrics = knn_eval(args.encoder, k=args.k, temperature=args.temperature, pool=args.pool, **_frozen_kwargs(args))
-    return _emit_metrics(metrics, _out(args, "knn"))
+    return emit_metrics(metrics, _out(args, "knn"), args)
 
 
 def _probe_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -149,10 +138,12 @@ def _probe_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_eval_linear(args: argparse.Namespace) -> int:
+    """``semmim eval linear``."""
+    check_data(args)
     from semmim.eval.linear import linear_eval
 
     metrics = linear_eval(args.encoder, seed=args.seed, **_probe_kwargs(args), **_frozen_kwargs(args))
-    return _emit_metrics(metrics, _out(args, "linear"))
+    return emit_metrics(metrics, _out(args, "linear"), args)
 
 
 def _finetune_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -176,6 +167,8 @@ def _finetune_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_eval_finetune(args: argparse.Namespace) -> int:
+    """``semmim eval finetune``."""
+    check_data(args)
     from semmim.eval.finetune import finetune_eval
 
     out = _out(args, "finetune")
@@ -189,10 +182,12 @@ def cmd_eval_finetune(args: argparse.Namespace) -> int:
         out=out,
         **_finetune_kwargs(args),
     )
-    return _emit_metrics(metrics, out)
+    return emit_metrics(metrics, out, args)
 
 
 def cmd_eval_lowshot(args: argparse.Namespace) -> int:
+    """``semmim eval lowshot``."""
+    check_data(args)
     from semmim.eval.lowshot import lowshot_eval
 
     kw = _frozen_kwargs(args)
@@ -209,10 +204,12 @@ def cmd_eval_lowshot(args: argparse.Namespace) -> int:
         metrics = lowshot_eval(
             args.encoder, fractions=args.fractions, seeds=args.seeds, mode="linear", **_probe_kwargs(args), **kw
         )
-    return _emit_metrics(metrics, _out(args, "lowshot"))
+    return emit_metrics(metrics, _out(args, "lowshot"), args)
 
 
 def cmd_eval_seg(args: argparse.Namespace) -> int:
+    """``semmim eval seg``."""
+    check_data(args)
     from semmim.eval.seg import seg_eval
 
     metrics = seg_eval(
@@ -234,15 +231,7 @@ def cmd_eval_seg(args: argparse.Namespace) -> int:
         channels=args.channels,
         max_steps=args.max_steps,
     )
-    return _emit_metrics(metrics, _out(args, f"seg_{args.head}"))
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from semmim.report import write_report
-
-    path = write_report(args.runs, args.out, title=args.title, num_images=args.num_images, seed=args.seed)
-    print(f"report: {path} and {path.with_suffix('.html')}")
-    return 0
+    return emit_metrics(metrics, _out(args, f"seg_{args.head}"), args)
 
 
 def _eval_on_split(args: argparse.Namespace, evaluate: Any) -> int:
@@ -256,32 +245,53 @@ def _eval_on_split(args: argparse.Namespace, evaluate: Any) -> int:
         batch_size=args.batch_size,
         num_workers=args.num_workers,
     )
-    return _emit_metrics(metrics, args.out)
+    return emit_metrics(metrics, args.out, args)
 
 
 def cmd_eval_classify(args: argparse.Namespace) -> int:
+    """``semmim eval classify``."""
+    check_data(args)
     from semmim.eval.classify import classify_eval
 
     return _eval_on_split(args, classify_eval)
 
 
 def cmd_eval_zeroshot(args: argparse.Namespace) -> int:
+    """``semmim eval zeroshot``."""
+    check_data(args)
     from semmim.eval.zeroshot import zeroshot_eval
 
     return _eval_on_split(args, zeroshot_eval)
 
 
-def _add_encoder_args(p: argparse.ArgumentParser, batch_size: int, data_help: str | None = None) -> None:
+def _add_data_args(p: argparse.ArgumentParser, choices: str, data_help: str, root_help: str) -> None:
+    p.add_argument("--data", default=None, help=f"{data_help} (default {DEFAULT_DATA})")
+    p.add_argument("--root", default=None, help=f"{root_help}; needs --data")
+    p.set_defaults(data_choices=choices)
+
+
+def _add_encoder_args(
+    p: argparse.ArgumentParser, batch_size: int, data_help: str | None = None, choices: str = CLASSIFICATION_DATA
+) -> None:
     p.add_argument("--encoder", required=True, help="run directory or encoder.safetensors ('random:RUN' = random init)")
-    p.add_argument("--data", default="fashion_mnist", help=data_help or "dataset name (fashion_mnist | imagefolder)")
-    p.add_argument("--root", default=None, help="dataset root (imagefolder: a folder holding train/ and val/)")
+    _add_data_args(
+        p,
+        choices,
+        data_help or f"dataset name ({choices})",
+        "dataset root (imagefolder: a folder holding train/ and val/)",
+    )
     p.add_argument("--train-limit", type=int, default=None, help="use the first N training images")
     p.add_argument("--test-limit", type=int, default=None, help="use the first N test images")
     p.add_argument("--batch-size", type=int, default=batch_size)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=None, help="feature cache (default ~/.cache/semmim/features; '' = off)")
-    p.add_argument("--out", default=None, help="write metrics.json here (default: RUN/eval/<protocol> for a run dir)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="write metrics.json here (default: RUN/eval/<protocol> for a run dir, RUN/eval/<protocol>_random "
+        "for random:RUN)",
+    )
 
 
 def _add_schedule_args(
@@ -307,8 +317,12 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
 
 def _add_split_eval_args(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--model", required=True, help=model_help)
-    p.add_argument("--data", default="fashion_mnist", help="labelled dataset (fashion_mnist | imagefolder)")
-    p.add_argument("--root", default=None, help="dataset root (imagefolder: the evaluation folder)")
+    _add_data_args(
+        p,
+        CLASSIFICATION_DATA,
+        f"labelled dataset ({CLASSIFICATION_DATA})",
+        "dataset root (imagefolder: the evaluation folder)",
+    )
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, default=None, help="use the first N images")
     p.add_argument("--batch-size", type=int, default=256)
@@ -316,51 +330,8 @@ def _add_split_eval_args(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--out", default=None, help="write metrics.json here")
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from semmim.demo import run_demo
-
-    run_demo(Path(args.out), quick=args.quick)
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="semmim",
-        description="Masked image pretraining with semantic targets (MAE, MILAN, ...).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Run `semmim <command> --help` for the options of a command.",
-    )
-    parser.add_argument("--version", action="version", version="semmim 0.1.0")
-    sub = parser.add_subparsers(dest="command", metavar="command")
-
-    p = sub.add_parser(
-        "pretrain",
-        help="pretrain an encoder from a config",
-        description="Pretrain an encoder. Writes DIR/config.yaml, DIR/checkpoints/last.ckpt, DIR/metrics.jsonl, "
-        "DIR/metrics.csv, DIR/tensorboard/ and DIR/encoder.safetensors (timm-compatible).",
-    )
-    p.add_argument("--config", help="YAML config (a path, or a shipped name such as demo/mae)")
-    p.add_argument("--out", required=True, help="run directory")
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from DIR/checkpoints/last.ckpt; overrides may change only how long the run goes on and how "
-        "it is logged and fed (trainer.max_steps, trainer.max_epochs, trainer.log_every_n_steps, "
-        "trainer.ckpt_every_n_steps, trainer.progress_bar, trainer.max_nonfinite_steps, data.num_workers, "
-        "data.pin_memory, data.max_bad_fraction)",
-    )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace a previous run in DIR (its checkpoints, metrics, TensorBoard logs, eval results and export "
-        "are deleted); without it a folder that holds a run is refused",
-    )
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=100 data.root=PATH")
-    p.set_defaults(func=cmd_pretrain)
-
-    p = sub.add_parser("list", help="list registered methods, maskers, teachers, ... and shipped configs")
-    p.set_defaults(func=cmd_list)
-
+def add_eval_parser(sub: Any) -> None:
+    """Add ``eval`` with its protocols to an ``argparse`` subparsers object."""
     p = sub.add_parser("eval", help="evaluate an encoder", description="Evaluation protocols.")
     esub = p.add_subparsers(dest="protocol", metavar="protocol")
     k = esub.add_parser("knn", help="weighted kNN top-1 on frozen features (DINO protocol)")
@@ -395,7 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     ls.set_defaults(func=cmd_eval_lowshot)
 
     sg = esub.add_parser("seg", help="semantic segmentation (linear or UPerNet-lite head), mIoU")
-    _add_encoder_args(sg, batch_size=16, data_help="fashion_mnist (derived pixel classes) | ade20k")
+    _add_encoder_args(
+        sg,
+        batch_size=16,
+        data_help="fashion_mnist (derived pixel classes) | ade20k",
+        choices=SEGMENTATION_DATA,
+    )
     sg.add_argument("--head", choices=["linear", "upernet"], default="linear")
     sg.add_argument("--finetune", action="store_true", help="train the encoder too (layer-wise lr decay)")
     sg.add_argument("--epochs", type=int, default=10)
@@ -412,51 +388,3 @@ def build_parser() -> argparse.ArgumentParser:
     z = esub.add_parser("zeroshot", help="zero-shot top-1 of a language-aligned run (clip, rils) with class prompts")
     _add_split_eval_args(z, "run directory of a clip or rils run")
     z.set_defaults(func=cmd_eval_zeroshot)
-
-    r = sub.add_parser(
-        "report",
-        help="a Markdown + HTML report comparing runs: metrics, curves, reconstructions, PCA, semantic masks",
-    )
-    r.add_argument("runs", nargs="+", help="run directories")
-    r.add_argument("--out", required=True, help="report folder (report.md, report.html, PNGs)")
-    r.add_argument("--title", default="semmim report")
-    r.add_argument("--num-images", type=int, default=8, help="images per picture")
-    r.add_argument("--seed", type=int, default=0)
-    r.set_defaults(func=cmd_report)
-
-    from semmim.data_cli import add_data_parser
-
-    add_data_parser(sub)
-
-    p = sub.add_parser(
-        "demo",
-        help="the offline demo: a language-aligned teacher, MAE, MILAN and RILS on Fashion-MNIST",
-        description="Trains a small language-aligned teacher (clip with a locked MiniLM text tower), then MAE, "
-        "MILAN and RILS on Fashion-MNIST (offline); compares kNN top-1 against a random encoder and zero-shot "
-        "top-1, and writes DIR/report.md.",
-    )
-    p.add_argument("--out", default="runs/demo", help="demo folder")
-    p.add_argument("--quick", action="store_true", help="a few steps of each stage (a smoke test)")
-    p.set_defaults(func=cmd_demo)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0 if args.command is None else 2
-    try:
-        return int(args.func(args))
-    except (ConfigError, FileNotFoundError, ValueError, OSError, KeyError, RuntimeError) as e:
-        if os.environ.get("SEMMIM_DEBUG"):
-            raise
-        if isinstance(e, KeyError) and e.args:
-            e = type(e)(e.args[0])
-        print(f"semmim {args.command}: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

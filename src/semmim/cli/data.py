@@ -1,16 +1,69 @@
-"""The ``semmim data`` subcommands' argument parsing, kept free of heavy imports so ``semmim --help``
-stays fast; the work is in :func:`semmim.data.shards.cmd_data_shards`."""
+"""``semmim data``: data preparation (``semmim data shards`` writes WebDataset shards).
+
+Argument parsing only; the datasets and :func:`semmim.data.shards.write_shards` load when a command runs,
+so ``semmim --help`` stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 
-def _cmd_data_shards(args: argparse.Namespace) -> int:
-    from semmim.data.shards import cmd_data_shards
+def source_dataset(args: argparse.Namespace) -> Any:
+    """The dataset ``semmim data shards --src ...`` names (an image folder, a manifest or Fashion-MNIST)."""
+    from semmim.data.captions import MANIFEST_SUFFIXES, ClassCaptions, ManifestDataset, subset_keeping_captions
+    from semmim.data.datasets import ImageFolderDataset
+    from semmim.data.fashion_mnist import FashionMNIST
 
-    return cmd_data_shards(args)
+    src = str(args.src)
+    ds: Any
+    if src in ("fashion_mnist", "fashion-mnist", "fashionmnist"):
+        ds = FashionMNIST(root=args.root, split=args.split, in_chans=1)
+    else:
+        path = Path(src).expanduser()
+        if path.is_dir():
+            ds = ImageFolderDataset(path)
+        elif path.is_file():
+            if path.suffix.lower() not in MANIFEST_SUFFIXES:
+                raise ValueError(
+                    f"--src {src}: a file must be a manifest ({', '.join(sorted(MANIFEST_SUFFIXES))}), "
+                    f"got suffix {path.suffix!r}"
+                )
+            ds = ManifestDataset(path, root=args.root, image_key=args.image_key, caption_key=args.caption_key)
+        else:
+            raise FileNotFoundError(
+                f"--src {src}: not an image folder, a manifest file (.csv/.tsv/.jsonl) or 'fashion_mnist'"
+            )
+    if args.limit is not None:
+        if args.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        if args.limit < len(ds):
+            ds = subset_keeping_captions(ds, range(args.limit))
+    if args.captions == "templates":
+        ds = ClassCaptions(ds, seed=args.seed)
+    return ds
+
+
+def cmd_data_shards(args: argparse.Namespace) -> int:
+    """``semmim data shards``: write a dataset as WebDataset shards; prints the shard and sample counts."""
+    from semmim.data.shards import SHARD_MANIFEST, write_shards
+
+    ds = source_dataset(args)
+    paths = write_shards(
+        ds,
+        args.out,
+        shard_size=args.shard_size,
+        prefix=args.prefix,
+        image_format=args.image_format,
+        quality=args.quality,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+    )
+    out = Path(args.out)
+    print(f"wrote {len(paths)} shards, {len(ds)} samples to {out} (index: {out / SHARD_MANIFEST})")
+    return 0
 
 
 def add_data_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -51,7 +104,7 @@ def add_data_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed of the caption template choice")
     s.add_argument("--overwrite", action="store_true", help="replace existing shards with the same prefix")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
-    s.set_defaults(func=_cmd_data_shards)
+    s.set_defaults(func=cmd_data_shards)
     return p
 
 

@@ -1,0 +1,71 @@
+"""The ``semmim`` command line: a thin layer over the Python API.
+
+semmim pretrain --config configs/demo/mae.yaml --out runs/mae trainer.max_steps=100
+semmim pretrain --out runs/mae --resume
+semmim eval knn --encoder runs/mae --data fashion_mnist      (also: linear, finetune, lowshot, seg, zeroshot)
+semmim report runs/mae runs/milan --out runs/report
+semmim list
+semmim data shards --src fashion_mnist --out shards
+semmim demo --out runs/demo
+
+One module per command group: :mod:`semmim.cli.pretrain` (``pretrain``, ``list``), :mod:`semmim.cli.eval`,
+:mod:`semmim.cli.report`, :mod:`semmim.cli.data` and :mod:`semmim.cli.demo`. Each adds its parser and
+imports the library only when its command runs, so ``semmim --help`` is quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from semmim.cli.data import add_data_parser
+from semmim.cli.demo import add_demo_parser
+from semmim.cli.eval import add_eval_parser, default_eval_out
+from semmim.cli.pretrain import add_list_parser, add_pretrain_parser
+from semmim.cli.report import add_report_parser
+from semmim.config import ConfigError
+from semmim.config_files import configs_dir, resolve_config, shipped_configs
+
+__all__ = ["build_parser", "configs_dir", "default_eval_out", "main", "resolve_config", "shipped_configs"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``semmim`` argument parser with every command."""
+    parser = argparse.ArgumentParser(
+        prog="semmim",
+        description="Masked image pretraining with semantic targets (MAE, MILAN, ...).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `semmim <command> --help` for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version="semmim 0.1.0")
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    add_pretrain_parser(sub)
+    add_list_parser(sub)
+    add_eval_parser(sub)
+    add_report_parser(sub)
+    add_data_parser(sub)
+    add_demo_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``semmim ARGV``; returns the exit status (2 with a one-line message on a usage or data error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    try:
+        return int(args.func(args))
+    except (ConfigError, FileNotFoundError, ValueError, OSError, KeyError, RuntimeError) as e:
+        if os.environ.get("SEMMIM_DEBUG"):
+            raise
+        if isinstance(e, KeyError) and e.args:
+            e = type(e)(e.args[0])
+        print(f"semmim {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
