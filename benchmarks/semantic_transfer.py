@@ -654,8 +654,7 @@ def plan(
 
 def check_configs(jobs: Sequence[Job]) -> None:
     """Fail before any training if an override is not accepted by this semmim (e.g. a key not added yet)."""
-    from semmim.config import ConfigError, load_config
-    from semmim.config_files import resolve_config
+    from semmim.config import ConfigError, find_config, load_config
 
     seen: set[str] = set()
     for job in jobs:
@@ -664,7 +663,7 @@ def check_configs(jobs: Sequence[Job]) -> None:
             continue
         seen.add(key)
         try:
-            load_config(resolve_config(METHOD_CONFIGS[job.method]), job.overrides)
+            load_config(find_config(METHOD_CONFIGS[job.method]), job.overrides)
         except ConfigError as e:
             raise SystemExit(
                 f"{job.method} variant '{job.variant.study}/{job.variant.name}': this semmim does not accept the "
@@ -690,8 +689,7 @@ def last_metric(run_dir: Path, name: str) -> float | None:
 
 def execute(job: Job, budget: Budget, runs_dir: Path, teacher_model: nn.Module | None) -> dict[str, Any]:
     """Pretrain one run and score it with kNN, or read its ``run.json`` if it finished before."""
-    from semmim.config import load_config
-    from semmim.config_files import resolve_config
+    from semmim.config import find_config, load_config
     from semmim.engine import pretrain
     from semmim.eval.knn import knn_eval
 
@@ -701,7 +699,7 @@ def execute(job: Job, budget: Budget, runs_dir: Path, teacher_model: nn.Module |
         result = json.loads(done.read_text())
         print(f"[skip] {run_dir} (finished before: kNN {result['knn_top1']:.2f})", flush=True)
         return result
-    cfg = load_config(resolve_config(METHOD_CONFIGS[job.method]), job.overrides)
+    cfg = load_config(find_config(METHOD_CONFIGS[job.method]), job.overrides)
     teacher = None
     if job.teacher is not None:
         assert teacher_model is not None and job.teacher_size is not None

@@ -27,8 +27,7 @@ def main() -> None:
     parser.add_argument("--knn-test", type=int, default=2000)
     args = parser.parse_args()
 
-    from semmim.config import load_config
-    from semmim.config_files import resolve_config
+    from semmim.config import find_config, load_config
     from semmim.engine import pretrain
     from semmim.eval.classify import classify_eval
     from semmim.eval.knn import knn_eval
@@ -45,7 +44,7 @@ def main() -> None:
                 print(json.dumps(runs[-1]), flush=True)
                 continue
             cfg = load_config(
-                resolve_config("demo/supmim"),
+                find_config("demo/supmim"),
                 [
                     f"method.mim_weight={weight}",
                     f"trainer.seed={seed}",

@@ -363,7 +363,8 @@ def recipe_overrides(
         f"model.timm_name={preset.timm_name}",
         "data.name=synthetic",
     ]
-    if preset.decoder is not None and method != "rils":  # RILS's decoder has the encoder's width
+    # RILS's decoder has the encoder's width; MaskDistill's linear head and CLIP take no decoder shape
+    if preset.decoder is not None and method not in ("rils", "maskdistill", "clip"):
         dim, depth, heads = preset.decoder
         out += [f"decoder.embed_dim={dim}", f"decoder.depth={depth}", f"decoder.num_heads={heads}"]
     if method in TEACHER_METHODS:

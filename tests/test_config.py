@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from semmim.cli import configs_dir, shipped_configs
-from semmim.config import ConfigError, load_config, to_yaml
+from semmim.config import ConfigError, configs_dir, load_config, shipped_configs, to_yaml
 
 
 def test_overrides_are_typed() -> None:

@@ -264,7 +264,9 @@ def test_fashion_mnist_layouts_and_corrupt_files(tmp_path: Path, monkeypatch: py
     assert torch.allclose(ds[0]["image"].flatten()[:3] * 255, torch.tensor([0.0, 1.0, 2.0]))
     _write_fake_fmnist(tmp_path / "env", n=3, prefix="t10k")
     monkeypatch.setenv(fm.ENV_VAR, str(tmp_path / "env"))
-    assert len(FashionMNIST(root=tmp_path / "nothing_here", split="test")) == 3
+    assert len(FashionMNIST(split="test")) == 3  # no root: $SEMMIM_FASHION_MNIST
+    with pytest.raises(FileNotFoundError, match="nothing_here"):  # a named root is the only place looked in
+        FashionMNIST(root=tmp_path / "nothing_here", split="test")
     _write_fake_fmnist(tmp_path / "broken", n=5, truncate=100)
     with pytest.raises(IdxFormatError, match="truncated"):
         FashionMNIST(root=tmp_path / "broken")

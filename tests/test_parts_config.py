@@ -245,3 +245,13 @@ def test_explain_gives_every_key_with_its_help(tiny_teacher_dir: Path) -> None:
 def test_teacher_user_keys_overridden_with_python_teacher_still_checked(tiny_teacher_dir: Path) -> None:
     cfg = load_config(None, tiny_overrides("method.name=maskdistill", *teacher_overrides(tiny_teacher_dir)))
     assert cfg.method.target["norm"] == "ln" and cfg.method.loss == {"name": "smooth_l1", "beta": 2.0}
+
+
+def test_config_show_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    from semmim.cli import main
+
+    assert main(["config", "show", "--config", "demo/mae", "method.masker.mask_ratio=0.6"]) == 0
+    out = capsys.readouterr().out
+    assert "mask_ratio: 0.6" in out and "fraction of patches hidden" in out and "decoder:" in out
+    assert main(["config", "show", "--config", "demo/mae", "method.masker.min_patches=3"]) == 2
+    assert "masker 'random' has no key 'min_patches'" in capsys.readouterr().err

@@ -105,13 +105,13 @@ def test_conditioning_state_round_trips_for_exact_resume() -> None:
 @pytest.mark.parametrize(
     ("overrides", "needle"),
     [
-        (["method.name=mae", "method.target.norm=center"], "method.target.norm conditions teacher-feature targets"),
+        (["method.name=mae", "method.target.norm=center"], "method.target.norm: target 'pixels' has no key 'norm'"),
         (["method.name=milan", "method.target.norm=zca"], "is not one of none, ln, center"),
-        (["method.name=milan", "method.target.norm=pca"], "needs method.target.pca_dim"),
-        (["method.name=milan", "method.target.pca_dim=8"], "used only by method.target.norm=pca"),
-        (["method.name=milan", "method.target.norm=ln", "method.target.norm=center"], "contradicts"),
-        (["method.name=maskdistill", "method.target.grid=native"], "applies to MILAN's loss over all tokens"),
-        (["method.name=maskdistill", "method.global_weight=2"], "applies to MILAN's loss over all tokens"),
+        (["method.name=milan", "method.target.norm=pca"], "needs pca_dim"),
+        (["method.name=milan", "method.target.pca_dim=8"], "used only by norm=pca"),
+        (["method.name=milan", "teacher.ln_target=true"], "'teacher.ln_target' has moved to method.target.norm"),
+        (["method.name=maskdistill", "method.target.grid=native"], "only milan pools its predictions"),
+        (["method.name=maskdistill", "method.global_weight=2"], "unknown config key 'method.global_weight'"),
         (["method.name=milan", "method.global_weight=-1"], "method.global_weight must be >= 0"),
     ],
 )

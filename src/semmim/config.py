@@ -520,7 +520,7 @@ def resolve(raw: Mapping[str, Any], where: str = "config") -> Config:
     Raises:
         ConfigError: one line naming the first wrong key and its fix.
     """
-    from semmim.parts import SLOT_CONTEXT, SLOT_REGISTRY, build_part, merge_node, resolve_part
+    from semmim.parts import SLOT_CONTEXT, SLOT_REGISTRY, build_part, check_part, merge_node, resolve_part
     from semmim.registry import METHODS, RegistryError
 
     for key in _flat_keys(raw):
@@ -560,9 +560,12 @@ def resolve(raw: Mapping[str, Any], where: str = "config") -> Config:
         setattr(method, slot, resolved[slot])
     cfg = Config(method=method, decoder=resolved["decoder"], **sections)
     validate(cfg)
-    for slot in ("masker", "loss"):  # cheap to build: their own checks (a mask ratio in (0, 1)) run now
+    for slot in ("masker", "decoder", "target", "loss"):  # each part's own checks of its keys, before any work
         if resolved[slot] is not None:
-            build_part(SLOT_REGISTRY[slot], resolved[slot], f"method.{slot}")
+            where = "decoder" if slot == "decoder" else f"method.{slot}"
+            check_part(SLOT_REGISTRY[slot], resolved[slot], where)
+            if slot in ("masker", "loss"):  # cheap to build: their constructors' checks run now
+                build_part(SLOT_REGISTRY[slot], resolved[slot], where)
     return cfg
 
 
@@ -690,10 +693,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"method.num_masks={cfg.method.num_masks} is supported by {', '.join(multi)}, not by '{cfg.method.name}'"
         )
+    check_loader_kwargs(cfg.teacher.kwargs, "teacher.kwargs")  # unsafe loader options first, whatever else is wrong
     method_cls.check_config(cfg)
     _unused_sections(cfg)
     _check_data(cfg)
-    check_loader_kwargs(cfg.teacher.kwargs, "teacher.kwargs")
     if cfg.trainer.precision not in ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"):
         raise ConfigError(
             f"trainer.precision='{cfg.trainer.precision}' is not one of auto, 32-true, bf16-mixed, 16-mixed, bf16-true"
@@ -769,7 +772,7 @@ def explain(cfg: Config) -> str:
         value = getattr(cfg.method, f.name)
         if f.name in PART_SLOTS:
             if value is not None:
-                lines.append(f"  {f.name}:{'':<{40 - len(f.name)}} # {method_docs.get(f.name, '')}")
+                lines.append(f"{'  ' + f.name + ':':<48} # {method_docs.get(f.name, '')}")
                 lines += node_lines(f.name, value, 1)
             continue
         lines.append(line(1, f.name, value, method_docs.get(f.name, "")))

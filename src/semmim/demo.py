@@ -20,8 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from semmim.config import load_config
-from semmim.config_files import resolve_config
+from semmim.config import find_config, load_config
 from semmim.engine import pretrain
 from semmim.eval.knn import knn_eval
 from semmim.eval.linear import linear_eval
@@ -101,7 +100,7 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     for i, (name, config, steps, extra) in enumerate(stages, start=1):
         what = "language-aligned teacher (clip, locked MiniLM text tower)" if name == "teacher" else name
         print(f"== {i}/{len(stages) + 1} {what}: {steps} steps", flush=True)
-        cfg = load_config(resolve_config(f"demo/{config}"), [*common, f"trainer.max_steps={steps}", *extra])
+        cfg = load_config(find_config(f"demo/{config}"), [*common, f"trainer.max_steps={steps}", *extra])
         t0 = time.perf_counter()
         # the demo owns its folder: running it again replaces its runs
         runs[name] = (pretrain(cfg, out / name, overwrite=True), time.perf_counter() - t0)

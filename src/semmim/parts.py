@@ -267,6 +267,29 @@ class Lazy:
         self.make = make
 
 
+def _config_error(e: Exception, resolved: Mapping[str, Any], where: str, kind: str, name: str) -> ConfigError:
+    named = [k for k in resolved if k != "name" and re.search(rf"\b{re.escape(k)}\b", str(e))]
+    at = f"{where}.{named[0]}={resolved[named[0]]!r}" if named else where
+    return ConfigError(f"{at} ({kind} '{name}'): {e}")
+
+
+def check_part(registry: Registry[Any], node: Mapping[str, Any], where: str) -> None:
+    """Run the part's own ``check_args(**keys)`` (when it has one) on a resolved node, before anything is built.
+
+    Raises:
+        ConfigError: the part refused a value (the message names the key).
+    """
+    factory = registry.get(node["name"])
+    check = getattr(factory, "check_args", None)
+    if check is None:
+        return
+    keys = {k: v for k, v in node.items() if k != "name"}
+    try:
+        check(**keys)
+    except (ValueError, TypeError) as e:
+        raise _config_error(e, node, where, registry.kind, node["name"]) from None
+
+
 def build_part(registry: Registry[Any], node: Mapping[str, Any], where: str, **context: Any) -> Any:
     """Build the part a resolved node describes, passing the context arguments its factory takes.
 
@@ -287,9 +310,7 @@ def build_part(registry: Registry[Any], node: Mapping[str, Any], where: str, **c
     except (ValueError, TypeError) as e:
         if isinstance(e, ConfigError):
             raise
-        named = [k for k in resolved if re.search(rf"\b{re.escape(k)}\b", str(e))]
-        at = f"{where}.{named[0]}={resolved[named[0]]!r}" if named else where
-        raise ConfigError(f"{at} ({registry.kind} '{name}'): {e}") from None
+        raise _config_error(e, resolved, where, registry.kind, name) from None
 
 
 def merge_node(default: Mapping[str, Any] | None, user: Mapping[str, Any] | str | None) -> dict[str, Any] | None:

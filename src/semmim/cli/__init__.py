@@ -19,13 +19,14 @@ import argparse
 import os
 import sys
 
+from semmim.cli.config import add_config_parser
 from semmim.cli.data import add_data_parser
 from semmim.cli.demo import add_demo_parser
 from semmim.cli.eval import add_eval_parser, default_eval_out
 from semmim.cli.pretrain import add_list_parser, add_pretrain_parser
 from semmim.cli.report import add_report_parser
-from semmim.config import ConfigError
-from semmim.config_files import configs_dir, resolve_config, shipped_configs
+from semmim.config import ConfigError, configs_dir, shipped_configs
+from semmim.config import find_config as resolve_config
 
 __all__ = ["build_parser", "configs_dir", "default_eval_out", "main", "resolve_config", "shipped_configs"]
 
@@ -46,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_parser(sub)
     add_data_parser(sub)
     add_demo_parser(sub)
+    add_config_parser(sub)
+    for choice in sub.choices.values():  # every --help page shows the defaults
+        if choice.formatter_class is argparse.HelpFormatter:
+            choice.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     return parser
 
 

@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from semmim.config import ConfigError
-from semmim.config_files import configs_dir, resolve_config, shipped_configs
+from semmim.config import ConfigError, configs_dir, find_config, shipped_configs
 from semmim.run import CONFIG
 
 
@@ -40,7 +39,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         if not config_path.is_file():
             raise FileNotFoundError(f"--resume without --config: {config_path} does not exist")
     else:
-        config_path = resolve_config(args.config)
+        config_path = find_config(args.config)
     cfg = load_config(config_path, args.overrides)
     if cfg.teacher.name == "module":
         raise ConfigError(

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from semmim.registry import TARGETS
 from semmim.targets.base import TargetOutput
-from semmim.targets.conditioning import TargetConditioner
+from semmim.targets.conditioning import TARGET_NORMS, TargetConditioner
 from semmim.teachers.base import Teacher, resample_attention
 
 
@@ -40,8 +40,19 @@ class TeacherFeatureTarget(nn.Module):
         grid: str = "student",
     ) -> None:
         super().__init__()
-        from semmim.targets.conditioning import TARGET_NORMS
+        self.check_args(norm=norm, pca_dim=pca_dim, grid=grid)
+        self.teacher = teacher
+        self.norm = norm
+        self.grid = grid
+        self.conditioner = TargetConditioner(self.norm, int(teacher.embed_dim), pca_dim=pca_dim)
 
+    @staticmethod
+    def check_args(norm: str = "none", pca_dim: int | None = None, grid: str = "student") -> None:
+        """Check the config keys before the teacher is built (config validation calls this).
+
+        Raises:
+            ValueError: names the key and what is allowed.
+        """
         if grid not in ("student", "native"):
             raise ValueError(f"grid must be 'student' or 'native', got {grid!r}")
         if norm not in TARGET_NORMS:
@@ -50,10 +61,6 @@ class TeacherFeatureTarget(nn.Module):
             raise ValueError("norm=pca needs pca_dim (the number of principal directions kept)")
         if pca_dim is not None and norm != "pca":
             raise ValueError(f"pca_dim={pca_dim} is used only by norm=pca; remove it or set norm=pca")
-        self.teacher = teacher
-        self.norm = norm
-        self.grid = grid
-        self.conditioner = TargetConditioner(self.norm, int(teacher.embed_dim), pca_dim=pca_dim)
 
     @property
     def out_dim(self) -> int:
