@@ -43,6 +43,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -388,6 +389,7 @@ def rewrite(words: list[str], cwd: Path) -> tuple[str, list[str]]:
 
 def run_shell(block: Block, cwd: Path) -> None:
     for words in shell_commands(block.text):
+        start = time.perf_counter()
         how, argv = rewrite(words, cwd)
         with _chdir(cwd):
             if how == "subprocess":
@@ -404,6 +406,7 @@ def run_shell(block: Block, cwd: Path) -> None:
             else:
                 rc = cli(argv)
         assert rc == 0, f"{block.id}: `{shlex.join(words)}` exited with {rc} (ran as {how}: {shlex.join(argv)})"
+        print(f"[readme] {time.perf_counter() - start:6.1f} s  {shlex.join(words)}", file=sys.__stderr__)
 
 
 def run_console(block: Block, cwd: Path) -> None:
@@ -451,8 +454,8 @@ def run_python(block: Block, cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None
                 reg._help.pop(name, None)
 
 
-SLOW = {"several-gpus-and-nodes-2"}
-"""Blocks that take over 20 s (two processes that each import torch)."""
+SLOW = {"several-gpus-and-nodes-2", "evaluation-1"}
+"""Blocks that take over 20 s on 2 CPU cores: two processes that each import torch; eight evaluations."""
 
 
 @pytest.fixture(scope="session")
