@@ -304,6 +304,7 @@ NEEDS: dict[str, dict[str, str]] = {
     "evaluation-1": {"runs/mae": "mae", "runs/milan": "milan", "runs/clip": "clip", "runs/supmim": "supmim"},
     "image-text-data-1": {"my_captions.csv": "captions"},
     "python-api-1": {"runs/teacher": "teacher1"},
+    "python-api-3": {"columns.yaml": "file:columns.yaml"},
 }
 """What each block expects in its directory: path -> fixture kind (order matters: files before runs)."""
 
