@@ -150,7 +150,7 @@ def test_skipped_pretrain_commands_resolve() -> None:
 
 
 # ------------------------------------------------------------------ shrinking runs
-DATA_PATHS = {"/data/imagenet/train": "tiny_imagenet/train"}
+DATA_PATHS = {"/data/imagenet/train": "tiny_imagenet/train", "/data/ADEChallengeData2016": "tiny_ade"}
 """Data paths of the README's commands -> the tiny image folder the test creates instead."""
 
 DOWNLOADING_TEACHERS = ("open_clip", "hf_clip")
@@ -257,6 +257,19 @@ def make_images(root: Path) -> None:
             _jpeg(root / "val" / cls / f"{i}.jpg", 1000 + 100 * c + i)
 
 
+def make_ade(root: Path) -> None:
+    """``root`` in the ADEChallengeData2016 layout: 6 training and 3 validation images with label maps."""
+    from PIL import Image
+
+    for split, n in (("training", 6), ("validation", 3)):
+        for i in range(n):
+            _jpeg(root / "images" / split / f"ADE_{i}.jpg", 700 + i)
+            g = torch.Generator().manual_seed(800 + i)
+            labels = torch.randint(0, 151, (40, 40), generator=g).to(torch.uint8).numpy()
+            (root / "annotations" / split).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(labels).save(root / "annotations" / split / f"ADE_{i}.png")
+
+
 def make_captions(cwd: Path) -> None:
     """``my_captions.csv`` with ``image`` and ``caption`` columns, images under ``pics/``."""
     rows = ["image,caption"]
@@ -301,6 +314,8 @@ def _make_need(kind: str, dest: Path, cwd: Path) -> None:
         shutil.copytree(tiny_teacher(1), dest)
     elif kind == "images":
         make_images(dest)
+    elif kind == "ade":
+        make_ade(dest)
     elif kind == "captions":
         make_captions(cwd)
     elif kind.startswith("file:"):
@@ -323,6 +338,7 @@ NEEDS: dict[str, dict[str, str]] = {
     "pretraining-1": {"tiny_imagenet": "images"},
     "pretraining-2": {"runs/mae_b16": "mae"},
     "evaluation-1": {"runs/mae": "mae", "runs/milan": "milan", "runs/clip": "clip", "runs/supmim": "supmim"},
+    "evaluation-2": {"runs/mae": "mae", "tiny_ade": "ade"},
     "image-text-data-1": {"my_captions.csv": "captions"},
     "python-api-1": {"runs/teacher": "teacher1"},
     "python-api-3": {"columns.yaml": "file:columns.yaml"},
@@ -400,6 +416,8 @@ def rewrite(words: list[str], cwd: Path) -> tuple[str, list[str]]:
             return "subprocess", argv
     if argv[:1] == ["eval"] and argv[1] in EVAL_LIMITS:
         argv += EVAL_LIMITS[argv[1]]
+        if "ade20k" in argv:
+            argv += ["--img-size", "32"]
         if "--cache-dir" not in argv and argv[1] in ("knn", "linear", "lowshot"):
             argv += ["--cache-dir", str(cwd / "feature_cache")]
     if argv[:1] == ["data"] and argv[1] == "shards" and "fashion_mnist" in argv:
