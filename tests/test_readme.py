@@ -149,6 +149,48 @@ def test_skipped_pretrain_commands_resolve() -> None:
     assert checked, "no skipped pretrain command found (the GPU block of the README)"
 
 
+def _known_keys() -> set[str]:
+    """Every ``section.key`` (and ``method.<slot>.key``) some method or registered part accepts."""
+    import dataclasses
+
+    from semmim.config import SECTIONS, MethodConfig
+    from semmim.parts import SLOT_CONTEXT, SLOT_KEY, SLOT_REGISTRY, part_keys
+    from semmim.registry import METHODS
+
+    keys = {f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    for name in METHODS.names():
+        options = getattr(METHODS.get(name), "Options", MethodConfig)
+        keys |= {f"method.{f.name}" for f in dataclasses.fields(options)}
+    for slot, registry in SLOT_REGISTRY.items():
+        keys.add(SLOT_KEY[slot])
+        for part in registry.names():
+            keys |= {f"{SLOT_KEY[slot]}.{k.name}" for k in part_keys(registry, part, SLOT_CONTEXT[slot])}
+            keys.add(f"{SLOT_KEY[slot]}.name")
+    return keys
+
+
+SHOWN_FAILING = {"trainer.max_stepz"}
+"""Wrong keys the README shows failing (in a console block that the test runs)."""
+
+
+def test_config_keys_the_readme_names_exist() -> None:
+    """A ``section.key`` in backticks (README.md, docs/*.md) is a key of today's config, unless the text shows
+    it failing or names it as moved."""
+    from semmim.config import MOVED_KEYS
+
+    known = _known_keys()
+    sections = "method|model|decoder|teacher|text|data|optim|trainer"
+    pattern = re.compile(rf"(?<![\w.])((?:{sections})\.[a-z_]+(?:\.[a-z_]+)*)(?=[=`\s,)]|$)", re.M)
+    for doc in [README, *sorted((README.parent / "docs").glob("*.md"))]:
+        text = re.sub(r"^```.*?^```", "", doc.read_text(), flags=re.S | re.M)  # inline code only
+        blocks = [b.text for b in readme_blocks(doc) if b.lang in ("bash", "console")]
+        for span in re.findall(r"`([^`]+)`", text) + blocks:
+            for key in pattern.findall(span):
+                if key in MOVED_KEYS or key in SHOWN_FAILING or key.startswith("teacher.kwargs."):
+                    continue
+                assert key in known, f"{doc.name} names config key {key!r}, which no method or part accepts"
+
+
 # ------------------------------------------------------------------ shrinking runs
 DATA_PATHS = {"/data/imagenet/train": "tiny_imagenet/train", "/data/ADEChallengeData2016": "tiny_ade"}
 """Data paths of the README's commands -> the tiny image folder the test creates instead."""
