@@ -31,10 +31,15 @@ How they run (the block's text is what a user types; only the rewrites below are
   overrides; parts a block registers are unregistered afterwards.
 - ``console`` blocks: each ``$ `` line is run unchanged; the lines after it are its expected output
   (``...`` matches anything) and must appear in what it prints.
+
+Blocks that cannot run here (GPUs, a cluster) are still checked: their pretrain commands must resolve
+(:func:`test_skipped_pretrain_commands_resolve`), and every ``section.key`` that README.md or docs/*.md
+names must be a key of today's config (:func:`test_config_keys_the_readme_names_exist`).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import os
@@ -239,6 +244,7 @@ def tiny_teacher(in_chans: int) -> Path:
             num_heads=2,
             timm_name="vit_tiny_patch16_224",
         )
+        assert CACHE is not None, "the readme_cache fixture sets the cache"
         out = CACHE / f"teacher_{in_chans}ch"
         out.mkdir(parents=True, exist_ok=True)
         save_encoder(out / "encoder.safetensors", enc.timm_state_dict(), enc.timm_name, enc.timm_kwargs())
@@ -278,7 +284,8 @@ def shrink(config: str | None, overrides: list[str]) -> list[str]:
 
 
 # ------------------------------------------------------------------ fixtures a block expects to find
-CACHE = Path(os.environ.get("SEMMIM_README_CACHE", "")) if os.environ.get("SEMMIM_README_CACHE") else None
+CACHE: Path | None = None
+"""The session's fixture cache (set by the ``readme_cache`` fixture)."""
 
 
 def _jpeg(path: Path, seed: int, size: int = 40) -> None:
@@ -439,7 +446,7 @@ def _has_cli_command(name: str) -> bool:
 
     parser = build_parser()
     for action in parser._actions:
-        if isinstance(action, __import__("argparse")._SubParsersAction):
+        if isinstance(action, argparse._SubParsersAction):
             return name in action.choices
     return False
 
