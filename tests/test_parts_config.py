@@ -182,23 +182,34 @@ def test_user_registered_masker_and_loss_get_their_own_yaml_keys(tmp_path: Path)
         )
     )
     out = tmp_path / "run"
-    script = (
-        "import sys, my_parts; from semmim.cli import main; rc = main(sys.argv[1:]); "
-        "assert my_parts.CALLS == {'k': 3, 'scale': 2.5}, my_parts.CALLS; sys.exit(rc)"
-    )
     over = [o for o in tiny_overrides("method.name=mae") if not o.startswith("method.name")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path.cwd() / "src"), str(Path.cwd())])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path.cwd() / "src"), str(Path.cwd())])}
+    argv = ["pretrain", "--import", "my_parts", "--config", str(config), "--out", str(out), *over]
     res = subprocess.run(
-        [sys.executable, "-c", script, "pretrain", "--config", str(config), "--out", str(out), *over],
+        [sys.executable, "-m", "semmim", *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    saved = load_config_text(out / "config.yaml")
+    assert "test_every_kth" in saved and "k: 3" in saved and "scale: 2.5" in saved
+    # the module really ran: its parts recorded the keys they were built with (it prints nothing itself)
+    res = subprocess.run(
+        [sys.executable, "-m", "semmim", "config", "show", "--import", "my_parts", "--config", str(config)],
         cwd=tmp_path,
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert res.returncode == 0, res.stderr[-3000:]
-    saved = load_config_text(out / "config.yaml")
-    assert "test_every_kth" in saved and "k: 3" in saved and "scale: 2.5" in saved
+    assert res.returncode == 0 and "k: 3" in res.stdout and "a key of this masker's own" in res.stdout, res.stderr
+    res = subprocess.run(
+        [sys.executable, "-m", "semmim", "config", "show", "--config", str(config)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 2 and "unknown masker 'test_every_kth'" in res.stderr and "--import" in res.stderr
 
 
 def load_config_text(path: Path) -> str:

@@ -124,8 +124,10 @@ def test_every_block_is_run_or_skipped_with_a_reason() -> None:
             assert re.fullmatch(r"\(.+\)", b.marker_arg), f"README line {b.line}: a skip needs a (reason)"
         if b.marker == "file":
             assert b.marker_arg, f"README line {b.line}: a file block needs a name"
-        if b.lang in RUN_LANGS:
-            assert b.marker in (None, "skip", "run"), f"README line {b.line}: a {b.lang} block is run or skipped"
+        if b.lang in RUN_LANGS:  # a runnable block may also be saved as a file other blocks use (my_parts.py)
+            assert b.marker in (None, "skip", "run", "file"), (
+                f"README line {b.line}: a {b.lang} block is run or skipped"
+            )
     for b in RUNNABLE:  # a `make` line cannot run here: such blocks carry a skip marker
         assert not re.search(r"^\s*make\b", b.text, re.M), f"{b.id}: a make block must be marked skip"
     # every block the test knows about exists (a renamed section must update NEEDS)
@@ -391,6 +393,8 @@ NEEDS: dict[str, dict[str, str]] = {
     "image-text-data-1": {"my_captions.csv": "captions"},
     "python-api-1": {"runs/teacher": "teacher1"},
     "python-api-3": {"columns.yaml": "file:columns.yaml"},
+    "python-api-4": {"columns.yaml": "file:columns.yaml", "my_parts.py": "file:my_parts.py"},
+    "python-api-5": {"columns.yaml": "file:columns.yaml", "my_parts.py": "file:my_parts.py"},
 }
 """What each block expects in its directory: path -> fixture kind (order matters: files before runs)."""
 
@@ -477,6 +481,23 @@ def rewrite(words: list[str], cwd: Path) -> tuple[str, list[str]]:
 
 
 def run_shell(block: Block, cwd: Path) -> None:
+    from semmim.parts import SLOT_REGISTRY
+    from semmim.registry import load_builtins
+
+    load_builtins()  # the built-in parts stay registered; only what a block adds is undone
+    before = {slot: set(reg._items) for slot, reg in SLOT_REGISTRY.items()}
+    _forget_user_modules()
+    try:
+        _run_shell(block, cwd)
+    finally:  # parts a command's --import registered are forgotten, as in a fresh process
+        for slot, reg in SLOT_REGISTRY.items():
+            for name in set(reg._items) - before[slot]:
+                reg._items.pop(name)
+                reg._help.pop(name, None)
+        _forget_user_modules()
+
+
+def _run_shell(block: Block, cwd: Path) -> None:
     for words in shell_commands(block.text):
         start = time.perf_counter()
         how, argv = rewrite(words, cwd)
@@ -518,6 +539,13 @@ def run_console(block: Block, cwd: Path) -> None:
             assert re.search(pattern, printed), f"{block.id}: `{command}` printed\n{printed}\nnot\n{want}"
 
 
+def _forget_user_modules() -> None:
+    """Drop the README's own modules (``my_parts``) from ``sys.modules``: each block imports them afresh from its
+    directory, so their parts are registered again after the previous block's registrations were undone."""
+    for name in [f.removesuffix(".py") for f in FILES if f.endswith(".py")]:
+        sys.modules.pop(name, None)
+
+
 def run_python(block: Block, cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import semmim.config
     from semmim.parts import SLOT_REGISTRY
@@ -531,6 +559,8 @@ def run_python(block: Block, cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None
         return real(path, [*overrides, *shrink(path, overrides)])
 
     monkeypatch.setattr(semmim.config, "load_config", small_load_config)
+    monkeypatch.syspath_prepend(str(cwd))
+    _forget_user_modules()
     before = {slot: set(reg._items) for slot, reg in SLOT_REGISTRY.items()}
     try:
         with _chdir(cwd):
@@ -541,6 +571,7 @@ def run_python(block: Block, cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None
             for name in set(reg._items) - before[slot]:
                 reg._items.pop(name)
                 reg._help.pop(name, None)
+        _forget_user_modules()
 
 
 SLOW = {"several-gpus-and-nodes-2", "evaluation-1"}

@@ -238,7 +238,8 @@ def resolve_part(
     try:
         registry.get(str(name))
     except RegistryError as e:
-        raise ConfigError(f"{where}.name: {e}") from None
+        hint = " (a part of your own: import its module first, e.g. `semmim pretrain --import my_parts`)"
+        raise ConfigError(f"{where}.name: {e}{hint}") from None
     keys = part_keys(registry, str(name), context)
     allowed = [k.name for k in keys]
     for key in body:

@@ -48,10 +48,44 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parser(sub)
     add_demo_parser(sub)
     add_config_parser(sub)
+    for name in ("pretrain",):
+        add_import_argument(sub.choices[name])
+    show = sub.choices["config"]._subparsers._group_actions[0].choices["show"]  # type: ignore[union-attr]
+    add_import_argument(show)
     for choice in sub.choices.values():  # every --help page shows the defaults
         if choice.formatter_class is argparse.HelpFormatter:
             choice.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     return parser
+
+
+def import_user_modules(names: list[str]) -> None:
+    """Import the modules named by ``--import`` (from the current directory first), so the parts they register
+    (``@MASKERS.register(...)``, ...) can be named in configs.
+
+    Raises:
+        ConfigError: a module cannot be imported (names it and why).
+    """
+    import importlib
+
+    if names and "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigError(f"--import {name}: {e}") from None
+
+
+def add_import_argument(p: argparse.ArgumentParser) -> None:
+    """``--import MODULE`` (repeatable) on a command that reads configs."""
+    p.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        metavar="MODULE",
+        help="import this Python module first (from the current directory or the path), so the parts it "
+        "registers can be named in the config; repeatable",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if args.command is None else 2
     try:
+        import_user_modules(getattr(args, "imports", None) or [])
         return int(args.func(args))
     except (ConfigError, FileNotFoundError, ValueError, OSError, KeyError, RuntimeError) as e:
         if os.environ.get("SEMMIM_DEBUG"):
