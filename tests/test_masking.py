@@ -17,7 +17,6 @@ from semmim.masking import (
     random_masking,
     semantic_masking,
 )
-from semmim.registry import MASKERS
 
 
 def _check_partition(m, n: int, length: int, keep: int) -> None:
@@ -166,7 +165,3 @@ def test_mask_from_bool_fills_ids_when_counts_match() -> None:
     assert ragged.ids_keep is None
     with pytest.raises(ValueError, match="mask-token encoder"):
         ragged.require_ids("the visible-only encoder")
-
-
-def test_registry_has_all_maskers() -> None:
-    assert {"random", "block", "semantic"} <= set(MASKERS.names())

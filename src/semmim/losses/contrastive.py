@@ -63,7 +63,12 @@ def info_nce(image: Tensor, text: Tensor, logit_scale: Tensor | float, gather: b
 
 @LOSSES.register("info_nce")
 class InfoNCE(nn.Module):
-    """Symmetric image-text InfoNCE with a learnable temperature (CLIP): ``(image, text) -> scalar``."""
+    """Symmetric image-text InfoNCE with a learnable temperature (CLIP): ``(image, text) -> scalar``.
+
+    Args:
+        init_temperature: initial softmax temperature (learned as a log scale).
+        max_scale: largest inverse temperature (CLIP clamps it at 100).
+    """
 
     kind = "contrastive"
 
