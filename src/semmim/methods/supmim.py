@@ -142,10 +142,29 @@ class SupervisedMIM(Method):
         )
         return path
 
+    # -------------------------------------------------------------- data context (engine hook)
     @classmethod
-    def from_config(cls, cfg: Config, teacher: nn.Module | None = None) -> SupervisedMIM:
+    def data_context(cls, cfg: Config, dataset: Any) -> dict[str, Any]:
+        """Labelled data is needed: ``{"num_classes": method.num_classes or the dataset's class count}``."""
+        classes = list(getattr(dataset, "classes", []) or [])
+        if not classes:
+            raise ConfigError(
+                f"method '{cfg.method.name}' trains a classifier and needs labelled images, but the dataset "
+                f"'{cfg.data.name}' (root {cfg.data.root}) has no classes: use an image folder with one "
+                "subfolder per class (root/<class>/<image>) or data.name=fashion_mnist"
+            )
+        n = cfg.method.num_classes
+        if n is not None and n < len(classes):
+            raise ConfigError(f"method.num_classes={n} < {len(classes)} classes in the data")
+        return {"num_classes": n if n is not None else len(classes)}
+
+    @classmethod
+    def from_config(
+        cls, cfg: Config, teacher: nn.Module | None = None, num_classes: int | None = None
+    ) -> SupervisedMIM:
         m = cfg.method
-        if not m.num_classes:
+        num_classes = num_classes if num_classes is not None else m.num_classes
+        if not num_classes:
             raise ConfigError(
                 "supmim needs method.num_classes (set it, or let `semmim pretrain` take it from a labelled dataset)"
             )
@@ -160,7 +179,7 @@ class SupervisedMIM(Method):
             target, out_dim, default_loss = feat, feat.out_dim, "smooth_l1"
         else:
             raise ConfigError(f"method.target='{target_name}' is not one of pixels, teacher_features")
-        head = nn.Linear(encoder.embed_dim, m.num_classes)
+        head = nn.Linear(encoder.embed_dim, num_classes)
         nn.init.trunc_normal_(head.weight, std=0.02)
         nn.init.zeros_(head.bias)
         mixup = None
@@ -168,7 +187,7 @@ class SupervisedMIM(Method):
             from timm.data import Mixup
 
             mixup = Mixup(
-                mixup_alpha=m.mixup, cutmix_alpha=m.cutmix, label_smoothing=m.label_smoothing, num_classes=m.num_classes
+                mixup_alpha=m.mixup, cutmix_alpha=m.cutmix, label_smoothing=m.label_smoothing, num_classes=num_classes
             )
         return cls(
             encoder=encoder,
