@@ -253,7 +253,8 @@ def clamp_warmup(warmup_steps: int, total_steps: int, where: str = "optim.warmup
     warning = None
     if total_steps > 0 and warmup_steps >= total_steps:
         warning = (
-            f"the warmup ({where}: {warmup_steps} steps) covers the whole run of {total_steps} steps: the learning "
+            f"the warmup ({where}: {warmup_steps} step{'s' * (warmup_steps != 1)}) covers the whole run of "
+            f"{total_steps} step{'s' * (total_steps != 1)}: the learning "
             "rate never reaches its peak and never decays; shorten the warmup or train longer"
         )
     return min(warmup_steps, total_steps), warning
