@@ -290,5 +290,5 @@ def test_python_teacher_replaces_the_config_source_and_says_so(
     pretrain(cfg, tmp_path / "run", teacher=_module_teacher(PixelMap()))
     printed = capsys.readouterr().out
     assert f"replaces the config's teacher.name=timm, teacher.path={tiny_teacher_dir}" in printed
-    assert "teacher PixelMap" in printed  # the start line names the teacher actually used
+    assert "teacher: PixelMap" in printed  # the start line names the teacher actually used
     assert json.loads(json.dumps(load_config(tmp_path / "run" / "config.yaml").teacher.name)) == "module"

@@ -701,6 +701,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"trainer.precision='{cfg.trainer.precision}' is not one of auto, 32-true, bf16-mixed, 16-mixed, bf16-true"
         )
+    from semmim.teachers.base import check_teacher_config  # teacher keys that name two teachers / weights
+
+    check_teacher_config(cfg.teacher)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

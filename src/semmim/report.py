@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from semmim import run as rundir
 from semmim.config import ConfigError, read_yaml_file
 from semmim.viz import Picture, plot_curves, run_pictures
 
@@ -74,18 +75,18 @@ def load_run(path: PathLike, name: str | None = None) -> RunInfo:
     p = Path(path)
     if not p.is_dir():
         raise FileNotFoundError(f"run directory not found: {p}")
-    if not (p / "config.yaml").is_file():
-        raise FileNotFoundError(f"{p} is not a semmim run directory: it has no config.yaml")
+    if not (p / rundir.CONFIG).is_file():
+        raise FileNotFoundError(f"{p} is not a semmim run directory: it has no {rundir.CONFIG}")
     notes: list[str] = []
-    try:
-        config = read_yaml_file(p / "config.yaml") or {}
+    try:  # the raw document, not validated: a report shows whatever a run left (semmim.run.load_run validates)
+        config = read_yaml_file(p / rundir.CONFIG) or {}
     except ConfigError as e:  # too large, not YAML, or a billion-laughs document: report the rest of the run
-        notes.append(f"config.yaml could not be read ({e})")
+        notes.append(f"{rundir.CONFIG} could not be read ({e})")
         config = {}
     if not isinstance(config, dict):
         config = {}
     rows: list[dict[str, Any]] = []
-    if (p / "metrics.jsonl").is_file():
+    if (p / rundir.METRICS_JSONL).is_file():
         from semmim.engine.metrics import read_metrics
 
         try:
@@ -95,7 +96,7 @@ def load_run(path: PathLike, name: str | None = None) -> RunInfo:
     else:
         notes.append("no metrics.jsonl")
     evals: dict[str, dict[str, Any]] = {}
-    for f in sorted((p / "eval").glob("*/metrics.json")):
+    for f in sorted((p / rundir.EVAL_DIR).glob("*/metrics.json")):
         try:
             data = json.loads(f.read_text())
         except (OSError, ValueError) as e:

@@ -274,23 +274,10 @@ def load_method(run_dir: Path, device: torch.device, teacher: Any = None) -> tup
     Returns:
         (config, method in eval mode on ``device``).
     """
-    from semmim.config import load_config
-    from semmim.engine.checkpoint import load_verified
-    from semmim.engine.trainer import CKPT_DIR, LAST_CKPT
-    from semmim.methods import build_method
+    from semmim.run import load_run
 
-    cfg = load_config(run_dir / "config.yaml")
-    ckpt = run_dir / CKPT_DIR / LAST_CKPT
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"no checkpoint at {ckpt}")
-    method = build_method(cfg, teacher=teacher)
-    method.num_masks = 1  # one masked view per shown image, whatever the run trained with
-    state = load_verified(ckpt, required_keys=("model",))["model"]
-    if not isinstance(state, dict):
-        raise ValueError(f"checkpoint {ckpt}: its 'model' entry is a {type(state).__name__}, not a state dict")
-    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
-    method.load_state_dict(state, strict=True)
-    return cfg, method.to(device).eval()
+    run = load_run(run_dir)
+    return run.cfg, run.load_method(device, teacher=teacher)
 
 
 def sample_images(cfg: Any, num_images: int) -> dict[str, Tensor]:
@@ -385,7 +372,9 @@ def run_pictures(
         (pictures, notes).
     """
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    from semmim.run import ckpt_path
+
+    ckpt = ckpt_path(run_dir)
     if not ckpt.is_file():
         return [], [f"no pictures: no checkpoint at {ckpt}"]
     try:

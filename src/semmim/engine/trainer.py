@@ -9,11 +9,14 @@ continue exactly where a run stopped.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,7 @@ from semmim import run as rundir
 from semmim.config import Config, ConfigError, load_config, to_dict, to_yaml
 from semmim.engine.checkpoint import CheckpointError, ChecksummedCheckpointIO
 from semmim.engine.metrics import MetricsWriter
-from semmim.engine.optim import build_adamw, cosine_lr
+from semmim.engine.optim import build_adamw, clamp_warmup, cosine_lr, scaled_lr, set_lr
 
 INPUT_BOUND_FRACTION = 0.25
 """A run that waits for data more than this share of the time is reported as input-bound."""
@@ -231,8 +234,6 @@ def with_python_teacher(cfg: Config, teacher: nn.Module) -> Config:
 
     The config's own teacher source, if any, is not what the run uses, so it is not recorded; a note says so.
     """
-    import copy
-
     from semmim.methods.base import PYTHON_TEACHER
 
     out = copy.deepcopy(cfg)
@@ -271,6 +272,7 @@ def pretrain(
     One process writes a run directory at a time (a lock file names it). A new run is refused in a folder
     that holds another one unless ``overwrite``; a resume may change only the keys of
     :data:`semmim.run.RESUME_MAY_CHANGE` (recorded in ``events.jsonl`` and ``config.yaml``).
+    ``cfg`` itself is never changed (the run works on a copy): :class:`PretrainRecipe` does the work.
 
     Args:
         cfg: the run configuration.
@@ -292,10 +294,8 @@ def pretrain(
     ckpt_path = rundir.ckpt_path(out)
     if resume and not ckpt_path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-    # before the processes are launched: RANK / LOCAL_RANK tell launched children apart from rank 0
-    is_rank0 = int(os.environ.get("RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
-    if not is_rank0:  # rank 0 owns the folder; it checked it before launching this process
-        return _pretrain(cfg, out, resume, teacher, on_step, changes={})
+    if not _is_rank0_env():  # rank 0 owns the folder; it checked it before launching this process
+        return PretrainRecipe(cfg, out, resume=resume, teacher=teacher, on_step=on_step).run()
     check_writable(out)
     lock = rundir.RunLock(out)
     lock.acquire()
@@ -307,180 +307,258 @@ def pretrain(
                 changes = rundir.resume_changes(to_dict(load_config(saved)), to_dict(cfg))
         else:
             rundir.prepare_new_run(out, overwrite)
-        return _pretrain(cfg, out, resume, teacher, on_step, changes)
+        return PretrainRecipe(cfg, out, resume=resume, teacher=teacher, on_step=on_step, changes=changes).run()
     finally:
         lock.release()
 
 
-def _pretrain(
-    cfg: Config,
-    out: Path,
-    resume: bool,
-    teacher: nn.Module | None,
-    on_step: Callable[[int, float], None] | None,
-    changes: dict[str, tuple[Any, Any]],
-) -> RunResult:
-    import lightning as L
-    from lightning.fabric.loggers import TensorBoardLogger
+def _is_rank0_env() -> bool:
+    """Rank 0 by the launcher's environment (RANK / LOCAL_RANK tell launched children apart)."""
+    return int(os.environ.get("RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
 
-    from semmim.data import ResumableSampler, build_dataset, build_loader
-    from semmim.methods import build_method
 
-    ckpt_path = rundir.ckpt_path(out)
-    (out / CKPT_DIR).mkdir(exist_ok=True)
-    stale = ckpt_path.with_name(ckpt_path.name + ".tmp")
-    is_rank0 = int(os.environ.get("RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
-    if stale.exists() and is_rank0:
-        print(f"[semmim] removing {stale}, left by a run that stopped while saving", flush=True)
-        stale.unlink(missing_ok=True)
+@contextmanager
+def _rng_preserved() -> Iterator[None]:
+    """Run a block without moving the global random states (python, numpy, torch CPU)."""
+    import random
 
-    t = cfg.trainer
-    precision = resolve_precision(t.precision, t.accelerator)
-    fabric = L.Fabric(
-        accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
-        strategy=t.strategy,
-        precision=precision,  # type: ignore[arg-type]
-        loggers=[TensorBoardLogger(root_dir=str(out), name=rundir.TENSORBOARD, version="")],
-        plugins=[ChecksummedCheckpointIO(required_keys=CKPT_KEYS)],
-    )
-    fabric.launch()
-    rank, world = fabric.global_rank, fabric.world_size
-    is_main = rank == 0
-    fabric.seed_everything(t.seed, verbose=False)
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        yield
+    random.setstate(py)
+    np.random.set_state(npy)
 
-    # ---------------------------------------------------------------- data
-    from semmim.registry import METHODS
 
-    needs_captions = bool(getattr(METHODS.get(cfg.method.name), "needs_captions", False))  # clip, rils
-    dataset = build_dataset(
-        cfg.data,
-        img_size=cfg.model.img_size,
-        in_chans=cfg.model.in_chans,
-        train=True,
-        seed=t.seed,
-        require_captions=needs_captions,  # a shard sample without a caption is a counted bad sample
-    )
-    streaming = isinstance(dataset, IterableDataset)
-    sampler: ResumableSampler | None = None
-    stream: Any = dataset
-    if streaming:  # WebDataset shards: the stream splits shards by rank and worker itself
-        num_samples = cfg.data.num_samples or stream.num_samples or sum(stream.shard_counts().values())
-        if not num_samples:
-            raise ConfigError(
-                "data.num_samples is needed to size the epochs of a WebDataset stream (the shards' manifest.json "
-                "records it when semmim wrote them)"
+def _record_context(cfg: Config, context: dict[str, Any]) -> None:
+    """Record build context that fills an unset ``method.*`` key in the run's own config copy."""
+    for key, value in context.items():
+        if hasattr(cfg.method, key) and getattr(cfg.method, key) is None:
+            setattr(cfg.method, key, value)
+
+
+def _wants_plain_log(progress_bar: bool) -> bool:
+    """Plain text lines per log step when the bar is off or stdout is not a terminal (a log file, CI)."""
+    if not progress_bar:
+        return True
+    try:
+        return not sys.stdout.isatty()
+    except (AttributeError, ValueError):  # a closed or replaced stdout
+        return True
+
+
+class PretrainRecipe:
+    """One pretraining run as a recipe: set up data, model and optimiser, then train.
+
+    The recipe works on its own copy of ``cfg`` (the caller's config is never changed); what the method
+    needs from the data comes from the method's :meth:`~semmim.methods.base.Method.data_context` hook.
+    :func:`pretrain` checks the run folder (lock, overwrite, resume changes) and then calls :meth:`run`,
+    which is :meth:`setup` and :meth:`train`.
+
+    Args:
+        cfg: the run configuration (copied).
+        out: the run directory.
+        resume: continue from its last checkpoint.
+        teacher: a Python teacher overriding ``cfg.teacher`` (``cfg`` already records it).
+        on_step: called as ``on_step(step, loss)`` after every optimizer step on rank 0.
+        changes: the allowed config changes of a resume (``{key: (old, new)}``), logged and recorded.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        out: Path,
+        *,
+        resume: bool = False,
+        teacher: nn.Module | None = None,
+        on_step: Callable[[int, float], None] | None = None,
+        changes: dict[str, tuple[Any, Any]] | None = None,
+    ) -> None:
+        self.cfg = copy.deepcopy(cfg)
+        self.out = Path(out)
+        self.resume = resume
+        self.teacher = teacher
+        self.on_step = on_step
+        self.changes = dict(changes or {})
+        self.ckpt_path = rundir.ckpt_path(self.out)
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.bar: Any = None
+        self.plain_log = False
+        self.monitor: Any = None
+        self.context: dict[str, Any] = {}
+        self._reported = 0  # non-finite steps already warned about
+
+    # ------------------------------------------------------------------ setup
+    def run(self) -> RunResult:
+        self.setup()
+        return self.train()
+
+    def setup(self) -> None:
+        """Everything before the first step; every check that can fail runs here."""
+        self.setup_fabric()
+        self.setup_data()
+        self.setup_model()
+        self.setup_optimizer()
+        if self.resume:
+            self.load_checkpoint()
+        self.setup_monitor()
+        self.n_params = sum(p.numel() for p in self.method.parameters() if p.requires_grad)
+        if self.is_main:
+            check_free_space(self.out, checkpoint_bytes(self.method))
+            if not self.resume:  # written once every check has passed: a run that could not start leaves none
+                (self.out / rundir.CONFIG).write_text(to_yaml(self.cfg))
+            self.log_start()
+        self.writer = MetricsWriter(self.out, enabled=self.is_main, resume_step=self.step if self.resume else None)
+        if self.resume:
+            self.writer.note(
+                {"event": "resume", "step": self.step, "changed": {k: list(v) for k, v in self.changes.items()}}
             )
-        stream.rank, stream.world_size, stream.num_samples = rank, world, int(num_samples)
-        stream.batch_size, stream.drop_last = cfg.data.batch_size, True
-        shard_size = int(num_samples) // world
-    else:
-        sampler = ResumableSampler(len(dataset), shuffle=True, seed=t.seed, rank=rank, world_size=world, drop_last=True)
-        shard_size = sampler.shard_size
-    loader = build_loader(
-        dataset,
-        batch_size=cfg.data.batch_size,
-        num_workers=cfg.data.num_workers,
-        pin_memory=cfg.data.pin_memory and fabric.device.type == "cuda",
-        sampler=sampler,
-        drop_last=True,
-    )
-    accumulate = cfg.optim.accumulate
-    if cfg.optim.effective_batch:
-        accumulate = max(1, math.ceil(cfg.optim.effective_batch / (cfg.data.batch_size * world)))
-    batches_per_epoch = shard_size // cfg.data.batch_size
-    steps_per_epoch = batches_per_epoch // accumulate
-    if steps_per_epoch < 1:
-        raise ConfigError(
-            f"the dataset has {shard_size * world} images: {world} device(s) x data.batch_size={cfg.data.batch_size} "
-            f"x {accumulate} accumulation step(s) is more than one epoch holds; lower data.batch_size"
+        self.guard = NonFiniteGuard(self.fabric.device, self.cfg.trainer.max_nonfinite_steps)
+        self.trainable = [p for p in self.method.parameters() if p.requires_grad]
+        self.check_grads = "fsdp" not in str(self.cfg.trainer.strategy).lower()  # sharded grads: per-rank norms
+
+    def setup_fabric(self) -> None:
+        import lightning as L
+        from lightning.fabric.loggers import TensorBoardLogger
+
+        (self.out / CKPT_DIR).mkdir(exist_ok=True)
+        stale = self.ckpt_path.with_name(self.ckpt_path.name + ".tmp")
+        if stale.exists() and _is_rank0_env():
+            print(f"[semmim] removing {stale}, left by a run that stopped while saving", flush=True)
+            stale.unlink(missing_ok=True)
+        t = self.cfg.trainer
+        self.precision = resolve_precision(t.precision, t.accelerator)
+        self.fabric = L.Fabric(
+            accelerator=t.accelerator,
+            devices=t.devices,
+            num_nodes=t.num_nodes,
+            strategy=t.strategy,
+            precision=self.precision,  # type: ignore[arg-type]
+            loggers=[TensorBoardLogger(root_dir=str(self.out), name=rundir.TENSORBOARD, version="")],
+            plugins=[ChecksummedCheckpointIO(required_keys=CKPT_KEYS)],
         )
-    total_steps = t.max_steps if t.max_steps is not None else t.max_epochs * steps_per_epoch
-    warmup = cfg.optim.warmup_steps
-    if warmup is None:
-        warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
-    warmup = min(warmup, total_steps)
-    eff_batch = cfg.data.batch_size * world * accumulate
-    peak_lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.base_lr * eff_batch / 256
+        self.fabric.launch()
+        self.rank, self.world = self.fabric.global_rank, self.fabric.world_size
+        self.is_main = self.rank == 0
+        self.fabric.seed_everything(t.seed, verbose=False)
 
-    # ---------------------------------------------------------------- model
-    if getattr(METHODS.get(cfg.method.name), "needs_labels", False):
-        classes = list(getattr(dataset, "classes", []) or [])
-        if not classes:
-            raise ConfigError(
-                f"method '{cfg.method.name}' trains a classifier and needs labelled images, but the dataset "
-                f"'{cfg.data.name}' (root {cfg.data.root}) has no classes: use an image folder with one "
-                "subfolder per class (root/<class>/<image>) or data.name=fashion_mnist"
-            )
-        if cfg.method.num_classes is None:
-            cfg.method.num_classes = len(classes)
-        elif cfg.method.num_classes < len(classes):
-            raise ConfigError(f"method.num_classes={cfg.method.num_classes} < {len(classes)} classes in the data")
-    method = build_method(cfg, teacher=teacher)
-    from semmim.methods.base import check_teacher_attention
+    def setup_data(self) -> None:
+        """The dataset, its sampler and loader; the epoch and step counts, warmup and learning rate."""
+        from semmim.data import ResumableSampler, build_dataset, build_loader
+        from semmim.methods import method_class
 
-    check_teacher_attention(method, fabric.device)  # semantic masking with a teacher that has no attention
-    teacher_line = ""
-    tm: Any = getattr(getattr(method, "target", None), "teacher", None)
-    if tm is not None:
-        teacher_line = f" | teacher {tm.describe() if hasattr(tm, 'describe') else type(tm).__name__}"
-    # fused AdamW (CUDA and CPU) takes found_inf, which lets a non-finite step be skipped without a sync
-    fused = fabric.device.type in ("cuda", "cpu")
-    sync_free = fused and "16-mixed" not in precision  # fp16's GradScaler manages found_inf itself
-    optimizer = build_adamw(
-        method,
-        lr=peak_lr,
-        weight_decay=cfg.optim.weight_decay,
-        betas=(cfg.optim.betas[0], cfg.optim.betas[1]),
-        eps=cfg.optim.eps,
-        fused=fused,
-    )
-    inner_optimizer = optimizer
-    module: nn.Module = method
-    if use_compile(t.compile, fabric.device):
-        if t.compile == "auto":  # on by default where it compiles: graphs that fail fall back to eager
-            import torch._dynamo as dynamo
-
-            dynamo.config.suppress_errors = True
-        module = torch.compile(method)  # type: ignore[assignment]
-    model, optimizer = fabric.setup(module, optimizer)
-    # the loader is not wrapped by fabric.setup_dataloaders: its wrapper calls sampler.set_epoch(<number of
-    # iter() calls>) at every iter(), which would override the epoch set below after a resume; batches are
-    # moved to the device with fabric.to_device instead
-
-    step, epoch, batch_in_epoch = 0, 0, 0
-    if resume:
-        state = {"model": model, "optimizer": optimizer}
-        try:
-            rest = fabric.load(ckpt_path, state, weights_only=True)
-        except CheckpointError as e:
-            raise CheckpointError(f"--resume: {e}") from e
-        except Exception as e:
-            raise CheckpointError(
-                f"--resume: cannot load the checkpoint {ckpt_path} ({type(e).__name__}: {e}); it may be truncated "
-                "or written by an incompatible version"
-            ) from e
-        step, epoch, batch_in_epoch = int(rest["step"]), int(rest["epoch"]), int(rest["batch_in_epoch"])
-        if changes and is_main:
-            print(
-                "[semmim] resuming with changed settings: "
-                + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()),
-                flush=True,
-            )
-            (out / rundir.CONFIG).write_text(to_yaml(cfg))
-
-    if getattr(method, "needs_captions", False) and not streaming and "caption" not in stream[0]:
-        raise ConfigError(
-            f"method '{cfg.method.name}' needs captions, but dataset '{cfg.data.name}' gives none: set "
-            "data.captions=templates for a labelled dataset, or use data.name=manifest / webdataset"
+        cfg, t, world = self.cfg, self.cfg.trainer, self.world
+        self.method_cls = method_class(cfg)
+        dataset = build_dataset(
+            cfg.data,
+            img_size=cfg.model.img_size,
+            in_chans=cfg.model.in_chans,
+            train=True,
+            seed=t.seed,
+            require_captions=self.method_cls.needs_captions,  # a shard sample without one is a counted bad sample
         )
-    monitor = None
-    if t.knn_every_n_steps and is_main:  # built (and its dataset checked) before any step
+        self.dataset = dataset
+        self.streaming = isinstance(dataset, IterableDataset)
+        self.sampler: ResumableSampler | None = None
+        self.stream: Any = dataset
+        if self.streaming:  # WebDataset shards: the stream splits shards by rank and worker itself
+            stream: Any = self.stream
+            num_samples = cfg.data.num_samples or stream.num_samples or sum(stream.shard_counts().values())
+            if not num_samples:
+                raise ConfigError(
+                    "data.num_samples is needed to size the epochs of a WebDataset stream (the shards' manifest.json "
+                    "records it when semmim wrote them)"
+                )
+            stream.rank, stream.world_size, stream.num_samples = self.rank, world, int(num_samples)
+            stream.batch_size, stream.drop_last = cfg.data.batch_size, True
+            self.shard_size = int(num_samples) // world
+        else:
+            self.sampler = ResumableSampler(
+                len(dataset), shuffle=True, seed=t.seed, rank=self.rank, world_size=world, drop_last=True
+            )
+            self.shard_size = self.sampler.shard_size
+        self.loader = build_loader(
+            dataset,
+            batch_size=cfg.data.batch_size,
+            num_workers=cfg.data.num_workers,
+            pin_memory=cfg.data.pin_memory and self.fabric.device.type == "cuda",
+            sampler=self.sampler,
+            drop_last=True,
+        )
+        accumulate = cfg.optim.accumulate
+        if cfg.optim.effective_batch:
+            accumulate = max(1, math.ceil(cfg.optim.effective_batch / (cfg.data.batch_size * world)))
+        self.accumulate = accumulate
+        batches_per_epoch = self.shard_size // cfg.data.batch_size
+        self.steps_per_epoch = batches_per_epoch // accumulate
+        if self.steps_per_epoch < 1:
+            raise ConfigError(
+                f"the dataset has {self.shard_size * world} images: {world} device(s) x data.batch_size="
+                f"{cfg.data.batch_size} x {accumulate} accumulation step(s) is more than one epoch holds; "
+                "lower data.batch_size"
+            )
+        self.total_steps = t.max_steps if t.max_steps is not None else t.max_epochs * self.steps_per_epoch
+        warmup = cfg.optim.warmup_steps
+        where = "optim.warmup_steps"
+        if warmup is None:
+            warmup = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
+            where = f"optim.warmup_epochs={cfg.optim.warmup_epochs:g}"
+        self.warmup, self.warmup_warning = clamp_warmup(warmup, self.total_steps, where)
+        self.eff_batch = cfg.data.batch_size * world * accumulate
+        self.peak_lr = cfg.optim.lr if cfg.optim.lr is not None else scaled_lr(cfg.optim.base_lr, self.eff_batch)
+        # what the method needs from the data (labels, captions) and derives from it (supmim: num_classes);
+        # the random states are kept as they were, so the model's initialisation does not depend on this check
+        with _rng_preserved():
+            self.context = self.method_cls.data_context(cfg, dataset)
+        _record_context(cfg, self.context)  # the run's own copy: config.yaml rebuilds the same method
+
+    def setup_model(self) -> None:
+        from semmim.methods import build_method
+        from semmim.methods.base import check_teacher_attention
+
+        self.method = build_method(self.cfg, teacher=self.teacher, **self.context)
+        check_teacher_attention(self.method, self.fabric.device)  # semantic masking needs the teacher's attention
+
+    def teacher_description(self) -> str | None:
+        """The teacher the method actually loaded, as it describes itself (None: the method has none)."""
+        tm: Any = getattr(getattr(self.method, "target", None), "teacher", None)
+        if tm is None:
+            return None
+        return str(tm.describe()) if hasattr(tm, "describe") else type(tm).__name__
+
+    def setup_optimizer(self) -> None:
+        cfg, t = self.cfg, self.cfg.trainer
+        # fused AdamW (CUDA and CPU) takes found_inf, which lets a non-finite step be skipped without a sync
+        fused = self.fabric.device.type in ("cuda", "cpu")
+        self.sync_free = fused and "16-mixed" not in self.precision  # fp16's GradScaler manages found_inf itself
+        optimizer = build_adamw(
+            self.method,
+            lr=self.peak_lr,
+            weight_decay=cfg.optim.weight_decay,
+            betas=(cfg.optim.betas[0], cfg.optim.betas[1]),
+            eps=cfg.optim.eps,
+            fused=fused,
+        )
+        self.inner_optimizer = optimizer
+        module: nn.Module = self.method
+        if use_compile(t.compile, self.fabric.device):
+            if t.compile == "auto":  # on by default where it compiles: graphs that fail fall back to eager
+                import torch._dynamo as dynamo
+
+                dynamo.config.suppress_errors = True
+            module = torch.compile(self.method)  # type: ignore[assignment]
+        self.model, self.optimizer = self.fabric.setup(module, optimizer)
+        # the loader is not wrapped by fabric.setup_dataloaders: its wrapper calls sampler.set_epoch(<number of
+        # iter() calls>) at every iter(), which would override the epoch set below after a resume; batches are
+        # moved to the device with fabric.to_device instead
+
+    def setup_monitor(self) -> None:
+        cfg, t = self.cfg, self.cfg.trainer
+        if not (t.knn_every_n_steps and self.is_main):  # built (and its dataset checked) before any step
+            return
         from semmim.eval.monitor import KnnMonitor
 
         try:
-            monitor = KnnMonitor(
+            self.monitor = KnnMonitor(
                 t.knn_data or cfg.data.name,
                 t.knn_root if t.knn_root is not None else cfg.data.root,
                 img_size=cfg.model.img_size,
@@ -493,290 +571,357 @@ def _pretrain(
             )
         except (ValueError, FileNotFoundError, KeyError) as e:
             raise ConfigError(f"trainer.knn_every_n_steps={t.knn_every_n_steps}: {e}") from e
-    n_params = sum(p.numel() for p in method.parameters() if p.requires_grad)
-    if is_main:
-        check_free_space(out, checkpoint_bytes(method))
-        if not resume:  # written once every check has passed: a run that could not start leaves no run behind
-            (out / rundir.CONFIG).write_text(to_yaml(cfg))
-    if is_main:
-        print(
-            f"[semmim] {cfg.method.name}: {n_params / 1e6:.2f}M trainable parameters | {shard_size * world} images | "
-            f"{world} device(s) x batch {cfg.data.batch_size} x accumulate {accumulate} "
-            f"= effective batch {eff_batch} | "
-            f"lr {peak_lr:.3g} (base_lr {cfg.optim.base_lr:g} x {eff_batch}/256) | {total_steps} steps, "
-            f"warmup {warmup} | precision {precision} | device {fabric.device}"
-            + teacher_line
-            + (f" | resuming at step {step}" if resume else ""),
-            flush=True,
-        )
-    writer = MetricsWriter(out, enabled=is_main, resume_step=step if resume else None)
-    if resume:
-        writer.note({"event": "resume", "step": step, "changed": {k: list(v) for k, v in changes.items()}})
 
-    guard = NonFiniteGuard(fabric.device, t.max_nonfinite_steps)
-    trainable = [p for p in method.parameters() if p.requires_grad]
-    check_grads = "fsdp" not in str(t.strategy).lower()  # sharded gradients give per-rank norms
+    # ------------------------------------------------------------------ checkpoints
+    def load_checkpoint(self) -> None:
+        """Model, optimizer and data position from ``last.ckpt``; a resume's changes are logged and recorded."""
+        state = {"model": self.model, "optimizer": self.optimizer}
+        try:
+            rest = self.fabric.load(self.ckpt_path, state, weights_only=True)
+        except CheckpointError as e:
+            raise CheckpointError(f"--resume: {e}") from e
+        except Exception as e:
+            raise CheckpointError(
+                f"--resume: cannot load the checkpoint {self.ckpt_path} ({type(e).__name__}: {e}); it may be "
+                "truncated or written by an incompatible version"
+            ) from e
+        self.step, self.epoch, self.batch_in_epoch = int(rest["step"]), int(rest["epoch"]), int(rest["batch_in_epoch"])
+        if self.changes and self.is_main:
+            print(
+                "[semmim] resuming with changed settings: "
+                + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in self.changes.items()),
+                flush=True,
+            )
+            (self.out / rundir.CONFIG).write_text(to_yaml(self.cfg))
 
-    def save_checkpoint() -> None:
+    def save_checkpoint(self) -> None:
         """Write ``last.ckpt``, never from a non-finite state (the previous checkpoint stays then)."""
-        in_row, _, _ = guard.read_now()
+        in_row, _, _ = self.guard.read_now()
+        ckpt_path = self.ckpt_path
         if in_row:
-            if is_main:
+            if self.is_main:
                 print(
-                    f"[semmim] warning: step {step} had a non-finite loss: no checkpoint written at it"
+                    f"[semmim] warning: step {self.step} had a non-finite loss: no checkpoint written at it"
                     + (f"; {ckpt_path} keeps the last good one" if ckpt_path.exists() else ""),
                     flush=True,
                 )
             return
-        if not all_finite(method):
+        if not all_finite(self.method):
             raise NonFiniteLossError(
-                f"the weights or optimizer state of method '{cfg.method.name}' became non-finite by step {step} "
-                f"(epoch {epoch}); no checkpoint was written"
+                f"the weights or optimizer state of method '{self.cfg.method.name}' became non-finite by step "
+                f"{self.step} (epoch {self.epoch}); no checkpoint was written"
                 + (f", the last good one is {ckpt_path}" if ckpt_path.exists() else "")
                 + ". Lower the learning rate, set optim.clip_grad, or check the data."
             )
         state = {
-            "model": model,
-            "optimizer": optimizer,
-            "step": step,
-            "epoch": epoch,
-            "batch_in_epoch": batch_in_epoch,
-            "config": to_dict(cfg),
+            "model": self.model,
+            "optimizer": self.optimizer,
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "config": to_dict(self.cfg),
         }
-        _save_atomic(fabric, ckpt_path, state, step)
+        _save_atomic(self.fabric, ckpt_path, state, self.step)
 
-    bar = None
-    if is_main and t.progress_bar:
-        from tqdm.auto import tqdm
+    # ------------------------------------------------------------------ logging
+    def start_lines(self) -> list[str]:
+        """What the run prints when it starts: size, batch, the learning rate actually used, the teacher."""
+        cfg = self.cfg
+        if cfg.optim.lr is not None:
+            lr_how = "optim.lr, not scaled"
+        else:
+            lr_how = f"base_lr {cfg.optim.base_lr:g} x effective batch {self.eff_batch} / 256"
+        line = (
+            f"[semmim] {cfg.method.name}: {self.n_params / 1e6:.2f}M trainable parameters | "
+            f"{self.shard_size * self.world} images | {self.world} device(s) x batch {cfg.data.batch_size} x "
+            f"accumulate {self.accumulate} = effective batch {self.eff_batch} | lr {self.peak_lr:.3g} ({lr_how}) | "
+            f"{self.total_steps} steps, warmup {self.warmup} | precision {self.precision} | "
+            f"device {self.fabric.device}" + (f" | resuming at step {self.step}" if self.resume else "")
+        )
+        lines = [line]
+        teacher = self.teacher_description()
+        if teacher is not None:
+            lines.append(f"[semmim] teacher: {teacher}")
+        return lines
 
-        bar = tqdm(total=total_steps, initial=step, desc=cfg.method.name, dynamic_ncols=True, mininterval=1.0)
+    def log_start(self) -> None:
+        for line in self.start_lines():
+            print(line, flush=True)
+        if self.warmup_warning:
+            print(f"[semmim] warning: {self.warmup_warning}", file=sys.stderr, flush=True)
 
-    input_bound_warned = explained_warned = False
-    explained_low = 0  # log steps in a row with target_explained under EXPLAINED_WARN
-    last_loss_t: torch.Tensor | None = None
-    window_imgs, window_compute, window_wait = 0, 0.0, 0.0
-    t_start = time.perf_counter()
-    window_start = t_start
-    running = torch.zeros((), device=fabric.device)
-    skipped = torch.zeros((), device=fabric.device, dtype=torch.long)
+    def log(self, row: dict[str, Any], extras: dict[str, float]) -> None:
+        """One log step: metrics files, TensorBoard, and the progress bar or one plain text line."""
+        self.writer.write(row)
+        loss_value, lr, ips = row["loss"], row["lr"], row["images_per_s"]
+        scalars = {"train/loss": loss_value, "train/lr": lr, "train/images_per_s": ips}
+        scalars.update({f"train/{k}": v for k, v in extras.items()})
+        self.fabric.log_dict(scalars, step=self.step)
+        shown = {"loss": f"{loss_value:.4f}", "lr": f"{lr:.2e}", "img_s": f"{ips:.0f}"}
+        if "target_explained" in extras:
+            shown["explained"] = f"{extras['target_explained']:.3f}"
+        if "knn_top1" in extras:
+            shown["knn"] = f"{extras['knn_top1']:.1f}"
+        if self.bar is not None:
+            self.bar.set_postfix(shown, refresh=False)
+        elif self.plain_log and self.is_main:
+            rest = " ".join(f"{k} {v}" for k, v in shown.items())
+            print(f"[semmim] step {self.step}/{self.total_steps} epoch {self.epoch} {rest}", flush=True)
 
-    def report_skipped(epoch: int, samples: int) -> None:
+    def _report_skipped(self, samples: int) -> None:
         """Sum the unreadable files of this (part of an) epoch over workers and ranks; too many stop the run."""
-        counts = torch.stack([skipped.float(), torch.tensor(float(samples), device=fabric.device)])
-        total = fabric.all_reduce(counts, reduce_op="sum") if world > 1 else counts
+        counts = torch.stack([self.skipped.float(), torch.tensor(float(samples), device=self.fabric.device)])
+        total = self.fabric.all_reduce(counts, reduce_op="sum") if self.world > 1 else counts
         n_bad, n_seen = (int(v) for v in total.tolist())  # type: ignore[union-attr]
         if n_bad == 0:
             return
-        if is_main:
+        cfg, epoch = self.cfg, self.epoch
+        if self.is_main:
             print(f"[semmim] epoch {epoch}: skipped {n_bad} unreadable image(s) in {n_seen} samples", flush=True)
-            writer.note({"epoch": epoch, "step": step, "skipped_images": n_bad, "samples": n_seen})
+            self.writer.note({"epoch": epoch, "step": self.step, "skipped_images": n_bad, "samples": n_seen})
         if n_bad > max(1, cfg.data.max_bad_fraction * n_seen):
             raise RuntimeError(
                 f"epoch {epoch}: {n_bad} of {n_seen} images could not be decoded, more than "
                 f"data.max_bad_fraction={cfg.data.max_bad_fraction} allows; the warnings above name the files"
             )
 
-    reported = [0]  # non-finite steps already warned about
-
-    def check_nonfinite(state: tuple[int, int, float] | None) -> None:
+    def _check_nonfinite(self, state: tuple[int, int, float] | None) -> None:
         """Warn about a skipped step; stop when more than max_nonfinite_steps came in a row."""
         if state is None:
             return
         in_row, total, loss_value = state
-        if not in_row or total <= reported[0]:
+        if not in_row or total <= self._reported:
             return
-        reported[0] = total
-        at = guard.step_of_state(step)
+        self._reported = total
+        limit = self.cfg.trainer.max_nonfinite_steps
+        at = self.guard.step_of_state(self.step)
         what = f"loss ({loss_value})" if not math.isfinite(loss_value) else f"gradients (loss {loss_value:.4g})"
-        msg = f"non-finite {what} at step {at} (epoch {epoch}) of method '{cfg.method.name}'"
-        if in_row > t.max_nonfinite_steps:
-            if bar is not None:
-                bar.close()
-            good = f"; the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else ""
+        msg = f"non-finite {what} at step {at} (epoch {self.epoch}) of method '{self.cfg.method.name}'"
+        if in_row > limit:
+            if self.bar is not None:
+                self.bar.close()
+            good = f"; the last good checkpoint is {self.ckpt_path}" if self.ckpt_path.exists() else ""
             raise NonFiniteLossError(
-                f"{msg}: stopping after {in_row} in a row (trainer.max_nonfinite_steps="
-                f"{t.max_nonfinite_steps}){good}. Lower the learning rate or check the data."
+                f"{msg}: stopping after {in_row} in a row (trainer.max_nonfinite_steps={limit}){good}. "
+                "Lower the learning rate or check the data."
             )
-        if is_main:
+        if self.is_main:
             print(f"[semmim] warning: {msg}; update skipped ({total} so far)", flush=True)
 
-    model.train()
-    while step < total_steps:
-        dataset.set_epoch(epoch)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-            sampler.set_start(batch_in_epoch * cfg.data.batch_size)
-        else:
-            stream.set_start(batch_in_epoch * cfg.data.batch_size)
-        iterator = iter(loader)
-        running.zero_()
-        skipped.zero_()
-        epoch_samples = 0
-        ended_early = False
-        while batch_in_epoch < steps_per_epoch * accumulate and step < total_steps:
-            t0 = time.perf_counter()
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                ended_early = True
-                break
-            batch = fabric.to_device(batch)
-            t1 = time.perf_counter()
-            micro = batch_in_epoch % accumulate
-            torch.manual_seed(step_seed(t.seed, rank, step * accumulate + micro))
-            last_micro = micro == accumulate - 1
-            with fabric.no_backward_sync(model, enabled=not last_micro):
-                outputs = model(batch)
-                loss = outputs["loss"]
-                fabric.backward(loss / accumulate)
-            running += loss.detach() / accumulate
-            if "skipped" in batch:
-                skipped += batch["skipped"].sum()
-            epoch_samples += int(batch["image"].shape[0])
-            batch_in_epoch += 1
-            window_imgs += int(batch["image"].shape[0]) * world
-            if not last_micro:
+    # ------------------------------------------------------------------ steps
+    def train_step(self, batch: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Forward and backward of one micro-batch (seeded by ``(seed, rank, micro step)``).
+
+        Returns:
+            (the method's outputs, whether this micro-batch completes an optimizer step).
+        """
+        t, accumulate = self.cfg.trainer, self.accumulate
+        micro = self.batch_in_epoch % accumulate
+        torch.manual_seed(step_seed(t.seed, self.rank, self.step * accumulate + micro))
+        last_micro = micro == accumulate - 1
+        with self.fabric.no_backward_sync(self.model, enabled=not last_micro):
+            outputs = self.model(batch)
+            loss = outputs["loss"]
+            self.fabric.backward(loss / accumulate)
+        self.running += loss.detach() / accumulate
+        if "skipped" in batch:
+            self.skipped += batch["skipped"].sum()
+        self.batch_in_epoch += 1
+        return outputs, last_micro
+
+    def optimizer_step(self) -> tuple[torch.Tensor, float]:
+        """Schedule, clip, skip a non-finite update, step. Returns (the loss averaged over ranks, the lr)."""
+        cfg = self.cfg
+        # the mean over ranks: every rank logs the same loss and agrees on skipping a non-finite step
+        # (all_reduce may work in place: reduce a copy, since ``running`` is reset right after)
+        reduced: torch.Tensor = self.running.clone()
+        if self.world > 1:
+            reduced = self.fabric.all_reduce(reduced, reduce_op="mean")  # type: ignore[assignment]
+        self.running.zero_()
+        lr = cosine_lr(self.step, self.total_steps, self.warmup, self.peak_lr, cfg.optim.min_lr)
+        set_lr(self.optimizer, lr)
+        finite = torch.isfinite(reduced)
+        if cfg.optim.clip_grad:
+            norm = self.fabric.clip_gradients(
+                self.model, self.optimizer, max_norm=cfg.optim.clip_grad, error_if_nonfinite=False
+            )
+            finite = finite & torch.isfinite(norm)  # type: ignore[arg-type]
+        elif self.check_grads:  # a finite loss can still give inf gradients (overflow in the backward pass)
+            finite = finite & torch.isfinite(grad_norm(self.trainable))
+        if self.sync_free:
+            # no host-device sync: the fused AdamW skips its update on the device when found_inf is 1
+            self.inner_optimizer.found_inf = (~finite).float()  # type: ignore[attr-defined]
+        elif not bool(finite):
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.sync_free or bool(finite):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.guard.update(finite, reduced)
+        self.step += 1
+        # every step: exact on a CPU, the previous step's count on a GPU (read without stalling the queue)
+        self._check_nonfinite(self.guard.read())
+        return reduced, lr
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> RunResult:
+        cfg, t, fabric, world = self.cfg, self.cfg.trainer, self.fabric, self.world
+        is_main, accumulate, total_steps = self.is_main, self.accumulate, self.total_steps
+        per_epoch = self.steps_per_epoch * accumulate
+        self.plain_log = _wants_plain_log(bool(t.progress_bar))
+        if is_main and not self.plain_log:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(
+                total=total_steps, initial=self.step, desc=cfg.method.name, dynamic_ncols=True, mininterval=1.0
+            )
+
+        input_bound_warned = explained_warned = False
+        explained_low = 0  # log steps in a row with target_explained under EXPLAINED_WARN
+        last_loss_t: torch.Tensor | None = None
+        window_imgs, window_compute, window_wait = 0, 0.0, 0.0
+        t_start = time.perf_counter()
+        window_start = t_start
+        self.running = torch.zeros((), device=fabric.device)
+        self.skipped = torch.zeros((), device=fabric.device, dtype=torch.long)
+        monitor = self.monitor
+
+        self.model.train()
+        while self.step < total_steps:
+            self.dataset.set_epoch(self.epoch)
+            if self.sampler is not None:
+                self.sampler.set_epoch(self.epoch)
+                self.sampler.set_start(self.batch_in_epoch * cfg.data.batch_size)
+            else:
+                self.stream.set_start(self.batch_in_epoch * cfg.data.batch_size)
+            iterator = iter(self.loader)
+            self.running.zero_()
+            self.skipped.zero_()
+            epoch_samples = 0
+            ended_early = False
+            while self.batch_in_epoch < per_epoch and self.step < total_steps:
+                t0 = time.perf_counter()
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    ended_early = True
+                    break
+                batch = fabric.to_device(batch)
+                t1 = time.perf_counter()
+                outputs, last_micro = self.train_step(batch)
+                epoch_samples += int(batch["image"].shape[0])
+                window_imgs += int(batch["image"].shape[0]) * world
+                if not last_micro:
+                    window_wait += t1 - t0
+                    window_compute += time.perf_counter() - t1
+                    continue
+                reduced, lr = self.optimizer_step()
+                last_loss_t = reduced
+                step = self.step
+                t2 = time.perf_counter()
                 window_wait += t1 - t0
-                window_compute += time.perf_counter() - t1
-                continue
-            # the mean over ranks: every rank logs the same loss and agrees on skipping a non-finite step
-            # (all_reduce may work in place: reduce a copy, since ``running`` is reset right after)
-            reduced: torch.Tensor = running.clone()
-            if world > 1:
-                reduced = fabric.all_reduce(reduced, reduce_op="mean")  # type: ignore[assignment]
-            running.zero_()
-            lr = cosine_lr(step, total_steps, warmup, peak_lr, cfg.optim.min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
-            finite = torch.isfinite(reduced)  # type: ignore[arg-type]
-            if cfg.optim.clip_grad:
-                norm = fabric.clip_gradients(model, optimizer, max_norm=cfg.optim.clip_grad, error_if_nonfinite=False)
-                finite = finite & torch.isfinite(norm)  # type: ignore[arg-type]
-            elif check_grads:  # a finite loss can still give inf gradients (overflow in the backward pass)
-                finite = finite & torch.isfinite(grad_norm(trainable))
-            if sync_free:
-                # no host-device sync: the fused AdamW skips its update on the device when found_inf is 1
-                inner_optimizer.found_inf = (~finite).float()  # type: ignore[attr-defined]
-            elif not bool(finite):
-                optimizer.zero_grad(set_to_none=True)
-            if sync_free or bool(finite):
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            guard.update(finite, reduced)
-            last_loss_t = reduced
-            step += 1
-            # every step: exact on a CPU, the previous step's count on a GPU (read without stalling the queue)
-            check_nonfinite(guard.read())
-            t2 = time.perf_counter()
-            window_wait += t1 - t0
-            window_compute += t2 - t1
-            if bar is not None:
-                bar.update(1)
-            knn_now = monitor is not None and step % t.knn_every_n_steps == 0
-            log_now = step % t.log_every_n_steps == 0 or step == total_steps or knn_now
-            loss_value = float("nan")
-            if on_step is not None or log_now:
-                loss_value = float(reduced.item())  # type: ignore[union-attr]
-                if on_step is not None and is_main:
-                    on_step(step, loss_value)
-            if log_now:
-                now = time.perf_counter()
-                ips = window_imgs / max(now - window_start, 1e-9)
-                wait_frac = window_wait / max(window_wait + window_compute, 1e-9)
-                if wait_frac > INPUT_BOUND_FRACTION and not input_bound_warned and is_main and step > 1:
-                    input_bound_warned = True  # said once: the share is logged as data_wait_frac at every log step
+                window_compute += t2 - t1
+                if self.bar is not None:
+                    self.bar.update(1)
+                knn_now = monitor is not None and step % t.knn_every_n_steps == 0
+                log_now = step % t.log_every_n_steps == 0 or step == total_steps or knn_now
+                loss_value = float("nan")
+                if self.on_step is not None or log_now:
+                    loss_value = float(reduced.item())
+                    if self.on_step is not None and is_main:
+                        self.on_step(step, loss_value)
+                if log_now:
+                    now = time.perf_counter()
+                    ips = window_imgs / max(now - window_start, 1e-9)
+                    wait_frac = window_wait / max(window_wait + window_compute, 1e-9)
+                    if wait_frac > INPUT_BOUND_FRACTION and not input_bound_warned and is_main and step > 1:
+                        input_bound_warned = True  # said once: the share is logged as data_wait_frac at every log step
+                        print(
+                            f"[semmim] input-bound: {wait_frac:.0%} of the step time is spent waiting for data "
+                            f"(data.num_workers={cfg.data.num_workers}); more workers, data.uint8=true or faster "
+                            "storage would speed this run up",
+                            flush=True,
+                        )
+                    extras = {
+                        k: float(v.detach().float().item())
+                        for k, v in outputs.get("logs", {}).items()
+                        if isinstance(v, torch.Tensor) and v.dim() == 0
+                    }
+                    if "target_explained" in extras and step > self.warmup:
+                        explained_low = explained_low + 1 if extras["target_explained"] < EXPLAINED_WARN else 0
+                        if explained_low >= 3 and not explained_warned and is_main:
+                            explained_warned = True
+                            print(explained_warning(extras["target_explained"], step), flush=True)
+                    if monitor is not None and (knn_now or step == total_steps):
+                        extras["knn_top1"] = monitor(self.method.encoder, fabric.device)
+                    row = {
+                        **extras,
+                        "step": step,
+                        "epoch": self.epoch,
+                        "loss": loss_value,
+                        "lr": lr,
+                        "images_per_s": ips,
+                        "data_wait_frac": wait_frac,
+                        "elapsed_s": now - t_start,
+                        "skipped_nonfinite": self.guard.read_now()[1],
+                    }
+                    self.log(row, extras)
+                    # the next window starts after the logging (and the kNN monitor): neither counts as training
+                    window_imgs, window_compute, window_wait, window_start = 0, 0.0, 0.0, time.perf_counter()
+                if step % t.ckpt_every_n_steps == 0 and step < total_steps:
+                    self.save_checkpoint()
+                if _fault("kill_after_step", step) and is_main:
+                    _sigkill_self()
+            self._report_skipped(epoch_samples)
+            if ended_early and self.batch_in_epoch < per_epoch:
+                # a stream that yields fewer batches than its epoch size ends its epoch where it ends
+                if self.batch_in_epoch == 0:
+                    raise RuntimeError(
+                        f"epoch {self.epoch}: the data yielded no batch of {cfg.data.batch_size} (dataset "
+                        f"'{cfg.data.name}', root {cfg.data.root}); check that it holds readable samples"
+                    )
+                if is_main:
                     print(
-                        f"[semmim] input-bound: {wait_frac:.0%} of the step time is spent waiting for data "
-                        f"(data.num_workers={cfg.data.num_workers}); more workers, data.uint8=true or faster storage "
-                        "would speed this run up",
+                        f"[semmim] epoch {self.epoch} ended after {self.batch_in_epoch} of {per_epoch} "
+                        "planned batches: the data stream ran out (unreadable samples or a truncated shard)",
                         flush=True,
                     )
-                extras = {
-                    k: float(v.detach().float().item())
-                    for k, v in outputs.get("logs", {}).items()
-                    if isinstance(v, torch.Tensor) and v.dim() == 0
-                }
-                if "target_explained" in extras and step > warmup:
-                    explained_low = explained_low + 1 if extras["target_explained"] < EXPLAINED_WARN else 0
-                    if explained_low >= 3 and not explained_warned and is_main:
-                        explained_warned = True
-                        print(explained_warning(extras["target_explained"], step), flush=True)
-                if monitor is not None and (knn_now or step == total_steps):
-                    extras["knn_top1"] = monitor(method.encoder, fabric.device)
-                row = {
-                    **extras,
-                    "step": step,
-                    "epoch": epoch,
-                    "loss": loss_value,
-                    "lr": lr,
-                    "images_per_s": ips,
-                    "data_wait_frac": wait_frac,
-                    "elapsed_s": now - t_start,
-                    "skipped_nonfinite": guard.read_now()[1],
-                }
-                writer.write(row)
-                scalars = {"train/loss": loss_value, "train/lr": lr, "train/images_per_s": ips}
-                scalars.update({f"train/{k}": v for k, v in extras.items()})
-                fabric.log_dict(scalars, step=step)
-                if bar is not None:
-                    shown = {"loss": f"{loss_value:.4f}", "lr": f"{lr:.2e}", "img_s": f"{ips:.0f}"}
-                    if "target_explained" in extras:
-                        shown["explained"] = f"{extras['target_explained']:.3f}"
-                    if "knn_top1" in extras:
-                        shown["knn"] = f"{extras['knn_top1']:.1f}"
-                    bar.set_postfix(shown, refresh=False)
-                # the next window starts after the logging (and the kNN monitor): neither counts as training time
-                window_imgs, window_compute, window_wait, window_start = 0, 0.0, 0.0, time.perf_counter()
-            if step % t.ckpt_every_n_steps == 0 and step < total_steps:
-                save_checkpoint()
-            if _fault("kill_after_step", step) and is_main:
-                _sigkill_self()
-        report_skipped(epoch, epoch_samples)
-        if ended_early and batch_in_epoch < steps_per_epoch * accumulate:
-            # a stream that yields fewer batches than its epoch size ends its epoch where it ends
-            if batch_in_epoch == 0:
-                raise RuntimeError(
-                    f"epoch {epoch}: the data yielded no batch of {cfg.data.batch_size} (dataset "
-                    f"'{cfg.data.name}', root {cfg.data.root}); check that it holds readable samples"
-                )
-            if is_main:
-                print(
-                    f"[semmim] epoch {epoch} ended after {batch_in_epoch} of {steps_per_epoch * accumulate} "
-                    "planned batches: the data stream ran out (unreadable samples or a truncated shard)",
-                    flush=True,
-                )
-            if batch_in_epoch % accumulate:  # an unfinished accumulation does not leak into the next epoch
-                optimizer.zero_grad(set_to_none=True)
-                running.zero_()
-            batch_in_epoch = steps_per_epoch * accumulate
-        if batch_in_epoch >= steps_per_epoch * accumulate:
-            epoch += 1
-            batch_in_epoch = 0
-    if bar is not None:
-        bar.close()
-    check_nonfinite(guard.read_now())
-    save_checkpoint()
-    elapsed = time.perf_counter() - t_start
-    encoder_path = None
-    if is_main:
-        encoder_path = method.export(
-            out,
-            {
-                "method": cfg.method.name,
-                "steps": str(step),
-                "mean": json.dumps(list(cfg.data.mean)),
-                "std": json.dumps(list(cfg.data.std)),
-            },
-        )
-    fabric.barrier()
-    for logger in fabric.loggers:
-        logger.finalize("success")
-    images_per_s = 0.0
-    rows = [r for r in _safe_rows(out) if r.get("images_per_s")]
-    if rows:
-        images_per_s = float(np.median([r["images_per_s"] for r in rows]))
-    last_loss = float(last_loss_t.item()) if last_loss_t is not None else float("nan")
-    return RunResult(out, step, last_loss, encoder_path, images_per_s, elapsed)
+                if self.batch_in_epoch % accumulate:  # an unfinished accumulation does not leak into the next epoch
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.running.zero_()
+                self.batch_in_epoch = per_epoch
+            if self.batch_in_epoch >= per_epoch:
+                self.epoch += 1
+                self.batch_in_epoch = 0
+        if self.bar is not None:
+            self.bar.close()
+        self._check_nonfinite(self.guard.read_now())
+        self.save_checkpoint()
+        elapsed = time.perf_counter() - t_start
+        return self.finish(last_loss_t, elapsed)
+
+    def finish(self, last_loss_t: torch.Tensor | None, elapsed: float) -> RunResult:
+        """Export the encoder (rank 0), close the loggers, summarise the run."""
+        cfg, out = self.cfg, self.out
+        encoder_path = None
+        if self.is_main:
+            encoder_path = self.method.export(
+                out,
+                {
+                    "method": cfg.method.name,
+                    "steps": str(self.step),
+                    "mean": json.dumps(list(cfg.data.mean)),
+                    "std": json.dumps(list(cfg.data.std)),
+                },
+            )
+        self.fabric.barrier()
+        for logger in self.fabric.loggers:
+            logger.finalize("success")
+        images_per_s = 0.0
+        rows = [r for r in _safe_rows(out) if r.get("images_per_s")]
+        if rows:
+            images_per_s = float(np.median([r["images_per_s"] for r in rows]))
+        last_loss = float(last_loss_t.item()) if last_loss_t is not None else float("nan")
+        return RunResult(out, self.step, last_loss, encoder_path, images_per_s, elapsed)
 
 
 def _safe_rows(out: Path) -> list[dict[str, Any]]:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from semmim.engine.optim import layer_decay_groups
 from semmim.eval.accuracy import topk_accuracy
 from semmim.eval.common import IMAGENET_MEAN, IMAGENET_STD, encoder_geometry, eval_loader, labelled_split
 from semmim.export import read_normalization, read_timm_config, resolve_encoder_file
@@ -32,84 +33,8 @@ __all__ = ["finetune_eval", "layer_decay_groups"]
 
 log = logging.getLogger(__name__)
 
-EMBED_NAMES = ("cls_token", "pos_embed", "reg_token", "dist_token", "mask_token")
-"""Parameters that sit at layer 0 with the patch embedding and are never weight-decayed."""
-
 HEAD_INIT_STD = 2e-5
 """Standard deviation of the classifier head's truncated-normal initialisation (MAE)."""
-
-
-def _layer_id(name: str, num_layers: int) -> int:
-    """0 for the embeddings, ``i + 1`` for ``blocks.i.*``, ``num_layers + 1`` for the rest (norms, head)."""
-    if name in EMBED_NAMES or name.startswith("patch_embed."):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return num_layers + 1
-
-
-def layer_decay_groups(
-    model: nn.Module,
-    lr: float,
-    weight_decay: float,
-    layer_decay: float,
-    no_weight_decay: set[str] | None = None,
-) -> list[dict[str, Any]]:
-    """AdamW parameter groups with layer-wise learning-rate decay (the semantics of MAE's ``lr_decay.py``).
-
-    With ``L = len(model.blocks)``, parameter ``p`` gets a layer id: 0 for ``cls_token``, ``pos_embed``,
-    ``reg_token``, ``dist_token``, ``mask_token`` and ``patch_embed.*``; ``i + 1`` for ``blocks.i.*``; ``L + 1`` for
-    everything else (``norm``, ``fc_norm``, ``head``). Its learning-rate scale is
-    ``layer_decay ** (L + 1 - layer_id)``, so the head trains at ``lr`` and the patch embedding at
-    ``lr * layer_decay ** (L + 1)``. Parameters with ``ndim <= 1`` (biases, norms) and those named in
-    ``no_weight_decay`` (full name or last component) get no weight decay.
-
-    Args:
-        model: a timm-style ViT (has ``blocks``).
-        lr: the peak learning rate (of the top layer).
-        weight_decay: weight decay of the decayed parameters.
-        layer_decay: per-layer lr factor in (0, 1]; 1 disables the decay.
-        no_weight_decay: names exempt from weight decay; ``None`` = the tokens and position embedding
-            (plus ``model.no_weight_decay()`` when the model defines it).
-
-    Returns:
-        One group per (layer id, decay / no decay) that has parameters, in layer order:
-        ``{"params", "lr", "lr_scale", "weight_decay", "layer_id", "name"}``. Frozen parameters are left out.
-    """
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.Module):
-        raise ValueError(f"layer_decay_groups needs a ViT with .blocks, got {type(model).__name__}")
-    if not 0.0 < layer_decay <= 1.0:
-        raise ValueError(f"layer_decay must lie in (0, 1], got {layer_decay}")
-    num_layers = len(blocks)  # type: ignore[arg-type]
-    if no_weight_decay is None:
-        skip = set(EMBED_NAMES)
-        extra = getattr(model, "no_weight_decay", None)
-        if callable(extra):
-            skip |= set(extra())
-    else:
-        skip = set(no_weight_decay)
-    groups: dict[tuple[int, bool], dict[str, Any]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        layer_id = _layer_id(name, num_layers)
-        decay = not (p.ndim <= 1 or name in skip or name.rsplit(".", 1)[-1] in skip)
-        key = (layer_id, decay)
-        if key not in groups:
-            scale = layer_decay ** (num_layers + 1 - layer_id)
-            groups[key] = {
-                "params": [],
-                "lr": lr * scale,
-                "lr_scale": scale,
-                "weight_decay": weight_decay if decay else 0.0,
-                "layer_id": layer_id,
-                "name": f"layer_{layer_id}_{'decay' if decay else 'no_decay'}",
-            }
-        groups[key]["params"].append(p)
-    if not groups:
-        raise ValueError("the model has no trainable parameters")
-    return [groups[k] for k in sorted(groups, key=lambda k: (k[0], not k[1]))]
 
 
 def _restrict(dataset: Any, indices: Sequence[int]) -> Any:
@@ -256,7 +181,7 @@ def finetune_eval(
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
     from semmim.data import build_loader
-    from semmim.engine.optim import cosine_lr
+    from semmim.engine.optim import cosine_lr, scaled_lr, set_lr
     from semmim.eval.classify import CLASSIFIER_FILE
     from semmim.export import save_encoder
 
@@ -301,7 +226,7 @@ def finetune_eval(
     if max_steps is not None:
         total_steps = min(total_steps, max_steps)
     warmup_steps = round(min(max(float(warmup_epochs), 0.0), float(epochs)) / epochs * total_steps)
-    lr = base_lr * batch / 256
+    lr = scaled_lr(base_lr, batch)
 
     random.seed(seed)
     np.random.seed(seed)
@@ -345,10 +270,8 @@ def finetune_eval(
         for batch_data in loader:
             if step >= total_steps:
                 break
-            peak = 0.0
-            for g in optimizer.param_groups:
-                g["lr"] = cosine_lr(step, total_steps, warmup_steps, lr, min_lr) * g["lr_scale"]
-                peak = max(peak, g["lr"])
+            set_lr(optimizer, cosine_lr(step, total_steps, warmup_steps, lr, min_lr))
+            peak = max(g["lr"] for g in optimizer.param_groups)
             x = (batch_data["image"].to(dev, non_blocking=True) - m) / s
             y = batch_data["label"].to(dev, non_blocking=True)
             if int(y.min()) < 0 or int(y.max()) >= num_classes:

@@ -10,89 +10,18 @@ Convolutional Networks", arXiv:1708.03888), base lr 0.1 scaled by batch / 256, w
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from semmim.engine.optim import cosine_lr
+from semmim.engine.optim import LARS, cosine_lr, scaled_lr, set_lr
 from semmim.eval.common import pools_of
 from semmim.eval.features import frozen_split_features
 
 __all__ = ["LARS", "linear_eval", "linear_probe", "probe_head"]
 
 OPTIMIZERS = ("lars", "sgd")
-
-
-class LARS(torch.optim.Optimizer):
-    """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017, arXiv:1708.03888).
-
-    For every parameter with ``ndim > 1`` (weight matrices, conv kernels) the step is
-
-    .. code-block:: text
-
-        d  = g + weight_decay * p
-        q  = trust_coefficient * ||p|| / ||d||     (1 when either norm is 0)
-        mu = momentum * mu + q * d
-        p  = p - lr * mu
-
-    Parameters with ``ndim <= 1`` (biases, norm scales and shifts) take a plain SGD-momentum step on
-    their gradient, without weight decay or trust ratio, as in the MAE linear-probe recipe.
-
-    Args:
-        params: parameters or parameter groups.
-        lr: learning rate (the schedule sets it per step).
-        weight_decay: L2 penalty of the ``ndim > 1`` parameters.
-        momentum: heavy-ball momentum (no dampening, no Nesterov).
-        trust_coefficient: eta of the trust ratio.
-    """
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 0.0,
-        weight_decay: float = 0.0,
-        momentum: float = 0.9,
-        trust_coefficient: float = 0.001,
-    ) -> None:
-        if lr < 0 or weight_decay < 0 or not 0 <= momentum < 1 or trust_coefficient <= 0:
-            raise ValueError(
-                f"bad LARS settings: lr={lr}, weight_decay={weight_decay}, momentum={momentum}, "
-                f"trust_coefficient={trust_coefficient}"
-            )
-        defaults = {
-            "lr": lr,
-            "weight_decay": weight_decay,
-            "momentum": momentum,
-            "trust_coefficient": trust_coefficient,
-        }
-        super().__init__(params, defaults)
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """One update of every parameter that has a gradient; returns the closure's loss if given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad
-                if p.ndim > 1:
-                    d = d.add(p, alpha=group["weight_decay"])
-                    p_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
-                    ratio = group["trust_coefficient"] * p_norm / d_norm
-                    d = d * torch.where((p_norm > 0) & (d_norm > 0), ratio, torch.ones_like(ratio))
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.mul_(group["momentum"]).add_(d)
-                p.add_(buf, alpha=-group["lr"])
-        return loss
 
 
 def probe_head(dim: int, num_classes: int, generator: torch.Generator | None = None) -> nn.Sequential:
@@ -198,7 +127,7 @@ def linear_probe(
     steps_per_epoch = n // batch
     total = epochs * steps_per_epoch
     warmup = min(warmup_epochs, epochs // 2) * steps_per_epoch
-    lr = base_lr * batch / 256
+    lr = scaled_lr(base_lr, batch)
 
     gen = torch.Generator().manual_seed(seed)
     head = probe_head(dim, k, generator=gen).to(dev)
@@ -221,8 +150,7 @@ def linear_probe(
         order = torch.randperm(n, generator=gen).to(dev)
         for i in range(steps_per_epoch):
             idx = order[i * batch : (i + 1) * batch]
-            for g in opt.param_groups:
-                g["lr"] = cosine_lr(step, total, warmup, lr)
+            set_lr(opt, cosine_lr(step, total, warmup, lr))
             loss = loss_fn(head(x_train[idx]), y_train[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -339,7 +339,7 @@ def seg_param_groups(model: SegModel, weight_decay: float, layer_decay: float = 
     = depth + 1); the head trains at the full rate. Biases, norms and 1-D parameters get no weight
     decay. Frozen parameters are left out.
     """
-    from semmim.eval.finetune import layer_decay_groups
+    from semmim.engine.optim import layer_decay_groups
 
     depth = len(model.encoder.get_submodule("blocks"))  # type: ignore[arg-type]
     groups: list[dict[str, Any]] = []

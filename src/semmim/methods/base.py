@@ -258,6 +258,28 @@ class Method(nn.Module):
     def from_config(cls, cfg: Config, teacher: nn.Module | None = None, **context: Any) -> Method:  # pragma: no cover
         raise NotImplementedError
 
+    # -------------------------------------------------------------- what the method needs from the data
+    # (the engine asks these; it never looks into the dataset for a method itself)
+    needs_captions = False
+    """True for methods that train on captions: the training data must give every sample one."""
+
+    @classmethod
+    def data_context(cls, cfg: Config, dataset: Any) -> dict[str, Any]:
+        """Check that the training ``dataset`` gives what the method trains on; return its build context.
+
+        Called by the engine once the training dataset is built and before the method is; the returned
+        values go to :func:`semmim.methods.build_method` (``build_method(cfg, teacher, **context)``), which
+        passes them to :meth:`from_config`. Values that set a ``method.*`` key left unset (e.g. supmim's
+        ``num_classes``) are recorded in the run's saved config; the config passed in is never changed.
+
+        Returns:
+            ``{}`` here: a method that needs nothing from its data.
+
+        Raises:
+            ConfigError: the dataset lacks what the method needs (labels, captions).
+        """
+        return {}
+
 
 # ------------------------------------------------------------------ builders shared by methods
 def build_encoder(cfg: Config, mask_token: bool = False) -> ViTEncoder:

@@ -73,6 +73,19 @@ class ImageTextModel(Method):
     needs_text = True
     Options = CLIPConfig
 
+    # -------------------------------------------------------------- data context (engine hook)
+    @classmethod
+    def data_context(cls, cfg: Config, dataset: Any) -> dict[str, Any]:
+        """Captions are needed: a map-style dataset must give them (a stream counts a sample without one as bad)."""
+        from torch.utils.data import IterableDataset
+
+        if not isinstance(dataset, IterableDataset) and "caption" not in dataset[0]:
+            raise ConfigError(
+                f"method '{cfg.method.name}' needs captions, but dataset '{cfg.data.name}' gives none: set "
+                "data.captions=templates for a labelled dataset, or use data.name=manifest / webdataset"
+            )
+        return {}
+
     def __init__(
         self,
         encoder: ViTEncoder,

@@ -168,11 +168,29 @@ class SupervisedMIM(Method):
         )
         return path
 
+    # -------------------------------------------------------------- data context (engine hook)
     @classmethod
-    def from_config(cls, cfg: Config, teacher: nn.Module | None = None, **context: Any) -> SupervisedMIM:
+    def data_context(cls, cfg: Config, dataset: Any) -> dict[str, Any]:
+        """Labelled data is needed: ``{"num_classes": method.num_classes or the dataset's class count}``."""
+        classes = list(getattr(dataset, "classes", []) or [])
+        if not classes:
+            raise ConfigError(
+                f"method '{cfg.method.name}' trains a classifier and needs labelled images, but the dataset "
+                f"'{cfg.data.name}' (root {cfg.data.root}) has no classes: use an image folder with one "
+                "subfolder per class (root/<class>/<image>) or data.name=fashion_mnist"
+            )
+        n = getattr(cfg.method, "num_classes", None)
+        if n is not None and n < len(classes):
+            raise ConfigError(f"method.num_classes={n} < {len(classes)} classes in the data")
+        return {"num_classes": n if n is not None else len(classes)}
+
+    @classmethod
+    def from_config(
+        cls, cfg: Config, teacher: nn.Module | None = None, num_classes: int | None = None, **context: Any
+    ) -> SupervisedMIM:
         m = cfg.method
         assert isinstance(m, SupMIMConfig)
-        num_classes = m.num_classes or context.get("num_classes")
+        num_classes = num_classes if num_classes is not None else m.num_classes
         if not num_classes:
             raise ConfigError(
                 "supmim needs method.num_classes (set it, or let `semmim pretrain` take it from a labelled dataset)"

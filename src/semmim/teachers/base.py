@@ -354,3 +354,68 @@ class Teacher(nn.Module):
 
     def extra_repr(self) -> str:
         return self.describe()
+
+
+# ------------------------------------------------------------------ conflicting teacher keys
+_NO = ("false", "0", "no")
+
+
+def _recorded_architecture(path: str) -> str | None:
+    """The timm architecture a semmim run directory or export records (None: not one, or not readable yet)."""
+    from semmim.export import read_metadata
+
+    p = Path(path).expanduser()
+    if not (p.is_dir() or (p.is_file() and p.suffix == ".safetensors")):
+        return None
+    try:
+        return read_metadata(p).get("timm_model")
+    except (OSError, ValueError):  # a run without its export yet: the factory reports it when it loads
+        return None
+
+
+def check_teacher_config(tcfg: Any) -> None:
+    """Reject teacher keys that name two different teachers or two weight sources, before any work.
+
+    ``tcfg`` is a config's ``teacher`` node (``name``, ``model``, ``pretrained``, ``path``). A key set in a
+    base config (``configs/demo/milan.yaml`` sets ``teacher.path``) survives overrides on top of it, so a
+    combination that the factories would resolve silently by ignoring one key is an error here:
+
+    * ``timm``: ``pretrained`` (hub weights, a tag, a file, or ``false`` for random weights) together with
+      ``path`` (weights to load): two answers to "which weights"; ``model`` together with a ``path`` that is a
+      semmim run directory or export recording another architecture. ``model`` with a plain weights file
+      (or an export of that same architecture) is fine: the file holds the weights of ``model``.
+    * ``open_clip``: ``pretrained`` together with ``path`` (``path`` is a checkpoint for ``model``, which is fine).
+    * ``hf_clip``: ``model`` and ``path`` naming different checkpoints (``pretrained=false`` with either is
+      fine: random weights in that checkpoint's architecture).
+
+    Raises:
+        ConfigError: the message names both keys and how to keep one.
+    """
+    from semmim.config import ConfigError
+
+    name = getattr(tcfg, "name", None)
+    model, pretrained, path = (getattr(tcfg, k, None) for k in ("model", "pretrained", "path"))
+    if path is None or name in (None, "none", "module"):
+        return
+    unset = "set it to null on the command line (e.g. teacher.path=null) or remove it from the config"
+    if name in ("timm", "open_clip") and pretrained is not None:
+        random = str(pretrained).strip().lower() in _NO
+        asks = "random weights" if random else "its own weights"
+        raise ConfigError(
+            f"teacher.pretrained={pretrained} ({asks}) and teacher.path={path} (weights to load) conflict: keep one. "
+            f"To {'train against a randomly initialised' if random else 'use the pretrained'} teacher, unset "
+            f"teacher.path ({unset}); to load {path}, unset teacher.pretrained"
+        )
+    if name == "timm" and model is not None:
+        recorded = _recorded_architecture(str(path))
+        if recorded is not None and recorded != model:
+            raise ConfigError(
+                f"teacher.model={model} and teacher.path={path} conflict: {path} is a semmim run/export of timm "
+                f"{recorded}, which records its own architecture. To use that teacher, unset teacher.model; to "
+                f"build {model}, unset teacher.path ({unset})"
+            )
+    if name == "hf_clip" and model is not None and str(model) != str(path):
+        raise ConfigError(
+            f"teacher.model={model} and teacher.path={path} name two hf_clip checkpoints: keep one (unset the other: "
+            f"{unset.replace('teacher.path', 'teacher.model')}, or unset teacher.path)"
+        )
