@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-ENCODER_FILE = "encoder.safetensors"
+from semmim.run.files import ENCODER as ENCODER_FILE
 
 
 def resolve_run_file(path: str | os.PathLike[str], filename: str = ENCODER_FILE) -> Path:

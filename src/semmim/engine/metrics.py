@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from semmim.run.files import METRICS_CSV, METRICS_JSONL
+
 
 class MetricsWriter:
     """Append rows to ``DIR/metrics.jsonl`` and ``DIR/metrics.csv`` (rank 0 only).
@@ -19,8 +21,8 @@ class MetricsWriter:
 
     def __init__(self, out_dir: Path, enabled: bool = True, resume_step: int | None = None) -> None:
         self.enabled = enabled
-        self.jsonl = out_dir / "metrics.jsonl"
-        self.csv = out_dir / "metrics.csv"
+        self.jsonl = out_dir / METRICS_JSONL
+        self.csv = out_dir / METRICS_CSV
         if not enabled:
             return
         if resume_step is None:
@@ -63,5 +65,5 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a ``metrics.jsonl`` file (a run directory is accepted)."""
     p = Path(path)
     if p.is_dir():
-        p = p / "metrics.jsonl"
+        p = p / METRICS_JSONL
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]

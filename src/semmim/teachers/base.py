@@ -391,7 +391,7 @@ def check_teacher_config(tcfg: Any) -> None:
     Raises:
         ConfigError: the message names both keys and how to keep one.
     """
-    from semmim.config import ConfigError
+    from semmim.errors import ConfigError
 
     name = getattr(tcfg, "name", None)
     model, pretrained, path = (getattr(tcfg, k, None) for k in ("model", "pretrained", "path"))

@@ -1,20 +1,4 @@
-"""The run directory: the names of its files, its single writer, and what a resume may change.
-
-A run directory holds one run::
-
-    RUN/config.yaml               the resolved config (updated when a resume changes an allowed key)
-    RUN/checkpoints/last.ckpt     model, optimizer, step, data position, checksum
-    RUN/metrics.jsonl, .csv       one row per logged step
-    RUN/events.jsonl              per-epoch bad-file counts, resumes and the changes they made
-    RUN/tensorboard/              TensorBoard events
-    RUN/encoder.safetensors       the timm-compatible export, at the end
-    RUN/eval/<protocol>/          evaluation results (``semmim eval ...``)
-    RUN/.semmim.lock              present while a process writes the run (pid, host, start time)
-
-Only one process writes a run directory at a time (:class:`RunLock`); a new run is not started in a
-folder that holds another one unless asked to replace it (:func:`prepare_new_run`), and a resume may
-change only the keys in :data:`RESUME_MAY_CHANGE` (:func:`resume_changes`).
-"""
+"""A run directory's single writer (:class:`RunLock`), starting a new run in it, and what a resume may change."""
 
 from __future__ import annotations
 
@@ -25,54 +9,14 @@ import shutil
 import socket
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
-
-    from semmim.config import Config
-    from semmim.methods.base import Method
-
-CONFIG = "config.yaml"
-CKPT_DIR = "checkpoints"
-LAST_CKPT = "last.ckpt"
-METRICS_JSONL = "metrics.jsonl"
-METRICS_CSV = "metrics.csv"
-EVENTS = "events.jsonl"
-TENSORBOARD = "tensorboard"
-ENCODER = "encoder.safetensors"
-EVAL_DIR = "eval"
-LOCK = ".semmim.lock"
-
-RUN_FILES = (CONFIG, CKPT_DIR, METRICS_JSONL, METRICS_CSV, EVENTS, TENSORBOARD, ENCODER, EVAL_DIR)
-"""What ``--overwrite`` deletes: everything a run writes. Other files in the folder are left alone."""
-
-RESUME_MAY_CHANGE = frozenset(
-    {
-        "trainer.max_steps",
-        "trainer.max_epochs",
-        "trainer.log_every_n_steps",
-        "trainer.ckpt_every_n_steps",
-        "trainer.progress_bar",
-        "trainer.max_nonfinite_steps",
-        "data.num_workers",
-        "data.pin_memory",
-        "data.max_bad_fraction",
-    }
-)
-"""Keys a ``--resume`` may change: how long the run goes on and how it is logged, checkpointed and fed.
-Every other key (lr, seed, batch size, mask ratio, data, model, ...) defines the run and is fixed."""
+from semmim.run.files import CONFIG, ENCODER, LOCK, METRICS_JSONL, RESUME_MAY_CHANGE, RUN_FILES, ckpt_path
 
 
 class RunFolderError(RuntimeError):
     """The run directory is in use, holds another run, or a resume would change what the run is."""
-
-
-def ckpt_path(out: Path) -> Path:
-    return out / CKPT_DIR / LAST_CKPT
 
 
 def holds_run(out: Path) -> bool:
@@ -118,79 +62,6 @@ def prepare_new_run(out: Path, overwrite: bool) -> None:
         elif p.exists() or p.is_symlink():
             p.unlink()
     print(f"[semmim] --overwrite: deleted the previous run in {out}", flush=True)
-
-
-@dataclass
-class Run:
-    """A run directory opened for reading: its resolved config and how to rebuild its method and teacher.
-
-    Get one with :func:`load_run`. A run trained with a teacher passed from Python (``teacher.name=module``)
-    needs that same teacher again: pass it as ``teacher=`` to the builders.
-    """
-
-    path: Path
-    cfg: Config
-
-    @property
-    def ckpt(self) -> Path:
-        """``checkpoints/last.ckpt`` (it may not exist: a run that has not saved yet)."""
-        return ckpt_path(self.path)
-
-    @property
-    def encoder(self) -> Path:
-        """``encoder.safetensors`` (written at the end of the run)."""
-        return self.path / ENCODER
-
-    def build_teacher(self, teacher: nn.Module | None = None) -> nn.Module | None:
-        """The run's teacher as its config names it (``teacher``: the Python one); None when it has none."""
-        from semmim.methods.base import build_teacher
-
-        t = self.cfg.teacher
-        if teacher is None and (not t.name or t.name == "none"):
-            return None
-        return build_teacher(self.cfg, teacher)
-
-    def build_method(self, teacher: nn.Module | None = None) -> Method:
-        """The run's method with fresh weights, as its config describes it."""
-        from semmim.methods import build_method
-
-        return build_method(self.cfg, teacher=teacher)
-
-    def load_method(self, device: torch.device | str = "cpu", teacher: nn.Module | None = None) -> Method:
-        """The run's method with the weights of ``last.ckpt`` (strict), one masked view per image, in eval mode.
-
-        Raises:
-            FileNotFoundError: the run has no checkpoint.
-        """
-        from semmim.engine.checkpoint import load_verified
-
-        if not self.ckpt.is_file():
-            raise FileNotFoundError(f"no checkpoint at {self.ckpt}")
-        method = self.build_method(teacher)
-        method.num_masks = 1  # one masked view per shown image, whatever the run trained with
-        state = load_verified(self.ckpt, required_keys=("model",))["model"]
-        if not isinstance(state, dict):
-            raise ValueError(f"checkpoint {self.ckpt}: its 'model' entry is a {type(state).__name__}, not a state dict")
-        state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
-        method.load_state_dict(state, strict=True)
-        return method.to(device).eval()
-
-
-def load_run(run_dir: str | os.PathLike[str]) -> Run:
-    """Open the run directory ``run_dir``: its resolved ``config.yaml`` (validated) and helpers to rebuild it.
-
-    Raises:
-        FileNotFoundError: ``run_dir`` or its ``config.yaml`` does not exist.
-        ConfigError: the config cannot be read or is invalid.
-    """
-    from semmim.config import load_config
-
-    p = Path(run_dir)
-    if not p.is_dir():
-        raise FileNotFoundError(f"run directory not found: {p}")
-    if not (p / CONFIG).is_file():
-        raise FileNotFoundError(f"{p} is not a semmim run directory: it has no {CONFIG}")
-    return Run(p, load_config(p / CONFIG))
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
