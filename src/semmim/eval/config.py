@@ -18,10 +18,11 @@ Examples:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from omegaconf import OmegaConf
 
@@ -284,6 +285,9 @@ def data_choices(cls: type) -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------ checking
+C = TypeVar("C", bound=EvalDataConfig)
+
+
 def _close(value: str, allowed: Sequence[str] | Mapping[str, Any]) -> str:
     import difflib
 
@@ -327,7 +331,7 @@ _NON_NEGATIVE = ("weight_decay", "mixup", "cutmix", "min_lr")
 _POSITIVE = ("temperature", "base_lr", "lr", "clip_grad")
 
 
-def check_eval_config(cfg: EvalDataConfig) -> EvalDataConfig:
+def check_eval_config(cfg: C) -> C:
     """Refuse impossible values of an evaluation config before any work; returns ``cfg`` normalised.
 
     ``rand_augment: none`` (or ``''``) becomes ``None``.
@@ -383,9 +387,13 @@ def check_eval_config(cfg: EvalDataConfig) -> EvalDataConfig:
             raise ConfigError(f"mean and std need one value per input channel each, got {mean} and {std}")
         if any(s <= 0 for s in std):
             raise ConfigError(f"std values must be > 0, got {std}")
-    if isinstance(cfg, FinetuneRecipe) and cfg.rand_augment is not None:
-        if cfg.rand_augment.strip().lower() in RAND_AUGMENT_OFF:
-            cfg.rand_augment = None
+    rand_augment = getattr(cfg, "rand_augment", None)
+    if (
+        isinstance(cfg, FinetuneRecipe)
+        and rand_augment is not None
+        and rand_augment.strip().lower() in RAND_AUGMENT_OFF
+    ):
+        cfg.rand_augment = None
     if isinstance(cfg, ZeroshotConfig) and cfg.templates is not None:
         if not cfg.templates:
             raise ConfigError("templates must list at least one prompt template (or be null for the built-in ones)")
@@ -464,8 +472,53 @@ def load_eval_config(
 
 
 def eval_config_dict(cfg: EvalDataConfig) -> dict[str, Any]:
-    """The config as plain Python data (what ``metrics.json`` records and a YAML file may hold)."""
+    """The config as plain Python data (what a YAML file for :func:`load_eval_config` may hold)."""
     return asdict(cfg)
+
+
+RANDOM_PREFIX = "random:"
+"""``random:RUN``: the architecture of RUN's encoder at random init."""
+
+PLUMBING = frozenset({"num_workers", "cache_dir", "device"})
+"""Config keys that say how fast results come, never what they are: recorded in neither part of
+:func:`provenance`."""
+
+MEASURED_ON = ("data", "root", "train_limit", "test_limit", "split", "limit")
+"""Config keys recorded under ``measured_on`` (with the encoder) rather than ``settings``."""
+
+
+def absolute_spec(spec: str | os.PathLike[str] | None) -> str | None:
+    """An encoder spec with an absolute path (``random:`` kept)."""
+    if spec is None:
+        return None
+    text = str(spec)
+    random_init = text.startswith(RANDOM_PREFIX)
+    path = os.path.abspath(text.removeprefix(RANDOM_PREFIX))
+    return (RANDOM_PREFIX if random_init else "") + path
+
+
+def provenance(cfg: EvalDataConfig, encoder: str | os.PathLike[str], key: str = "encoder") -> dict[str, Any]:
+    """What an evaluation was measured on and with which settings, from its config.
+
+    Args:
+        cfg: the resolved protocol config.
+        encoder: the encoder (or model) spec as given.
+        key: ``"encoder"``, or ``"model"`` for ``classify`` / ``zeroshot``.
+
+    Returns:
+        {"measured_on": {key (as given), key + "_path" (absolute), "data", "root" (absolute or None),
+        "train_limit", "test_limit" or "split", "limit"}, "settings": every other config key that can
+        change the result (all but :data:`PLUMBING`), sorted}.
+    """
+    values = eval_config_dict(cfg)
+    measured: dict[str, Any] = {key: str(encoder), f"{key}_path": absolute_spec(encoder)}
+    for name in MEASURED_ON:
+        if name in values:
+            measured[name] = values[name]
+    if measured.get("root") is not None:
+        measured["root"] = os.path.abspath(measured["root"])
+    settings = {k: v for k, v in sorted(values.items()) if k not in PLUMBING and k not in MEASURED_ON}
+    return {"measured_on": measured, "settings": settings}
 
 
 def explain_eval_config(cfg: EvalDataConfig) -> str:
