@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_parser(sub)
     for name in ("pretrain",):
         add_import_argument(sub.choices[name])
-    show = sub.choices["config"]._subparsers._group_actions[0].choices["show"]  # type: ignore[union-attr]
+    show = sub.choices["config"]._subparsers._group_actions[0].choices["show"]  # type: ignore[union-attr,index]
     add_import_argument(show)
     for choice in sub.choices.values():  # every --help page shows the defaults
         if choice.formatter_class is argparse.HelpFormatter:

@@ -19,7 +19,7 @@ import json
 import sys
 import types
 import typing
-from dataclasses import MISSING, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -243,9 +243,10 @@ def _add_key_flags(p: argparse.ArgumentParser, cls: type[EvalDataConfig]) -> Non
 
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
+    defaults = cls()
     group = p.add_argument_group("config keys (each flag is shorthand for key=value)")
     for f in fields(cls):
-        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        default = getattr(defaults, f.name)
         help_text = f"{docs.get(f.name, '')} (default: {_fmt_default(default)})".replace("%", "%%").strip()
         kind, elem = _flag_kind(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
