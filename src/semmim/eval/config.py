@@ -203,7 +203,7 @@ class SegConfig(SplitsConfig):
     finetune: bool = False
     """Train the encoder too (layer-wise lr decay)."""
     epochs: int = 10
-    """Passes over the training split (max_steps stops earlier)."""
+    """Passes over the training split (max_steps stops earlier; with max_steps set, 0 = run max_steps steps)."""
     lr: float | None = None
     """Peak lr of the head; null = 1e-3 frozen, 1e-4 fine-tuned."""
     weight_decay: float = 0.05
@@ -343,6 +343,8 @@ def check_eval_config(cfg: C) -> C:
     if not cfg.data:
         raise ConfigError("data must name a dataset")
     for key, low in _COUNTS_AT_LEAST.items():
+        if key == "epochs" and isinstance(cfg, SegConfig) and cfg.max_steps is not None:
+            low = 0  # segmentation may run max_steps steps whatever the epochs
         if key in names:
             _at_least(cfg, key, low)
     for key in _NON_NEGATIVE:
