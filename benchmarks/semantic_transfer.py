@@ -691,6 +691,7 @@ def execute(job: Job, budget: Budget, runs_dir: Path, teacher_model: nn.Module |
     """Pretrain one run and score it with kNN, or read its ``run.json`` if it finished before."""
     from semmim.config import find_config, load_config
     from semmim.engine import pretrain
+    from semmim.eval.config import KnnConfig
     from semmim.eval.knn import knn_eval
 
     run_dir = job.run_dir(runs_dir, budget)
@@ -713,8 +714,7 @@ def execute(job: Job, budget: Budget, runs_dir: Path, teacher_model: nn.Module |
     res = pretrain(cfg, run_dir, teacher=teacher, overwrite=True)  # an unfinished earlier try is replaced
     seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
-    knn = knn_eval(
-        run_dir,
+    knn_cfg = KnnConfig(
         data="fashion_mnist",
         train_limit=budget.knn_train,
         test_limit=budget.knn_test,
@@ -722,6 +722,7 @@ def execute(job: Job, budget: Budget, runs_dir: Path, teacher_model: nn.Module |
         num_workers=budget.num_workers,
         cache_dir="",
     )
+    knn = knn_eval(run_dir, knn_cfg)
     result = {
         "steps": res.steps,
         "final_loss": res.final_loss,

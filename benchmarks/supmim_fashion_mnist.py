@@ -30,6 +30,7 @@ def main() -> None:
     from semmim.config import find_config, load_config
     from semmim.engine import pretrain
     from semmim.eval.classify import classify_eval
+    from semmim.eval.config import ClassifyConfig, KnnConfig
     from semmim.eval.knn import knn_eval
 
     out = Path(args.out)
@@ -55,8 +56,8 @@ def main() -> None:
             t0 = time.perf_counter()
             result = pretrain(cfg, out / name, overwrite=True)  # an unfinished earlier try is replaced
             seconds = time.perf_counter() - t0
-            top1 = classify_eval(out / name, data="fashion_mnist", split="test")["top1"]
-            knn = knn_eval(out / name, train_limit=args.knn_train, test_limit=args.knn_test)["top1"]
+            top1 = classify_eval(out / name, ClassifyConfig(data="fashion_mnist", split="test"))["top1"]
+            knn = knn_eval(out / name, KnnConfig(train_limit=args.knn_train, test_limit=args.knn_test))["top1"]
             runs.append(
                 {
                     "name": name,

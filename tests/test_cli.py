@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from semmim.cli import build_parser, default_eval_out, main
-from semmim.cli.eval import provenance
+from semmim.cli.eval import eval_config_from_args, provenance
 
 
 def test_python_dash_m_semmim_runs_the_command_line() -> None:
@@ -58,7 +58,8 @@ def test_eval_cli_protocols_write_into_the_run(tiny_teacher_dir: Path, tmp_path:
         assert measured["data"] == "synthetic" and measured["root"] is None
         assert measured["train_limit"] == 64 and measured["test_limit"] == 32
         settings = metrics["settings"]  # every option that can change the numbers, none that cannot
-        assert {"batch_size", "seed"} <= settings.keys() and not {"out", "num_workers", "cache_dir"} & settings.keys()
+        assert "batch_size" in settings and not {"out", "num_workers", "cache_dir", "device"} & settings.keys()
+        assert ("seed" in settings) == (protocol in ("linear", "finetune"))  # lowshot has seeds, knn none
         assert not set(measured) & settings.keys()
         for option, value in (("--pool", "pool"), ("--epochs", "epochs"), ("--max-steps", "max_steps")):
             if option in extra:
@@ -129,16 +130,16 @@ def test_eval_records_an_absolute_root_and_the_given_data() -> None:
     args = build_parser().parse_args(
         ["eval", "knn", "--encoder", "random:runs/x", "--data", "imagefolder", "--root", "data/in1k", "--k", "10"]
     )
-    rec = provenance(args)
+    rec = provenance(eval_config_from_args(args), args.encoder)
     assert rec["measured_on"]["data"] == "imagefolder"
     assert rec["measured_on"]["root"] == str(Path("data/in1k").resolve())
     assert rec["measured_on"]["encoder"] == "random:runs/x"
     assert rec["measured_on"]["encoder_path"] == "random:" + str(Path("runs/x").resolve())
     assert rec["settings"]["k"] == 10 and rec["settings"]["temperature"] == 0.07
     args = build_parser().parse_args(["eval", "zeroshot", "--model", "m", "--split", "train", "--limit", "5"])
-    rec = provenance(args)
+    rec = provenance(eval_config_from_args(args), args.model, "model")
     assert rec["measured_on"]["split"] == "train" and rec["measured_on"]["limit"] == 5
-    assert rec["measured_on"]["data"] is None  # filled in (fashion_mnist) when the command runs
+    assert rec["measured_on"]["model"] == "m" and rec["measured_on"]["data"] == "fashion_mnist"  # the default
 
 
 def test_eval_of_a_random_init_baseline_is_saved_and_reported(tiny_teacher_dir: Path, tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from semmim.data.fashion_mnist import find_fashion_mnist
 from semmim.data.transforms import pretrain_transform
 from semmim.eval import finetune as ft
 from semmim.eval.classify import classify_eval, load_classifier
+from semmim.eval.config import ClassifyConfig, FinetuneConfig
 from semmim.eval.finetune import finetune_eval, layer_decay_groups
 from semmim.export import save_encoder
 from semmim.models.vit import ViTEncoder
@@ -137,14 +138,10 @@ def test_finetune_end_to_end_fashion_mnist(tiny_teacher_dir: Path, fmnist_root: 
     before = _sha(enc_file)
     res = finetune_eval(
         tiny_teacher_dir,
-        "fashion_mnist",
-        fmnist_root,
-        train_limit=256,
-        test_limit=128,
-        warmup_epochs=1,
-        ema=True,
+        FinetuneConfig(
+            data="fashion_mnist", root=fmnist_root, train_limit=256, test_limit=128, warmup_epochs=1, ema=True, **FAST
+        ),
         out=tmp_path / "ft",
-        **FAST,
     )
     for key in ("protocol", "top1", "top5", "n_train", "n_test", "epochs", "steps", "lr", "top1_ema", "top5_ema"):
         assert key in res, key
@@ -159,7 +156,9 @@ def test_finetune_end_to_end_fashion_mnist(tiny_teacher_dir: Path, fmnist_root: 
     net, mean, std = load_classifier(tmp_path / "ft")
     assert isinstance(net.head, torch.nn.Linear) and net.head.out_features == 10
     assert len(mean) == len(std) == 3
-    again = classify_eval(tmp_path / "ft", "fashion_mnist", fmnist_root, limit=128, num_workers=0, device="cpu")
+    again = classify_eval(
+        tmp_path / "ft", ClassifyConfig(data="fashion_mnist", root=fmnist_root, limit=128, num_workers=0, device="cpu")
+    )
     assert again["top1"] == pytest.approx(res["top1"]) and again["top5"] == pytest.approx(res["top5"])
 
 
@@ -171,9 +170,9 @@ def test_finetune_end_to_end_fashion_mnist(tiny_teacher_dir: Path, fmnist_root: 
 def test_same_seed_same_numbers(tiny_teacher_dir: Path) -> None:
     kw: dict[str, Any] = {"train_limit": 64, "test_limit": 32, "max_steps": 4, "ema": True, "ema_decay": 0.5}
     kw.update(FAST, batch_size=16)  # RandAugment, mixup / cutmix and drop path stay on: all must be seeded
-    a = finetune_eval(tiny_teacher_dir, "synthetic", **kw)
-    b = finetune_eval(tiny_teacher_dir, "synthetic", **kw)
-    c = finetune_eval(tiny_teacher_dir, "synthetic", **{**kw, "seed": 1})
+    a = finetune_eval(tiny_teacher_dir, FinetuneConfig(data="synthetic", **kw))
+    b = finetune_eval(tiny_teacher_dir, FinetuneConfig(data="synthetic", **kw))
+    c = finetune_eval(tiny_teacher_dir, FinetuneConfig(data="synthetic", **{**kw, "seed": 1}))
     assert a["steps"] == 4
     for key in ("top1", "top5", "top1_ema", "train_loss"):
         assert a[key] == b[key], key
@@ -184,21 +183,23 @@ def test_random_init_and_train_indices(tiny_teacher_dir: Path) -> None:
     idx = [3, 5, 7, 11, 13, 17, 19, 23, 29, 31]
     res = finetune_eval(
         f"random:{tiny_teacher_dir}",
-        "synthetic",
-        train_limit=64,
-        test_limit=16,
+        FinetuneConfig(
+            data="synthetic", train_limit=64, test_limit=16, rand_augment=None, **{**FAST, "epochs": 2, "batch_size": 4}
+        ),
         train_indices=idx,
-        rand_augment=None,
-        **{**FAST, "epochs": 2, "batch_size": 4},
     )
     assert res["n_train"] == len(idx)
     assert res["batch_size"] == 4 and res["steps"] == 2 * (len(idx) // 4)
     small = finetune_eval(
-        tiny_teacher_dir, "synthetic", train_limit=64, test_limit=16, train_indices=[0, 1, 2], mixup=0, cutmix=0, **FAST
+        tiny_teacher_dir,
+        FinetuneConfig(data="synthetic", train_limit=64, test_limit=16, mixup=0, cutmix=0, **FAST),
+        train_indices=[0, 1, 2],
     )
     assert small["n_train"] == 3 and small["batch_size"] == 3 and small["steps"] == 1
     with pytest.raises(IndexError, match="out of range"):
-        finetune_eval(tiny_teacher_dir, "synthetic", train_limit=8, test_limit=8, train_indices=[8], **FAST)
+        finetune_eval(
+            tiny_teacher_dir, FinetuneConfig(data="synthetic", train_limit=8, test_limit=8, **FAST), train_indices=[8]
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -233,18 +234,20 @@ def test_learns_brightness(tiny_teacher_dir: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(ft, "labelled_split", fake_split)
     res = finetune_eval(
         tiny_teacher_dir,
-        "brightness",
-        epochs=8,
-        batch_size=32,
-        base_lr=2e-2,
-        warmup_epochs=1,
-        mixup=0,
-        cutmix=0,
-        label_smoothing=0,
-        rand_augment=None,
-        drop_path=0,
-        num_workers=0,
-        device="cpu",
+        FinetuneConfig(
+            data="brightness",
+            epochs=8,
+            batch_size=32,
+            base_lr=2e-2,
+            warmup_epochs=1,
+            mixup=0,
+            cutmix=0,
+            label_smoothing=0,
+            rand_augment=None,
+            drop_path=0,
+            num_workers=0,
+            device="cpu",
+        ),
     )
     assert res["n_train"] == 192 and res["n_test"] == 128
     assert res["top1"] > 90.0, res
@@ -275,12 +278,14 @@ def test_rand_augment_on_grey_images_and_new_pillow(tmp_path: Path) -> None:
     )
     res = finetune_eval(
         tmp_path,
-        "synthetic",
-        train_limit=32,
-        test_limit=8,
-        max_steps=2,
-        global_pool="token",
-        **{**FAST, "batch_size": 8},
+        FinetuneConfig(
+            data="synthetic",
+            train_limit=32,
+            test_limit=8,
+            max_steps=2,
+            global_pool="token",
+            **{**FAST, "batch_size": 8},
+        ),
     )
     assert res["steps"] == 2 and 0.0 <= res["top1"] <= 100.0
 
@@ -292,7 +297,7 @@ def test_nan_loss_names_the_step(tiny_teacher_dir: Path, monkeypatch: pytest.Mon
 
     monkeypatch.setattr(ft, "labelled_split", nan_split)
     with pytest.raises(RuntimeError, match=r"loss is nan at epoch 0, step 0"):
-        finetune_eval(tiny_teacher_dir, "nan", **{**FAST, "batch_size": 8})
+        finetune_eval(tiny_teacher_dir, FinetuneConfig(data="nan", **{**FAST, "batch_size": 8}))
 
 
 def test_mismatched_export_is_a_clear_error(tiny_teacher_dir: Path, tmp_path: Path) -> None:
@@ -306,4 +311,4 @@ def test_mismatched_export_is_a_clear_error(tiny_teacher_dir: Path, tmp_path: Pa
     state["extra.weight"] = torch.zeros(2)
     save_encoder(tmp_path / "encoder.safetensors", state, name, kwargs)
     with pytest.raises(ValueError, match=r"blocks\.1\.mlp\.fc1\.weight.*extra\.weight"):
-        finetune_eval(tmp_path, "synthetic", train_limit=8, test_limit=8, **FAST)
+        finetune_eval(tmp_path, FinetuneConfig(data="synthetic", train_limit=8, test_limit=8, **FAST))

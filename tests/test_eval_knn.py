@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from semmim.eval import features
 from semmim.eval.common import load_encoder
+from semmim.eval.config import KnnConfig
 from semmim.eval.features import extract_features
 from semmim.eval.knn import knn_classify, knn_eval
 
@@ -88,7 +89,7 @@ def test_knn_eval_caches_features(tiny_teacher_dir: Path, tmp_path: Path, monkey
     weights = tiny_teacher_dir / "encoder.safetensors"
     before = load_file(str(weights))
     kw = {"data": "synthetic", "train_limit": 64, "test_limit": 32, "num_workers": 0, "cache_dir": str(tmp_path)}
-    first = knn_eval(tiny_teacher_dir, pool="both", **kw)
+    first = knn_eval(tiny_teacher_dir, KnnConfig(pool="both", **kw))
     assert {"top1", "top1_cls", "top1_mean", "n_train"} <= set(first)
     assert len(list(tmp_path.glob("*.pt"))) == 2  # train and test splits
 
@@ -96,7 +97,7 @@ def test_knn_eval_caches_features(tiny_teacher_dir: Path, tmp_path: Path, monkey
         raise AssertionError("features should come from the cache")
 
     monkeypatch.setattr(features, "extract_features", no_extraction)
-    again = knn_eval(tiny_teacher_dir, pool="mean", **kw)  # another pooling: same cache entry
+    again = knn_eval(tiny_teacher_dir, KnnConfig(pool="mean", **kw))  # another pooling: same cache entry
     assert again["top1"] == first["top1_mean"]
     after = load_file(str(weights))
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import sys
 import types
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from torch import nn
 import semmim.eval.features as features
 from semmim.data.datasets import SubsetDataset, SyntheticDataset
 from semmim.eval.common import load_encoder
+from semmim.eval.config import FinetuneConfig, LinearConfig, LowshotConfig
 from semmim.eval.linear import LARS, linear_eval, linear_probe, probe_head
 from semmim.eval.lowshot import dataset_labels, fraction_tag, lowshot_eval, stratified_subset
 
@@ -204,9 +206,9 @@ def test_linear_eval_is_frozen_and_cached(
         "batch_size": 16,
         "num_workers": 0,
         "device": "cpu",
-        "cache_dir": tmp_path,
+        "cache_dir": str(tmp_path),
     }
-    res = linear_eval(tiny_teacher_dir, pool="both", **kw)
+    res = linear_eval(tiny_teacher_dir, LinearConfig(pool="both", **kw))
     assert res["protocol"] == "linear" and res["n_train"] == 48 and res["n_test"] == 32
     assert res["top1"] == res["top1_cls"] and {"top1_mean", "top5_mean", "top5_cls"} <= res.keys()
     after = load_file(weights)
@@ -216,7 +218,7 @@ def test_linear_eval_is_frozen_and_cached(
         raise AssertionError("features should come from the cache")
 
     monkeypatch.setattr(features, "extract_features", no_extraction)
-    again = linear_eval(tiny_teacher_dir, pool="cls", **kw)
+    again = linear_eval(tiny_teacher_dir, LinearConfig(pool="cls", **kw))
     assert again["top1"] == res["top1"] and again["top5"] == res["top5"]
 
 
@@ -225,7 +227,8 @@ def test_linear_eval_leaves_an_module_encoder_unchanged(tiny_teacher_dir: Path) 
     state = {k: v.clone() for k, v in model.state_dict().items()}
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     res = linear_eval(
-        model, data="synthetic", train_limit=24, test_limit=16, epochs=2, num_workers=0, mean=mean, std=std
+        model,
+        LinearConfig(data="synthetic", train_limit=24, test_limit=16, epochs=2, num_workers=0, mean=mean, std=std),
     )
     assert res["n_train"] == 24
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
@@ -235,16 +238,18 @@ def test_linear_eval_leaves_an_module_encoder_unchanged(tiny_teacher_dir: Path) 
 def test_lowshot_linear_end_to_end(tiny_teacher_dir: Path, tmp_path: Path) -> None:
     res = lowshot_eval(
         tiny_teacher_dir,
-        data="synthetic",
-        fractions=(0.1, 0.5),
-        seeds=(0, 1),
-        train_limit=64,
-        test_limit=32,
-        epochs=3,
-        batch_size=16,
-        num_workers=0,
-        device="cpu",
-        cache_dir=tmp_path,
+        LowshotConfig(
+            data="synthetic",
+            fractions=[0.1, 0.5],
+            seeds=[0, 1],
+            train_limit=64,
+            test_limit=32,
+            epochs=3,
+            batch_size=16,
+            num_workers=0,
+            device="cpu",
+            cache_dir=str(tmp_path),
+        ),
     )
     assert res["protocol"] == "lowshot" and res["mode"] == "linear" and res["n_test"] == 32
     assert set(res["results"]) == {"10%", "50%"}
@@ -258,29 +263,33 @@ def test_lowshot_linear_end_to_end(tiny_teacher_dir: Path, tmp_path: Path) -> No
         assert r["n_train_per_seed"] == [sum(max(1, round(f * int(n))) for n in counts if n > 0)] * 2
         assert res[f"top1_{tag}pct"] == r["top1_mean"] and res[f"top1_{tag}pct_std"] == r["top1_std"]
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
-        lowshot_eval(tiny_teacher_dir, data="synthetic", fractions=(0.0,))
+        lowshot_eval(tiny_teacher_dir, LowshotConfig(data="synthetic", fractions=[0.0]))
 
 
 def test_lowshot_finetune_passes_stratified_indices(tiny_teacher_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[dict[str, Any]] = []
 
-    def fake_finetune(encoder: Any, **kwargs: Any) -> dict[str, Any]:
-        calls.append({"encoder": encoder, **kwargs})
-        return {"top1": 50.0 + kwargs["seed"], "top5": 90.0, "n_test": 7}
+    def fake_finetune(encoder: Any, cfg: FinetuneConfig, train_indices: list[int]) -> dict[str, Any]:
+        calls.append({"encoder": encoder, **asdict(cfg), "train_indices": train_indices})
+        return {"top1": 50.0 + cfg.seed, "top5": 90.0, "n_test": 7}
 
     fake = types.ModuleType("semmim.eval.finetune")
     fake.finetune_eval = fake_finetune  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "semmim.eval.finetune", fake)
     res = lowshot_eval(
         tiny_teacher_dir,
-        data="synthetic",
-        fractions=(0.25,),
-        seeds=(0, 3, 5),
-        mode="finetune",
-        train_limit=40,
-        test_limit=8,
-        num_workers=0,
-        finetune_kwargs={"epochs": 1, "max_steps": 2},
+        LowshotConfig(
+            data="synthetic",
+            fractions=[0.25],
+            seeds=[0, 3, 5],
+            mode="finetune",
+            train_limit=40,
+            test_limit=8,
+            num_workers=0,
+            epochs=1,
+            max_steps=2,
+            base_lr=1e-3,
+        ),
     )
     labels = torch.tensor([SyntheticDataset(40, img_size=16).load(i)[1] for i in range(40)])
     assert [c["seed"] for c in calls] == [0, 3, 5]
@@ -288,6 +297,7 @@ def test_lowshot_finetune_passes_stratified_indices(tiny_teacher_dir: Path, monk
         assert c["train_indices"] == stratified_subset(labels, 0.25, c["seed"]).tolist()
         assert c["data"] == "synthetic" and c["train_limit"] == 40 and c["test_limit"] == 8
         assert c["epochs"] == 1 and c["max_steps"] == 2 and c["encoder"] == tiny_teacher_dir
+        assert c["base_lr"] == 1e-3 and c["num_workers"] == 0  # the shared schedule and data keys go along
     r = res["results"]["25%"]
     assert r["top1_per_seed"] == [50.0, 53.0, 55.0] and res["top1_25pct"] == pytest.approx(52.666666, abs=1e-4)
     assert r["top1_std"] == pytest.approx(statistics.stdev([50.0, 53.0, 55.0])) and res["n_test"] == 7

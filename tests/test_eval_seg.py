@@ -21,6 +21,7 @@ from semmim.data.segmentation import (
     build_seg_dataset,
 )
 from semmim.eval.common import load_encoder
+from semmim.eval.config import SegConfig
 from semmim.eval.seg import (
     LinearSegHead,
     SegMetric,
@@ -334,7 +335,7 @@ def test_seg_eval_frozen_end_to_end(tiny_teacher_dir: Path, fake_fashion_root: P
         mean=mean,
         std=std,
     )
-    out = seg_eval(enc, head="upernet", **kwargs)
+    out = seg_eval(enc, SegConfig(head="upernet", **kwargs))
     after = enc.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the frozen encoder did not move
     for key in ("protocol", "head", "miou", "pixel_acc", "per_class_iou", "classes", "steps", "train_loss"):
@@ -343,8 +344,8 @@ def test_seg_eval_frozen_end_to_end(tiny_teacher_dir: Path, fake_fashion_root: P
     assert 0.0 <= out["miou"] <= 100.0 and 0.0 <= out["pixel_acc"] <= 100.0
     assert len(out["per_class_iou"]) == out["num_classes"] == 11 and math.isfinite(out["train_loss"])
     # the same run from the export path is seeded and reproducible
-    a = seg_eval(str(tiny_teacher_dir), head="linear", **{**kwargs, "mean": None, "std": None})
-    b = seg_eval(str(tiny_teacher_dir), head="linear", **{**kwargs, "mean": None, "std": None})
+    a = seg_eval(str(tiny_teacher_dir), SegConfig(head="linear", **{**kwargs, "mean": None, "std": None}))
+    b = seg_eval(str(tiny_teacher_dir), SegConfig(head="linear", **{**kwargs, "mean": None, "std": None}))
     assert a["miou"] == b["miou"] and a["train_loss"] == b["train_loss"]
 
 
@@ -353,23 +354,26 @@ def test_seg_eval_finetune_and_resize(tiny_teacher_dir: Path, fake_fashion_root:
     before = copy.deepcopy(enc.state_dict())
     out = seg_eval(
         enc,
-        root=str(fake_fashion_root),
-        head="linear",
-        finetune=True,
-        img_size=24,  # not the encoder's 16: position embeddings are resampled to a 6x6 grid
-        epochs=1,
-        batch_size=4,
-        train_limit=4,
-        test_limit=2,
-        num_workers=0,
-        device="cpu",
-        mean=mean,
-        std=std,
+        SegConfig(
+            root=str(fake_fashion_root),
+            head="linear",
+            finetune=True,
+            img_size=24,  # not the encoder's 16: position embeddings are resampled to a 6x6 grid
+            epochs=1,
+            batch_size=4,
+            train_limit=4,
+            test_limit=2,
+            num_workers=0,
+            device="cpu",
+            mean=mean,
+            std=std,
+        ),
     )
     assert out["img_size"] == 24 and enc.get_parameter("pos_embed").shape[1] == 1 + 36
     assert not torch.equal(before["blocks.0.attn.qkv.weight"], enc.state_dict()["blocks.0.attn.qkv.weight"])
     with pytest.raises(ValueError, match="patch size"):
-        seg_eval(enc, root=str(fake_fashion_root), img_size=25, mean=mean, std=std, device="cpu", num_workers=0)
+        cfg = SegConfig(root=str(fake_fashion_root), img_size=25, mean=mean, std=std, device="cpu", num_workers=0)
+        seg_eval(enc, cfg)
 
 
 def test_layerwise_lr_decay_groups(tiny_teacher_dir: Path) -> None:

@@ -98,6 +98,7 @@ def test_cli_three_steps(method: str, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_milan_with_a_clip_run_as_teacher_and_zeroshot(tmp_path: Path) -> None:
+    from semmim.eval.config import ZeroshotConfig
     from semmim.eval.zeroshot import zeroshot_eval
     from semmim.methods import build_method
 
@@ -112,7 +113,7 @@ def test_milan_with_a_clip_run_as_teacher_and_zeroshot(tmp_path: Path) -> None:
     assert teacher.mean.tolist() == [0.5, 0.5, 0.5]  # the clip run's own input statistics
     assert main(["pretrain", "--config", "demo/milan", "--out", str(tmp_path / "milan"), *over]) == 0
     assert [r["step"] for r in read_metrics(tmp_path / "milan")] == [1, 2, 3]
-    metrics = zeroshot_eval(clip_dir, data="synthetic", limit=40, num_workers=0)
+    metrics = zeroshot_eval(clip_dir, ZeroshotConfig(data="synthetic", limit=40, num_workers=0))
     assert metrics["n_test"] == 40 and 0 <= metrics["top1"] <= 100
 
 

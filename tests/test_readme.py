@@ -390,6 +390,7 @@ NEEDS: dict[str, dict[str, str]] = {
     "pretraining-2": {"runs/mae_b16": "mae"},
     "evaluation-1": {"runs/mae": "mae", "runs/milan": "milan", "runs/clip": "clip", "runs/supmim": "supmim"},
     "evaluation-2": {"runs/mae": "mae", "tiny_ade": "ade"},
+    "evaluation-4": {"my_eval.yaml": "file:my_eval.yaml", "runs/mae": "mae"},
     "image-text-data-1": {"my_captions.csv": "captions"},
     "python-api-1": {"runs/teacher": "teacher1"},
     "python-api-3": {"columns.yaml": "file:columns.yaml"},

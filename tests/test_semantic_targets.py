@@ -202,6 +202,7 @@ def test_explained_warning_stays_quiet_on_a_learning_run(tmp_path: Path, capsys:
 
 
 def test_knn_monitor_matches_eval_knn(tmp_path: Path) -> None:
+    from semmim.eval.config import KnnConfig
     from semmim.eval.knn import knn_eval
 
     cfg = load_config(
@@ -222,7 +223,7 @@ def test_knn_monitor_matches_eval_knn(tmp_path: Path) -> None:
     pretrain(cfg, tmp_path / "run")
     rows = read_metrics(tmp_path / "run")
     assert [r["step"] for r in rows if "knn_top1" in r] == [2, 4]  # every 2 steps, not only on log steps
-    expected = knn_eval(tmp_path / "run", train_limit=300, test_limit=100, num_workers=0)["top1"]
+    expected = knn_eval(tmp_path / "run", KnnConfig(train_limit=300, test_limit=100, num_workers=0))["top1"]
     assert rows[-1]["knn_top1"] == pytest.approx(expected, abs=1e-9)
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from semmim.config import find_config, load_config
 from semmim.engine import pretrain
+from semmim.eval.config import EvalDataConfig, KnnConfig, LinearConfig, SegConfig, ZeroshotConfig, provenance
 from semmim.eval.knn import knn_eval
 from semmim.eval.linear import linear_eval
 from semmim.eval.seg import seg_eval
@@ -56,11 +57,16 @@ BUDGET = {
 }
 
 
-def _save_eval(run: Path, protocol: str, metrics: dict[str, Any]) -> dict[str, Any]:
-    """Keep an evaluation where ``semmim report`` finds it: RUN/eval/<protocol>/metrics.json."""
+def _save_eval(
+    run: Path, protocol: str, metrics: dict[str, Any], encoder: str | Path, cfg: EvalDataConfig
+) -> dict[str, Any]:
+    """Keep an evaluation where ``semmim report`` finds it: RUN/eval/<protocol>/metrics.json, with what it
+    was measured on and its settings, as ``semmim eval`` records them."""
     folder = run / EVAL_DIR / protocol
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    key = "model" if isinstance(cfg, ZeroshotConfig) else "encoder"
+    record = {**metrics, **provenance(cfg, encoder, key)}
+    (folder / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
     return metrics
 
 
@@ -107,34 +113,33 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
 
     n_eval = len(stages) + 1
     print(f"== {n_eval}/{n_eval} evaluation: kNN (k=20, T=0.07; CLS and mean-pooled tokens), zero-shot", flush=True)
-    knn_kw: dict[str, Any] = {
-        "train_limit": budget["knn_train"],
-        "test_limit": budget["knn_test"],
-        "num_workers": 2,
-        "pool": "both",
-    }
-    lin_kw: dict[str, Any] = {
-        "train_limit": budget["knn_train"],
-        "test_limit": budget["knn_test"],
-        "num_workers": 2,
-        "epochs": budget["linear_epochs"],
-        "optimizer": "sgd",  # LARS is tuned for batch 16384 on ImageNet; SGD converges on 10k samples
-    }
-    seg_kw: dict[str, Any] = {
-        "train_limit": budget["seg_train"],
-        "test_limit": budget["seg_test"],
-        "epochs": budget["seg_epochs"],
-        "batch_size": 64,
-        "num_workers": 2,
-    }
+    knn_cfg = KnnConfig(train_limit=budget["knn_train"], test_limit=budget["knn_test"], num_workers=2, pool="both")
+    lin_cfg = LinearConfig(
+        train_limit=budget["knn_train"],
+        test_limit=budget["knn_test"],
+        num_workers=2,
+        epochs=budget["linear_epochs"],
+        optimizer="sgd",  # LARS is tuned for batch 16384 on ImageNet; SGD converges on 10k samples
+    )
+    seg_cfg = SegConfig(
+        train_limit=budget["seg_train"],
+        test_limit=budget["seg_test"],
+        epochs=budget["seg_epochs"],
+        batch_size=64,
+        num_workers=2,
+    )
     random_spec = f"random:{out / 'mae'}"
     base = out / "mae"  # the random-init baseline is saved next to MAE's results, as `semmim eval` saves it
     rows: list[dict[str, Any]] = [
         {
             "name": "random init",
-            **_save_eval(base, "knn_random", knn_eval(random_spec, **knn_kw)),
-            "linear_top1": _save_eval(base, "linear_random", linear_eval(random_spec, **lin_kw))["top1"],
-            "seg_miou": _save_eval(base, "seg_linear_random", seg_eval(random_spec, **seg_kw))["miou"],
+            **_save_eval(base, "knn_random", knn_eval(random_spec, knn_cfg), random_spec, knn_cfg),
+            "linear_top1": _save_eval(base, "linear_random", linear_eval(random_spec, lin_cfg), random_spec, lin_cfg)[
+                "top1"
+            ],
+            "seg_miou": _save_eval(base, "seg_linear_random", seg_eval(random_spec, seg_cfg), random_spec, seg_cfg)[
+                "miou"
+            ],
         }
     ]
     for name in ("mae", "milan", "rils", "teacher"):
@@ -142,17 +147,17 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         run = out / name
         row = {
             "name": "clip teacher" if name == "teacher" else name,
-            **_save_eval(run, "knn", knn_eval(run, **knn_kw)),
-            "linear_top1": _save_eval(run, "linear", linear_eval(run, **lin_kw))["top1"],
-            "seg_miou": _save_eval(run, "seg_linear", seg_eval(run, **seg_kw))["miou"],
+            **_save_eval(run, "knn", knn_eval(run, knn_cfg), run, knn_cfg),
+            "linear_top1": _save_eval(run, "linear", linear_eval(run, lin_cfg), run, lin_cfg)["top1"],
+            "seg_miou": _save_eval(run, "seg_linear", seg_eval(run, seg_cfg), run, seg_cfg)["miou"],
             "steps": result.steps,
             "final_loss": result.final_loss,
             "seconds": seconds,
             "images_per_s": result.images_per_s,
         }
         if name in ("rils", "teacher"):
-            zs = zeroshot_eval(run, limit=budget["zs_test"], num_workers=2)
-            row["zeroshot_top1"] = _save_eval(run, "zeroshot", zs)["top1"]
+            zs_cfg = ZeroshotConfig(limit=budget["zs_test"], num_workers=2)
+            row["zeroshot_top1"] = _save_eval(run, "zeroshot", zeroshot_eval(run, zs_cfg), run, zs_cfg)["top1"]
         rows.append(row)
     print("== report: metrics, training curves, reconstructions, PCA of features, semantic masks", flush=True)
     report_path = write_report([out / n for n in ("mae", "milan", "rils", "teacher")], out / "report", seed=seed)

@@ -3,10 +3,11 @@
 kNN (:mod:`semmim.eval.knn`), linear probe (:mod:`semmim.eval.linear`), fine-tuning
 (:mod:`semmim.eval.finetune`), low-shot (:mod:`semmim.eval.lowshot`), segmentation
 (:mod:`semmim.eval.seg`), zero-shot (:mod:`semmim.eval.zeroshot`) and classifier accuracy
-(:mod:`semmim.eval.classify`). Each ``*_eval`` function takes a run directory, an
-``encoder.safetensors`` or ``random:RUN`` and returns a metrics dict. Shared plumbing: loading an
-encoder and a labelled split (:mod:`semmim.eval.common`) and cached frozen features
-(:mod:`semmim.eval.features`).
+(:mod:`semmim.eval.classify`). Each ``<protocol>_eval(encoder, cfg)`` takes a run directory, an
+``encoder.safetensors`` or ``random:RUN`` and the protocol's typed config (:mod:`semmim.eval.config`:
+``KnnConfig``, ..., loaded from YAML and ``key=value`` overrides by ``load_eval_config``) and returns a
+metrics dict. Shared plumbing: loading an encoder and a labelled split (:mod:`semmim.eval.common`) and
+cached frozen features (:mod:`semmim.eval.features`).
 
 The names below load on first use, so importing one protocol does not import them all.
 """
@@ -17,6 +18,15 @@ import importlib
 from typing import Any
 
 _LAZY = {
+    "ClassifyConfig": "semmim.eval.config",
+    "EvalDataConfig": "semmim.eval.config",
+    "FinetuneConfig": "semmim.eval.config",
+    "KnnConfig": "semmim.eval.config",
+    "LinearConfig": "semmim.eval.config",
+    "LowshotConfig": "semmim.eval.config",
+    "SegConfig": "semmim.eval.config",
+    "ZeroshotConfig": "semmim.eval.config",
+    "load_eval_config": "semmim.eval.config",
     "classify_eval": "semmim.eval.classify",
     "cached_features": "semmim.eval.features",
     "encoder_geometry": "semmim.eval.common",

@@ -11,6 +11,7 @@ from torch import nn
 
 from semmim.config import DataConfig
 from semmim.eval.accuracy import topk_accuracy
+from semmim.eval.config import ClassifyConfig, check_eval_config
 from semmim.export import read_metadata, read_normalization, read_timm_config, resolve_run_file
 
 CLASSIFIER_FILE = "classifier.safetensors"
@@ -40,28 +41,26 @@ def load_classifier(path: str | os.PathLike[str]) -> tuple[nn.Module, list[float
 
 
 @torch.no_grad()
-def classify_eval(
-    model: str | os.PathLike[str],
-    data: str = "fashion_mnist",
-    root: str | None = None,
-    split: str = "test",
-    limit: int | None = None,
-    batch_size: int = 256,
-    num_workers: int = 2,
-    device: str | None = None,
-) -> dict[str, Any]:
-    """Accuracy of a classifier export on ``data``'s ``split`` (top-1 and top-5, in %)."""
+def classify_eval(model: str | os.PathLike[str], cfg: ClassifyConfig | None = None) -> dict[str, Any]:
+    """Accuracy of a classifier export on a labelled dataset's split (top-1 and top-5, in %).
+
+    Args:
+        model: a run directory holding ``classifier.safetensors`` (supmim, ``semmim eval finetune``) or the file.
+        cfg: the protocol's settings (:class:`semmim.eval.config.ClassifyConfig`; default: its defaults).
+    """
     from semmim.data import build_dataset, build_loader
+
+    cfg = check_eval_config(cfg or ClassifyConfig())
 
     net, mean, std = load_classifier(model)
     img_size = int(net.get_submodule("patch_embed").img_size[0])  # type: ignore[index,arg-type]
     proj: Any = net.get_submodule("patch_embed.proj")
-    cfg = DataConfig(name=data, root=root, split=split, limit=limit, mean=mean, std=std)
-    dataset = build_dataset(cfg, img_size=img_size, in_chans=int(proj.in_channels), train=False)
+    dcfg = DataConfig(name=cfg.data, root=cfg.root, split=cfg.split, limit=cfg.limit, mean=mean, std=std)
+    dataset = build_dataset(dcfg, img_size=img_size, in_chans=int(proj.in_channels), train=False)
     loader = build_loader(
-        dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=False, sampler=None, drop_last=False
+        dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=False, sampler=None, drop_last=False
     )
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     net.eval().to(dev)
     m = torch.tensor(mean, device=dev).view(1, -1, 1, 1)
     s = torch.tensor(std, device=dev).view(1, -1, 1, 1)

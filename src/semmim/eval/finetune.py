@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from semmim.engine.optim import layer_decay_groups
 from semmim.eval.accuracy import topk_accuracy
 from semmim.eval.common import IMAGENET_MEAN, IMAGENET_STD, encoder_geometry, eval_loader, labelled_split
+from semmim.eval.config import FinetuneConfig, check_eval_config
 from semmim.export import read_normalization, read_timm_config, resolve_encoder_file
 
 __all__ = ["finetune_eval", "layer_decay_groups"]
@@ -100,33 +101,10 @@ def _add_head(model: nn.Module, num_classes: int) -> None:
 
 def finetune_eval(
     encoder: str | os.PathLike[str],
-    data: str = "fashion_mnist",
-    root: str | None = None,
+    cfg: FinetuneConfig | None = None,
     *,
-    train_limit: int | None = None,
-    test_limit: int | None = None,
     train_indices: Sequence[int] | None = None,
-    epochs: int = 100,
-    batch_size: int = 64,
-    num_workers: int = 2,
-    base_lr: float = 5e-4,
-    min_lr: float = 1e-6,
-    weight_decay: float = 0.05,
-    layer_decay: float = 0.65,
-    drop_path: float = 0.1,
-    warmup_epochs: float = 5,
-    mixup: float = 0.8,
-    cutmix: float = 1.0,
-    label_smoothing: float = 0.1,
-    rand_augment: str | None = "rand-m9-mstd0.5-inc1",
-    global_pool: str = "avg",
-    ema: bool = False,
-    ema_decay: float = 0.9999,
-    clip_grad: float | None = None,
-    seed: int = 0,
-    device: str | None = None,
     out: str | os.PathLike[str] | None = None,
-    max_steps: int | None = None,
 ) -> dict[str, Any]:
     """Fine-tune an exported encoder end to end on a labelled dataset and report test accuracy.
 
@@ -143,31 +121,13 @@ def finetune_eval(
 
     Args:
         encoder: run directory, ``encoder.safetensors``, or ``"random:<run>"``.
-        data: dataset name (``fashion_mnist``, ``imagefolder`` with ``root/train`` + ``root/val``, ...).
-        root: dataset root.
-        train_limit, test_limit: use the first N images of a split.
+        cfg: the protocol's settings (:class:`semmim.eval.config.FinetuneConfig`, each key documented
+            there; default: its defaults). ``batch_size`` is capped at the training set size (and made
+            even with mixup / cutmix); ``warmup_epochs`` is clamped to ``epochs``; ``max_steps`` compresses
+            the schedule to fit.
         train_indices: train on these positions of the (limited) train split only (low-shot).
-        epochs: training epochs.
-        batch_size: images per step (capped at the training set size; even with mixup / cutmix).
-        num_workers: data-loading worker processes.
-        base_lr: learning rate per 256 images.
-        min_lr: the cosine schedule's floor.
-        weight_decay: AdamW weight decay (not on biases, norms, tokens and position embedding).
-        layer_decay: layer-wise lr decay.
-        drop_path: stochastic-depth rate.
-        warmup_epochs: linear warmup length (clamped to ``epochs``).
-        mixup, cutmix: timm Mixup alphas (0 turns each off).
-        label_smoothing: label smoothing of the loss (or of the mixup targets).
-        rand_augment: timm RandAugment spec, or ``None``.
-        global_pool: ``"avg"`` (patch-token mean + fc_norm) or ``"token"`` (CLS token after norm).
-        ema: keep a timm ``ModelEmaV3`` of the weights and report its accuracy too.
-        ema_decay: EMA decay per step.
-        clip_grad: gradient-norm clipping threshold, or ``None``.
-        seed: seed of the initialisation, data order, augmentation, mixup and stochastic depth.
-        device: "cpu", "cuda", ...; default CUDA when available.
         out: when set, write ``out/classifier.safetensors`` (readable by
             :func:`semmim.eval.classify.load_classifier`).
-        max_steps: stop after this many optimiser steps (the schedule is compressed to fit).
 
     Returns:
         ``{"protocol": "finetune", "top1", "top5", "n_train", "n_test", "epochs", "steps", "lr",
@@ -185,6 +145,13 @@ def finetune_eval(
     from semmim.eval.classify import CLASSIFIER_FILE
     from semmim.export import save_encoder
 
+    cfg = check_eval_config(cfg or FinetuneConfig())
+    data, root, train_limit, test_limit = cfg.data, cfg.root, cfg.train_limit, cfg.test_limit
+    epochs, batch_size, num_workers, device, seed = cfg.epochs, cfg.batch_size, cfg.num_workers, cfg.device, cfg.seed
+    base_lr, min_lr, weight_decay, warmup_epochs = cfg.base_lr, cfg.min_lr, cfg.weight_decay, cfg.warmup_epochs
+    layer_decay, drop_path, clip_grad, max_steps = cfg.layer_decay, cfg.drop_path, cfg.clip_grad, cfg.max_steps
+    mixup, cutmix, label_smoothing, rand_augment = cfg.mixup, cfg.cutmix, cfg.label_smoothing, cfg.rand_augment
+    global_pool, ema, ema_decay = cfg.global_pool, cfg.ema, cfg.ema_decay
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if global_pool not in ("avg", "token"):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from semmim.eval.common import pools_of
+from semmim.eval.config import KnnConfig, check_eval_config
 from semmim.eval.features import frozen_split_features
 
 
@@ -57,37 +58,40 @@ def knn_classify(
     return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "k": float(k), "n_test": float(n)}
 
 
-def knn_eval(
-    encoder: str | os.PathLike[str] | nn.Module,
-    data: str = "fashion_mnist",
-    root: str | None = None,
-    train_limit: int | None = None,
-    test_limit: int | None = None,
-    k: int = 20,
-    temperature: float = 0.07,
-    pool: str = "cls",
-    batch_size: int = 256,
-    num_workers: int = 2,
-    mean: list[float] | None = None,
-    std: list[float] | None = None,
-    device: str | None = None,
-    cache_dir: str | None = None,
-) -> dict[str, Any]:
+def knn_eval(encoder: str | os.PathLike[str] | nn.Module, cfg: KnnConfig | None = None) -> dict[str, Any]:
     """kNN top-1/top-5 of an encoder on a labelled dataset's train (memory bank) and test splits.
 
-    For ``data="imagefolder"`` the root must hold ``train/`` and ``val/`` class folders. Features of
-    an exported encoder are cached (see :func:`semmim.eval.features.cached_features`).
+    Args:
+        encoder: a run directory, ``encoder.safetensors``, ``random:RUN``, or an encoder module (then set
+            ``cfg.mean`` / ``cfg.std``).
+        cfg: the protocol's settings (:class:`semmim.eval.config.KnnConfig`; default: its defaults). For
+            ``data="imagefolder"`` the root must hold ``train/`` and ``val/`` class folders. Features of an
+            exported encoder are cached (see :func:`semmim.eval.features.cached_features`).
+
+    Raises:
+        ConfigError: an impossible setting (checked before any work).
     """
-    pools = pools_of(pool)
+    cfg = check_eval_config(cfg or KnnConfig())
+    pools = pools_of(cfg.pool)
     f_train, y_train, f_test, y_test, info = frozen_split_features(
-        encoder, data, root, train_limit, test_limit, batch_size, num_workers, mean, std, device, cache_dir
+        encoder,
+        cfg.data,
+        cfg.root,
+        cfg.train_limit,
+        cfg.test_limit,
+        cfg.batch_size,
+        cfg.num_workers,
+        cfg.mean,
+        cfg.std,
+        cfg.device,
+        cfg.cache_dir,
     )
     out: dict[str, Any] = {}
     for p in pools:
-        res = knn_classify(f_train[p], y_train, f_test[p], y_test, k=k, temperature=temperature)
+        res = knn_classify(f_train[p], y_train, f_test[p], y_test, k=cfg.k, temperature=cfg.temperature)
         if not out:  # the first pooling gives the headline numbers
             out.update(res)
         if len(pools) > 1:
             out.update({f"top1_{p}": res["top1"], f"top5_{p}": res["top5"]})
-    out.update({"protocol": "knn", "pool": pool, "temperature": temperature, "n_train": info["n_train"]})
+    out.update({"protocol": "knn", "pool": cfg.pool, "temperature": cfg.temperature, "n_train": info["n_train"]})
     return out

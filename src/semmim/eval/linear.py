@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from semmim.engine.optim import LARS, cosine_lr, scaled_lr, set_lr
 from semmim.eval.common import pools_of
+from semmim.eval.config import LinearConfig, check_eval_config
 from semmim.eval.features import frozen_split_features
 
 __all__ = ["LARS", "linear_eval", "linear_probe", "probe_head"]
@@ -178,38 +179,38 @@ def linear_probe(
     }
 
 
-def linear_eval(
-    encoder: str | os.PathLike[str] | nn.Module,
-    data: str = "fashion_mnist",
-    root: str | None = None,
-    train_limit: int | None = None,
-    test_limit: int | None = None,
-    pool: str = "cls",
-    epochs: int = 90,
-    optimizer: str = "lars",
-    base_lr: float = 0.1,
-    weight_decay: float = 0.0,
-    warmup_epochs: int = 10,
-    batch_size: int = 256,
-    num_workers: int = 2,
-    mean: list[float] | None = None,
-    std: list[float] | None = None,
-    device: str | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    seed: int = 0,
-) -> dict[str, Any]:
+def linear_eval(encoder: str | os.PathLike[str] | nn.Module, cfg: LinearConfig | None = None) -> dict[str, Any]:
     """Linear-probe top-1 / top-5 of a frozen encoder on a labelled dataset (MAE protocol).
 
     Features come from :func:`frozen_split_features` (cached); the probe is :func:`linear_probe`.
     ``pool="both"`` trains one probe per pooling and reports ``top1_cls``, ``top5_cls``,
     ``top1_mean``, ``top5_mean``, with the CLS numbers as the headline ``top1`` / ``top5``.
 
+    Args:
+        encoder: a run directory, ``encoder.safetensors``, ``random:RUN``, or an encoder module (then set
+            ``cfg.mean`` / ``cfg.std``).
+        cfg: the protocol's settings (:class:`semmim.eval.config.LinearConfig`; default: its defaults).
+
     Returns:
         The :func:`linear_probe` dict plus {"protocol": "linear", "pool"}.
+
+    Raises:
+        ConfigError: an impossible setting (checked before any work).
     """
-    pools = pools_of(pool)
+    cfg = check_eval_config(cfg or LinearConfig())
+    pools = pools_of(cfg.pool)
     f_train, y_train, f_test, y_test, _ = frozen_split_features(
-        encoder, data, root, train_limit, test_limit, batch_size, num_workers, mean, std, device, cache_dir
+        encoder,
+        cfg.data,
+        cfg.root,
+        cfg.train_limit,
+        cfg.test_limit,
+        cfg.batch_size,
+        cfg.num_workers,
+        cfg.mean,
+        cfg.std,
+        cfg.device,
+        cfg.cache_dir,
     )
     out: dict[str, Any] = {}
     for p in pools:
@@ -218,18 +219,18 @@ def linear_eval(
             y_train,
             f_test[p],
             y_test,
-            epochs=epochs,
-            batch_size=batch_size,
-            optimizer=optimizer,
-            base_lr=base_lr,
-            weight_decay=weight_decay,
-            warmup_epochs=warmup_epochs,
-            seed=seed,
-            device=device,
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            optimizer=cfg.optimizer,
+            base_lr=cfg.base_lr,
+            weight_decay=cfg.weight_decay,
+            warmup_epochs=cfg.warmup_epochs,
+            seed=cfg.seed,
+            device=cfg.device,
         )
         if not out:  # the first pooling gives the headline numbers
             out.update(res)
         if len(pools) > 1:
             out.update({f"top1_{p}": res["top1"], f"top5_{p}": res["top5"]})
-    out.update({"protocol": "linear", "pool": pool})
+    out.update({"protocol": "linear", "pool": cfg.pool})
     return out

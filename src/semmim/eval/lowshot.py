@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import os
 import statistics
-from collections.abc import Sequence
+from dataclasses import fields
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from semmim.eval.config import FinetuneConfig, FinetuneRecipe, LowshotConfig, SplitsConfig, check_eval_config
 from semmim.eval.features import frozen_split_features
 from semmim.eval.linear import linear_probe
 
-__all__ = ["dataset_labels", "fraction_tag", "lowshot_eval", "stratified_subset"]
+__all__ = ["dataset_labels", "finetune_config", "fraction_tag", "lowshot_eval", "stratified_subset"]
 
 MODES = ("linear", "finetune")
 
@@ -121,29 +122,21 @@ def _summary(top1: list[float], top5: list[float], n_train: list[int]) -> dict[s
     }
 
 
-def lowshot_eval(
-    encoder: str | os.PathLike[str] | nn.Module,
-    data: str = "fashion_mnist",
-    root: str | None = None,
-    fractions: Sequence[float] = (0.01, 0.1),
-    seeds: Sequence[int] = (0, 1, 2),
-    mode: str = "linear",
-    train_limit: int | None = None,
-    test_limit: int | None = None,
-    pool: str = "cls",
-    epochs: int = 90,
-    optimizer: str = "sgd",
-    base_lr: float = 0.1,
-    weight_decay: float = 0.0,
-    warmup_epochs: int = 10,
-    batch_size: int = 256,
-    num_workers: int = 2,
-    mean: list[float] | None = None,
-    std: list[float] | None = None,
-    device: str | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    finetune_kwargs: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+def finetune_config(cfg: LowshotConfig, seed: int) -> FinetuneConfig:
+    """The fine-tuning settings of one low-shot run (``mode="finetune"``) with ``seed``.
+
+    The data keys (``data``, ``root``, the limits, ``batch_size``, ``num_workers``, ``device``), the
+    schedule (``epochs``, ``base_lr``, ``weight_decay``, ``warmup_epochs``) and every recipe key
+    (``layer_decay``, ``mixup``, ...) of ``cfg``.
+    """
+    shared = {f.name for f in fields(SplitsConfig)} | {f.name for f in fields(FinetuneRecipe)}
+    shared |= {"epochs", "base_lr", "weight_decay", "warmup_epochs"}
+    ft = FinetuneConfig(seed=seed, **{k: getattr(cfg, k) for k in sorted(shared)})
+    check_eval_config(ft)
+    return ft
+
+
+def lowshot_eval(encoder: str | os.PathLike[str] | nn.Module, cfg: LowshotConfig | None = None) -> dict[str, Any]:
     """Top-1 of an encoder trained on class-balanced fractions of the training labels, over seeds.
 
     For every fraction and seed, :func:`stratified_subset` (with that seed) picks the training
@@ -153,10 +146,15 @@ def lowshot_eval(
       then :func:`linear_probe` is trained on each subset with ``seed`` for its initialisation and
       batch order. The optimiser defaults to "sgd": LARS barely moves the head on a few hundred
       samples (see :func:`linear_probe`).
-    * ``mode="finetune"``: ``semmim.eval.finetune.finetune_eval(encoder, data=, root=, train_indices=,
-      seed=, test_limit=, train_limit=, **finetune_kwargs)`` for each subset; ``pool``, ``epochs``
-      and the probe's optimiser settings do not apply (pass fine-tuning settings in
-      ``finetune_kwargs``).
+    * ``mode="finetune"``: ``semmim.eval.finetune.finetune_eval(encoder, finetune_config(cfg, seed),
+      train_indices=...)`` for each subset (:func:`finetune_config`: the data keys, ``epochs``,
+      ``base_lr``, ``weight_decay``, ``warmup_epochs`` and the fine-tuning recipe keys); ``pool``,
+      ``optimizer``, ``mean``, ``std`` and ``cache_dir`` do not apply.
+
+    Args:
+        encoder: a run directory, ``encoder.safetensors``, ``random:RUN``, or (``mode="linear"`` only) an
+            encoder module (then set ``cfg.mean`` / ``cfg.std``).
+        cfg: the protocol's settings (:class:`semmim.eval.config.LowshotConfig`; default: its defaults).
 
     Returns:
         {"protocol": "lowshot", "mode", "fractions", "seeds", "results": {"1%": {"top1_mean",
@@ -164,14 +162,12 @@ def lowshot_eval(
         "n_train_per_seed"}, ...}, "n_test", and flat keys "top1_1pct", "top1_1pct_std", "top5_1pct",
         ... (see :func:`fraction_tag`)}.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got '{mode}'")
-    if pool not in ("cls", "mean"):
-        raise ValueError(f"low-shot pool must be 'cls' or 'mean', got '{pool}'")
-    fractions = [float(f) for f in fractions]
-    seeds = [int(s) for s in seeds]
-    if not fractions or not seeds:
-        raise ValueError("pass at least one fraction and one seed")
+    cfg = check_eval_config(cfg or LowshotConfig())
+    mode, pool = cfg.mode, cfg.pool
+    data, root, train_limit, test_limit = cfg.data, cfg.root, cfg.train_limit, cfg.test_limit
+    batch_size, num_workers, device = cfg.batch_size, cfg.num_workers, cfg.device
+    fractions = [float(f) for f in cfg.fractions]
+    seeds = [int(s) for s in cfg.seeds]
     for f in fractions:
         _check_fraction(f)
 
@@ -179,10 +175,20 @@ def lowshot_eval(
     out: dict[str, Any] = {"protocol": "lowshot", "mode": mode, "fractions": fractions, "seeds": seeds}
     if mode == "linear":
         f_train, y_train, f_test, y_test, _ = frozen_split_features(
-            encoder, data, root, train_limit, test_limit, batch_size, num_workers, mean, std, device, cache_dir
+            encoder,
+            data,
+            root,
+            train_limit,
+            test_limit,
+            batch_size,
+            num_workers,
+            cfg.mean,
+            cfg.std,
+            device,
+            cfg.cache_dir,
         )
         x_train, x_test = f_train[pool], f_test[pool]
-        out.update({"pool": pool, "optimizer": optimizer, "epochs": epochs, "n_test": int(y_test.shape[0])})
+        out.update({"pool": pool, "optimizer": cfg.optimizer, "epochs": cfg.epochs, "n_test": int(y_test.shape[0])})
     else:
         from semmim.eval.common import encoder_geometry, labelled_split, load_encoder
         from semmim.eval.finetune import finetune_eval
@@ -210,26 +216,17 @@ def lowshot_eval(
                     y_train[idx],
                     x_test,
                     y_test,
-                    epochs=epochs,
+                    epochs=cfg.epochs,
                     batch_size=batch_size,
-                    optimizer=optimizer,
-                    base_lr=base_lr,
-                    weight_decay=weight_decay,
-                    warmup_epochs=warmup_epochs,
+                    optimizer=cfg.optimizer,
+                    base_lr=cfg.base_lr,
+                    weight_decay=cfg.weight_decay,
+                    warmup_epochs=cfg.warmup_epochs,
                     seed=seed,
                     device=device,
                 )
             else:
-                res = finetune_eval(
-                    spec,
-                    data=data,
-                    root=root,
-                    train_indices=idx.tolist(),
-                    seed=seed,
-                    test_limit=test_limit,
-                    train_limit=train_limit,
-                    **(finetune_kwargs or {}),
-                )
+                res = finetune_eval(spec, finetune_config(cfg, seed), train_indices=idx.tolist())
                 if "n_test" in res:
                     out["n_test"] = res["n_test"]
             top1.append(float(res["top1"]))

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from semmim.data.segmentation import IGNORE_INDEX
+from semmim.eval.config import SegConfig, check_eval_config
 
 __all__ = [
     "LinearSegHead",
@@ -416,29 +417,7 @@ def _evaluate(
     return metric.compute()
 
 
-def seg_eval(
-    encoder: str | os.PathLike[str] | nn.Module,
-    data: str = "fashion_mnist",
-    root: str | None = None,
-    head: str = "linear",
-    finetune: bool = False,
-    epochs: int = 10,
-    batch_size: int = 16,
-    lr: float | None = None,
-    weight_decay: float = 0.05,
-    layer_decay: float = 0.65,
-    img_size: int | None = None,
-    train_limit: int | None = None,
-    test_limit: int | None = None,
-    num_workers: int = 2,
-    seed: int = 0,
-    device: str | None = None,
-    channels: int = 256,
-    max_steps: int | None = None,
-    warmup_steps: int | None = None,
-    mean: list[float] | None = None,
-    std: list[float] | None = None,
-) -> dict[str, Any]:
+def seg_eval(encoder: str | os.PathLike[str] | nn.Module, cfg: SegConfig | None = None) -> dict[str, Any]:
     """Train a segmentation head on an encoder's patch tokens and report mIoU on the test split.
 
     The encoder is frozen by default (only the head learns); ``finetune=True`` trains it too, with
@@ -448,27 +427,13 @@ def seg_eval(
 
     Args:
         encoder: a run directory, ``encoder.safetensors``, ``random:<run>``, or a timm ViT module (then
-            ``mean`` and ``std`` are required; a module is trained in place when fine-tuning, and resized in
-            place when ``img_size`` differs from its own).
-        data: "fashion_mnist" (derived 11-class foreground task) or "ade20k" (``root`` = ADEChallengeData2016).
-        root: data folder.
-        head: "linear" or "upernet".
-        finetune: also train the encoder.
-        epochs: passes over the training split (``max_steps`` stops earlier).
-        batch_size: images per step (training batches of one are dropped: BatchNorm needs two).
-        lr: peak lr of the head; default 1e-3 with a frozen encoder, 1e-4 when fine-tuning.
-        weight_decay: AdamW weight decay (not on biases, norms, tokens).
-        layer_decay: per-block lr decay of the encoder when fine-tuning.
-        img_size: input size; default the encoder's. Another size (a multiple of the patch size) resamples
-            the position embeddings (timm's ``set_input_size`` / ``resample_abs_pos_embed``, bicubic).
-        train_limit, test_limit: use the first N images of each split.
-        num_workers: DataLoader workers.
-        seed: seed of everything random.
-        device: default CUDA when available.
-        channels: UPerNet decoder width.
-        max_steps: stop training after this many optimiser steps.
-        warmup_steps: linear warmup length.
-        mean, std: input normalisation; default the one recorded in the export (else ImageNet's).
+            ``cfg.mean`` and ``cfg.std`` are required; a module is trained in place when fine-tuning, and
+            resized in place when ``cfg.img_size`` differs from its own).
+        cfg: the protocol's settings (:class:`semmim.eval.config.SegConfig`, each key documented there;
+            default: its defaults). ``data`` is "fashion_mnist" (derived 11-class foreground task) or
+            "ade20k" (``root`` = ADEChallengeData2016). Another ``img_size`` than the encoder's (a multiple
+            of the patch size) resamples the position embeddings (timm's ``set_input_size`` /
+            ``resample_abs_pos_embed``, bicubic).
 
     Returns:
         ``{"protocol": "seg", "head", "data", "finetune", "miou", "pixel_acc", "per_class_iou", "classes",
@@ -482,6 +447,12 @@ def seg_eval(
     from semmim.engine.optim import cosine_lr
     from semmim.eval.common import encoder_geometry
 
+    cfg = check_eval_config(cfg or SegConfig())
+    data, root, head, finetune, epochs = cfg.data, cfg.root, cfg.head, cfg.finetune, cfg.epochs
+    batch_size, lr, weight_decay, layer_decay = cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.layer_decay
+    img_size, train_limit, test_limit, num_workers = cfg.img_size, cfg.train_limit, cfg.test_limit, cfg.num_workers
+    seed, device, channels, max_steps = cfg.seed, cfg.device, cfg.channels, cfg.max_steps
+    warmup_steps, mean, std = cfg.warmup_steps, cfg.mean, cfg.std
     if head not in SEG_HEADS:
         raise ValueError(f"unknown segmentation head '{head}'; choose one of {', '.join(SEG_HEADS)}")
     if epochs < 1 and not max_steps:

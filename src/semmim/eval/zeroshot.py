@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from semmim.config import DataConfig, load_config
 from semmim.eval.accuracy import topk_accuracy
+from semmim.eval.config import ZeroshotConfig, check_eval_config
 from semmim.export import resolve_run_file
 from semmim.run import CONFIG
 
@@ -40,32 +41,29 @@ def load_image_text_model(run_dir: str | os.PathLike[str]) -> Any:
 
 
 @torch.no_grad()
-def zeroshot_eval(
-    run_dir: str | os.PathLike[str],
-    data: str = "fashion_mnist",
-    root: str | None = None,
-    split: str = "test",
-    limit: int | None = None,
-    templates: list[str] | None = None,
-    batch_size: int = 256,
-    num_workers: int = 2,
-    device: str | None = None,
-) -> dict[str, Any]:
-    """Zero-shot top-1/top-5 (in %) of a clip/rils run on a labelled dataset."""
+def zeroshot_eval(run_dir: str | os.PathLike[str], cfg: ZeroshotConfig | None = None) -> dict[str, Any]:
+    """Zero-shot top-1/top-5 (in %) of a clip/rils run on a labelled dataset.
+
+    Args:
+        run_dir: the run directory of a clip or rils run.
+        cfg: the protocol's settings (:class:`semmim.eval.config.ZeroshotConfig`; default: its defaults).
+    """
     from semmim.data import build_dataset, build_loader
     from semmim.data.captions import TEMPLATES, class_prompts
 
-    model, cfg = load_image_text_model(run_dir)
-    dcfg = DataConfig(name=data, root=root, split=split, limit=limit, mean=cfg.data.mean, std=cfg.data.std)
-    dataset = build_dataset(dcfg, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans, train=False)
+    cfg = check_eval_config(cfg or ZeroshotConfig())
+    model, run_cfg = load_image_text_model(run_dir)
+    mean, std = run_cfg.data.mean, run_cfg.data.std
+    dcfg = DataConfig(name=cfg.data, root=cfg.root, split=cfg.split, limit=cfg.limit, mean=mean, std=std)
+    dataset = build_dataset(dcfg, img_size=run_cfg.model.img_size, in_chans=run_cfg.model.in_chans, train=False)
     classes = list(getattr(dataset, "classes", []) or [])
     if not classes:
-        raise ValueError(f"zero-shot needs class names, and dataset '{data}' has none")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        raise ValueError(f"zero-shot needs class names, and dataset '{cfg.data}' has none")
+    dev = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(dev)
-    weights = model.zero_shot_weights(class_prompts(classes, templates or TEMPLATES), dev)  # (K, E)
+    weights = model.zero_shot_weights(class_prompts(classes, cfg.templates or TEMPLATES), dev)  # (K, E)
     loader = build_loader(
-        dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=False, sampler=None, drop_last=False
+        dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=False, sampler=None, drop_last=False
     )
     metrics = topk_accuracy(lambda x: F.normalize(model.embed_image(x), dim=-1) @ weights.T, loader, dev)
     return {"protocol": "zeroshot", **metrics}

@@ -1,0 +1,537 @@
+"""Typed evaluation configs: one dataclass per protocol, loaded like a pretraining config.
+
+Each protocol (``knn``, ``linear``, ``finetune``, ``lowshot``, ``seg``, ``classify``, ``zeroshot``) is a
+flat dataclass whose keys are the protocol's options, with today's defaults and each key's help as its
+attribute docstring. They share :class:`EvalDataConfig` (which dataset, how it is loaded) and, for the
+protocols that train on a train split and score on a test split, :class:`SplitsConfig`.
+
+:func:`load_eval_config` reads them on the same mechanism as :func:`semmim.config.load_config`: a YAML
+file (a path or a shipped name, with ``base:`` files underneath), then ``key=value`` overrides, typed
+against the dataclass (an unknown key or a wrong type is a one-line :class:`ConfigError` naming the key,
+with a close match), then :func:`check_eval_config` refuses impossible values before any work.
+
+Examples:
+    >>> cfg = load_eval_config("knn", None, ["k=10", "pool=both"])
+    >>> cfg.k, cfg.pool, cfg.data
+    (10, 'both', 'fashion_mnist')
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import OmegaConf
+
+from semmim.config import compose, deep_merge, field_docs
+from semmim.errors import ConfigError
+from semmim.parts import merge_checked
+
+DEFAULT_DATA = "fashion_mnist"
+"""The dataset an evaluation reads when ``data`` is not set."""
+
+CLASSIFICATION_DATA = ("imagefolder", "fashion_mnist")
+"""Labelled datasets named in the help (any registered labelled dataset works, e.g. ``synthetic``)."""
+SEGMENTATION_DATA = ("ade20k", "fashion_mnist")
+"""Datasets of the segmentation protocol (:func:`semmim.data.segmentation.build_seg_dataset`)."""
+
+RAND_AUGMENT_OFF = ("", "none")
+"""``rand_augment`` values meaning "no RandAugment" (besides ``null``)."""
+
+
+# ------------------------------------------------------------------ the configs
+@dataclass
+class EvalDataConfig:
+    """Which labelled dataset an evaluation reads and how it is loaded (shared by every protocol)."""
+
+    data: str = DEFAULT_DATA
+    """Dataset name (imagefolder | fashion_mnist | any registered labelled dataset)."""
+    root: str | None = None
+    """Dataset root (imagefolder: a folder holding train/ and val/); needs data."""
+    batch_size: int = 256
+    """Images per batch."""
+    num_workers: int = 2
+    """Data-loading worker processes."""
+    device: str | None = None
+    """cpu, cuda, cuda:1, ...; null = CUDA when available."""
+
+
+@dataclass
+class SplitsConfig(EvalDataConfig):
+    """A protocol that learns on the train split and scores on the test split (``val/`` of an image folder)."""
+
+    train_limit: int | None = None
+    """Use the first N training images."""
+    test_limit: int | None = None
+    """Use the first N test images."""
+
+
+@dataclass
+class FrozenFeatures:
+    """Frozen features, extracted once per encoder + dataset and cached."""
+
+    mean: list[float] | None = None
+    """Input normalisation mean; null = the one recorded in the export (else ImageNet's)."""
+    std: list[float] | None = None
+    """Input normalisation std; null = the one recorded in the export (else ImageNet's)."""
+    cache_dir: str | None = None
+    """Feature cache (null = ~/.cache/semmim/features; '' = off)."""
+
+
+@dataclass
+class KnnConfig(FrozenFeatures, SplitsConfig):
+    """``knn``: weighted kNN top-1 on frozen features (DINO protocol)."""
+
+    k: int = 20
+    """Neighbours that vote."""
+    temperature: float = 0.07
+    """Vote weight exp(similarity / temperature)."""
+    pool: str = "cls"
+    """cls (CLS token) | mean (mean of patches) | both."""
+
+
+@dataclass
+class ProbeSchedule:
+    """A linear probe's training (MAE protocol: BatchNorm + linear head, warmup + cosine)."""
+
+    optimizer: str = "lars"
+    """lars | sgd."""
+    epochs: int = 90
+    """Training epochs."""
+    base_lr: float = 0.1
+    """lr = base_lr x batch / 256."""
+    weight_decay: float = 0.0
+    """Weight decay."""
+    warmup_epochs: int = 10
+    """Linear warmup epochs."""
+
+
+@dataclass
+class LinearConfig(FrozenFeatures, ProbeSchedule, SplitsConfig):
+    """``linear``: linear probe on frozen features (MAE protocol: BatchNorm + linear, LARS)."""
+
+    pool: str = "cls"
+    """cls | mean | both (one probe per pooling; CLS gives the headline numbers)."""
+    seed: int = 0
+    """Seed of the probe's initialisation and batch order."""
+
+
+@dataclass
+class FinetuneRecipe:
+    """The fine-tuning recipe's regularisation (MAE / BEiT fine-tuning)."""
+
+    min_lr: float = 1e-6
+    """Floor of the cosine schedule."""
+    layer_decay: float = 0.65
+    """Layer-wise lr decay (0.65 for ViT-B)."""
+    drop_path: float = 0.1
+    """Stochastic-depth rate."""
+    mixup: float = 0.8
+    """timm Mixup alpha (0 = off)."""
+    cutmix: float = 1.0
+    """timm CutMix alpha (0 = off)."""
+    label_smoothing: float = 0.1
+    """Label smoothing of the loss (or of the mixup targets)."""
+    rand_augment: str | None = "rand-m9-mstd0.5-inc1"
+    """timm RandAugment spec ('none' or null = off)."""
+    global_pool: str = "avg"
+    """avg (patch-token mean + fc_norm) | token (CLS token after norm)."""
+    ema: bool = False
+    """Also evaluate an EMA of the weights (timm ModelEmaV3)."""
+    ema_decay: float = 0.9999
+    """EMA decay per step."""
+    clip_grad: float | None = None
+    """Gradient-norm clipping threshold (null = off)."""
+    max_steps: int | None = None
+    """Stop after N optimiser steps (the schedule is compressed to fit; smoke tests)."""
+
+
+@dataclass
+class FinetuneConfig(FinetuneRecipe, SplitsConfig):
+    """``finetune``: end-to-end fine-tuning (layer decay, drop path, mixup/cutmix, RandAugment)."""
+
+    batch_size: int = 64
+    """Images per step (capped at the training set size)."""
+    epochs: int = 100
+    """Training epochs."""
+    base_lr: float = 5e-4
+    """lr = base_lr x batch / 256."""
+    weight_decay: float = 0.05
+    """AdamW weight decay (not on biases, norms, tokens and position embedding)."""
+    warmup_epochs: float = 5.0
+    """Linear warmup epochs (clamped to epochs)."""
+    seed: int = 0
+    """Seed of the initialisation, data order, augmentation, mixup and stochastic depth."""
+
+
+@dataclass
+class LowshotConfig(FinetuneRecipe, FrozenFeatures, ProbeSchedule, SplitsConfig):
+    """``lowshot``: linear probe or fine-tuning on class-balanced fractions of the labels, several seeds.
+
+    ``epochs``, ``base_lr``, ``weight_decay``, ``warmup_epochs`` and ``batch_size`` apply to whichever
+    ``mode`` runs; the recipe keys (``layer_decay``, ``mixup``, ...) only to ``mode: finetune``, and
+    ``pool``, ``optimizer``, ``mean``, ``std``, ``cache_dir`` only to ``mode: linear``.
+    """
+
+    mode: str = "linear"
+    """linear (probe on cached frozen features) | finetune (fine-tune per subset)."""
+    fractions: list[float] = field(default_factory=lambda: [0.01, 0.1])
+    """Label fractions per class, each in (0, 1]."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """One subset and one run per seed."""
+    pool: str = "cls"
+    """cls | mean."""
+    optimizer: str = "sgd"
+    """lars | sgd (LARS barely moves a head trained on a few hundred samples)."""
+
+
+@dataclass
+class SegConfig(SplitsConfig):
+    """``seg``: semantic segmentation (linear or UPerNet-lite head), mIoU."""
+
+    data: str = DEFAULT_DATA
+    """fashion_mnist (derived pixel classes) | ade20k."""
+    root: str | None = None
+    """Dataset root (ade20k: the ADEChallengeData2016 folder); needs data."""
+    batch_size: int = 16
+    """Images per step (at least 2: BatchNorm in the head)."""
+    head: str = "linear"
+    """linear | upernet."""
+    finetune: bool = False
+    """Train the encoder too (layer-wise lr decay)."""
+    epochs: int = 10
+    """Passes over the training split (max_steps stops earlier; with max_steps set, 0 = run max_steps steps)."""
+    lr: float | None = None
+    """Peak lr of the head; null = 1e-3 frozen, 1e-4 fine-tuned."""
+    weight_decay: float = 0.05
+    """AdamW weight decay (not on biases, norms, tokens)."""
+    layer_decay: float = 0.65
+    """Per-block lr decay of the encoder when fine-tuning."""
+    img_size: int | None = None
+    """Input size; null = the encoder's (ADE20K: e.g. 512)."""
+    channels: int = 256
+    """UPerNet channels."""
+    max_steps: int | None = None
+    """Stop training after N optimiser steps."""
+    warmup_steps: int | None = None
+    """Linear warmup steps; null = 10% of the steps, at most 1500."""
+    seed: int = 0
+    """Seed of everything random."""
+    mean: list[float] | None = None
+    """Input normalisation mean; null = the one recorded in the export (else ImageNet's)."""
+    std: list[float] | None = None
+    """Input normalisation std; null = the one recorded in the export (else ImageNet's)."""
+
+
+@dataclass
+class SplitEvalConfig(EvalDataConfig):
+    """A model scored on one split of a labelled dataset."""
+
+    root: str | None = None
+    """Dataset root (imagefolder: the evaluation folder); needs data."""
+    split: str = "test"
+    """Split to score on."""
+    limit: int | None = None
+    """Use the first N images."""
+
+
+@dataclass
+class ClassifyConfig(SplitEvalConfig):
+    """``classify``: top-1/top-5 of an exported classifier (supmim's or finetune's classifier.safetensors)."""
+
+
+@dataclass
+class ZeroshotConfig(SplitEvalConfig):
+    """``zeroshot``: zero-shot top-1 of a language-aligned run (clip, rils) with class prompts."""
+
+    templates: list[str] | None = None
+    """Prompt templates with {c} (or {}) where the class name goes; null = the built-in ones."""
+
+
+EVAL_CONFIGS: dict[str, type[EvalDataConfig]] = {
+    "knn": KnnConfig,
+    "linear": LinearConfig,
+    "finetune": FinetuneConfig,
+    "lowshot": LowshotConfig,
+    "seg": SegConfig,
+    "classify": ClassifyConfig,
+    "zeroshot": ZeroshotConfig,
+}
+"""Each protocol's config class."""
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "pool": ("cls", "mean", "both"),
+    "optimizer": ("lars", "sgd"),
+    "global_pool": ("avg", "token"),
+    "mode": ("linear", "finetune"),
+    "head": ("linear", "upernet"),
+}
+"""Keys with a fixed set of values (``lowshot`` pools one of cls | mean)."""
+
+
+def choices_of(cls: type, key: str) -> tuple[str, ...] | None:
+    """The values ``key`` of config class ``cls`` may take, or None for a free value."""
+    if key == "pool" and cls is LowshotConfig:
+        return ("cls", "mean")
+    return CHOICES.get(key)
+
+
+def data_choices(cls: type) -> tuple[str, ...]:
+    """The datasets named in a protocol's ``--root needs --data`` message."""
+    return SEGMENTATION_DATA if cls is SegConfig else CLASSIFICATION_DATA
+
+
+# ------------------------------------------------------------------ checking
+C = TypeVar("C", bound=EvalDataConfig)
+
+
+def _close(value: str, allowed: Sequence[str] | Mapping[str, Any]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(value, list(allowed), n=1)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _at_least(cfg: Any, key: str, low: float, strict: bool = False) -> None:
+    value = getattr(cfg, key, None)
+    if value is None or isinstance(value, bool):
+        return
+    if value < low or (strict and value == low):
+        raise ConfigError(f"{key} must be {'>' if strict else '>='} {low:g}, got {value}")
+
+
+def _in_range(cfg: Any, key: str, low: float, high: float, open_low: bool = False, open_high: bool = False) -> None:
+    value = getattr(cfg, key, None)
+    if value is None:
+        return
+    ok = (low < value if open_low else low <= value) and (value < high if open_high else value <= high)
+    if not ok:
+        span = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+        raise ConfigError(f"{key} must lie in {span}, got {value}")
+
+
+_COUNTS_AT_LEAST: dict[str, int] = {
+    "batch_size": 1,
+    "num_workers": 0,
+    "train_limit": 1,
+    "test_limit": 1,
+    "limit": 1,
+    "k": 1,
+    "epochs": 1,
+    "warmup_epochs": 0,
+    "max_steps": 1,
+    "warmup_steps": 0,
+    "img_size": 1,
+    "channels": 1,
+}
+_NON_NEGATIVE = ("weight_decay", "mixup", "cutmix", "min_lr")
+_POSITIVE = ("temperature", "base_lr", "lr", "clip_grad")
+
+
+def check_eval_config(cfg: C) -> C:
+    """Refuse impossible values of an evaluation config before any work; returns ``cfg`` normalised.
+
+    ``rand_augment: none`` (or ``''``) becomes ``None``.
+
+    Raises:
+        ConfigError: one line naming the first wrong key and what it may be.
+    """
+    names = {f.name for f in fields(cfg)}
+    if not cfg.data:
+        raise ConfigError("data must name a dataset")
+    for key, low in _COUNTS_AT_LEAST.items():
+        if key == "epochs" and isinstance(cfg, SegConfig) and cfg.max_steps is not None:
+            low = 0  # segmentation may run max_steps steps whatever the epochs
+        if key in names:
+            _at_least(cfg, key, low)
+    for key in _NON_NEGATIVE:
+        if key in names:
+            _at_least(cfg, key, 0)
+    for key in _POSITIVE:
+        if key in names:
+            _at_least(cfg, key, 0, strict=True)
+    for key in names:
+        allowed = choices_of(type(cfg), key)
+        value = getattr(cfg, key)
+        if allowed is not None and value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}.{_close(str(value), allowed)}")
+    if isinstance(cfg, SegConfig) and cfg.batch_size < 2:
+        raise ConfigError(f"batch_size must be >= 2 (BatchNorm in the head), got {cfg.batch_size}")
+    if isinstance(cfg, SegConfig) and cfg.data not in SEGMENTATION_DATA:
+        raise ConfigError(
+            f"data='{cfg.data}' is not a segmentation dataset: choose one of {', '.join(SEGMENTATION_DATA)}."
+            f"{_close(cfg.data, SEGMENTATION_DATA)}"
+        )
+    if "layer_decay" in names:
+        _in_range(cfg, "layer_decay", 0.0, 1.0, open_low=True)
+    if "drop_path" in names:
+        _in_range(cfg, "drop_path", 0.0, 1.0, open_high=True)
+    if "label_smoothing" in names:
+        _in_range(cfg, "label_smoothing", 0.0, 1.0, open_high=True)
+    if "ema_decay" in names:
+        _in_range(cfg, "ema_decay", 0.0, 1.0, open_low=True, open_high=True)
+    if isinstance(cfg, LowshotConfig):
+        if not cfg.fractions:
+            raise ConfigError("fractions must list at least one label fraction")
+        if not cfg.seeds:
+            raise ConfigError("seeds must list at least one seed")
+        for f in cfg.fractions:
+            if not 0.0 < f <= 1.0:
+                raise ConfigError(f"fractions: each label fraction must lie in (0, 1], got {f}")
+    mean, std = getattr(cfg, "mean", None), getattr(cfg, "std", None)
+    if (mean is None) != (std is None):
+        raise ConfigError("mean and std go together: set both or neither")
+    if mean is not None and std is not None:
+        if not mean or len(mean) != len(std):
+            raise ConfigError(f"mean and std need one value per input channel each, got {mean} and {std}")
+        if any(s <= 0 for s in std):
+            raise ConfigError(f"std values must be > 0, got {std}")
+    rand_augment = getattr(cfg, "rand_augment", None)
+    if (
+        isinstance(cfg, FinetuneRecipe)
+        and rand_augment is not None
+        and rand_augment.strip().lower() in RAND_AUGMENT_OFF
+    ):
+        cfg.rand_augment = None
+    if isinstance(cfg, ZeroshotConfig) and cfg.templates is not None:
+        if not cfg.templates:
+            raise ConfigError("templates must list at least one prompt template (or be null for the built-in ones)")
+        for t in cfg.templates:
+            if "{}" not in t and "{c}" not in t:
+                raise ConfigError(f"templates: '{t}' has no {{c}} (or {{}}) where the class name goes")
+    return cfg
+
+
+# ------------------------------------------------------------------ loading
+def eval_config_class(protocol: str) -> type[EvalDataConfig]:
+    """The config class of ``protocol``.
+
+    Raises:
+        ConfigError: an unknown protocol (with the known ones and a close match).
+    """
+    try:
+        return EVAL_CONFIGS[protocol]
+    except KeyError:
+        raise ConfigError(
+            f"unknown evaluation protocol '{protocol}': choose one of {', '.join(EVAL_CONFIGS)}."
+            f"{_close(protocol, EVAL_CONFIGS)}"
+        ) from None
+
+
+def resolve_eval_config(protocol: str, raw: Mapping[str, Any], where: str = "eval config") -> EvalDataConfig:
+    """Type and check a raw eval config (from :func:`semmim.config.compose`) against ``protocol``'s class.
+
+    ``root`` without ``data`` is refused (a root alone names no dataset; the evaluation would read
+    Fashion-MNIST).
+
+    Raises:
+        ConfigError: one line naming the first unknown key (with a close match), wrong type or impossible value.
+    """
+    cls = eval_config_class(protocol)
+    raw = dict(raw or {})
+    if raw.get("root") is not None and raw.get("data") is None:
+        names = "|".join(data_choices(cls))
+        raise ConfigError(
+            f"--root needs --data {names} (config keys root, data): say which dataset {raw['root']} holds "
+            f"(without data the evaluation would run on {DEFAULT_DATA})"
+        )
+    if "data" in raw and raw["data"] is None:
+        raw.pop("data")
+    merged = merge_checked(OmegaConf.structured(cls), raw, where)
+    cfg = OmegaConf.to_object(merged)
+    assert isinstance(cfg, EvalDataConfig)
+    try:
+        return check_eval_config(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def load_eval_config(
+    protocol: str, path: str | Path | None = None, overrides: Sequence[str] = (), extra: Mapping[str, Any] | None = None
+) -> EvalDataConfig:
+    """The typed config of an evaluation protocol: defaults, a YAML file (with its ``base:`` files),
+    ``extra`` (already parsed values, e.g. command-line flags), then ``key=value`` overrides.
+
+    Args:
+        protocol: knn | linear | finetune | lowshot | seg | classify | zeroshot.
+        path: a YAML file or a shipped config name; its keys are the protocol's (top level).
+        overrides: ``key=value`` strings, values parsed as YAML (``k=10``, ``fractions=[0.01,0.1]``).
+        extra: values merged between the file and the overrides.
+
+    Raises:
+        ConfigError: unknown key, wrong type or impossible value (one line naming the key).
+        FileNotFoundError: the file does not exist.
+    """
+    where = str(path) if path is not None else "eval config"
+    raw = compose(path, ())
+    if extra:
+        raw = deep_merge(raw, dict(extra))
+    raw = deep_merge(raw, compose(None, overrides))
+    return resolve_eval_config(protocol, raw, where)
+
+
+def eval_config_dict(cfg: EvalDataConfig) -> dict[str, Any]:
+    """The config as plain Python data (what a YAML file for :func:`load_eval_config` may hold)."""
+    return asdict(cfg)
+
+
+RANDOM_PREFIX = "random:"
+"""``random:RUN``: the architecture of RUN's encoder at random init."""
+
+PLUMBING = frozenset({"num_workers", "cache_dir", "device"})
+"""Config keys that say how fast results come, never what they are: recorded in neither part of
+:func:`provenance`."""
+
+MEASURED_ON = ("data", "root", "train_limit", "test_limit", "split", "limit")
+"""Config keys recorded under ``measured_on`` (with the encoder) rather than ``settings``."""
+
+
+def absolute_spec(spec: str | os.PathLike[str] | None) -> str | None:
+    """An encoder spec with an absolute path (``random:`` kept)."""
+    if spec is None:
+        return None
+    text = str(spec)
+    random_init = text.startswith(RANDOM_PREFIX)
+    path = os.path.abspath(text.removeprefix(RANDOM_PREFIX))
+    return (RANDOM_PREFIX if random_init else "") + path
+
+
+def provenance(cfg: EvalDataConfig, encoder: str | os.PathLike[str], key: str = "encoder") -> dict[str, Any]:
+    """What an evaluation was measured on and with which settings, from its config.
+
+    Args:
+        cfg: the resolved protocol config.
+        encoder: the encoder (or model) spec as given.
+        key: ``"encoder"``, or ``"model"`` for ``classify`` / ``zeroshot``.
+
+    Returns:
+        {"measured_on": {key (as given), key + "_path" (absolute), "data", "root" (absolute or None),
+        "train_limit", "test_limit" or "split", "limit"}, "settings": every other config key that can
+        change the result (all but :data:`PLUMBING`), sorted}.
+    """
+    values = eval_config_dict(cfg)
+    measured: dict[str, Any] = {key: str(encoder), f"{key}_path": absolute_spec(encoder)}
+    for name in MEASURED_ON:
+        if name in values:
+            measured[name] = values[name]
+    if measured.get("root") is not None:
+        measured["root"] = os.path.abspath(measured["root"])
+    settings = {k: v for k, v in sorted(values.items()) if k not in PLUMBING and k not in MEASURED_ON}
+    return {"measured_on": measured, "settings": settings}
+
+
+def explain_eval_config(cfg: EvalDataConfig) -> str:
+    """The config as YAML, each key followed by its help (``semmim eval <protocol> --show``)."""
+    import yaml
+
+    docs = field_docs(type(cfg))
+    lines = []
+    for f in fields(cfg):
+        value = yaml.safe_dump(getattr(cfg, f.name), default_flow_style=True, width=1000)
+        text = f"{f.name}: {value.strip().removesuffix('...').strip()}"
+        doc = docs.get(f.name, "")
+        lines.append(f"{text:<48} # {doc}" if doc else text)
+    return "\n".join(lines) + "\n"
