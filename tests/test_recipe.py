@@ -18,7 +18,7 @@ from semmim.engine.checkpoint import load_verified
 from semmim.engine.optim import LARS, clamp_warmup, layer_decay_groups
 from semmim.methods import build_method, method_class
 from semmim.methods.base import Method
-from semmim.run import Run, load_run
+from semmim.run import Run, RunFolderError, load_run
 from semmim.teachers import check_teacher_config
 from tests.conftest import teacher_overrides, tiny_overrides
 
@@ -197,3 +197,15 @@ def test_load_run(supmim_run, tmp_path: Path) -> None:  # type: ignore[no-untype
         load_run(tmp_path)
     with pytest.raises(FileNotFoundError, match="run directory not found"):
         load_run(tmp_path / "missing")
+
+
+def test_resume_with_the_same_config_keeps_keys_taken_from_the_data(tmp_path: Path) -> None:
+    """supmim's num_classes, unset in the config, comes from the data; resuming with the same config is no change."""
+    over = ["method.name=supmim", "trainer.ckpt_every_n_steps=1"]
+    out = tmp_path / "run"
+    pretrain(_cfg(*over, "trainer.max_steps=2"), out)
+    assert load_config(out / "config.yaml").method.num_classes == 10
+    result = pretrain(_cfg(*over, "trainer.max_steps=3"), out, resume=True)
+    assert result.steps == 3
+    with pytest.raises(RunFolderError, match=r"method\.num_classes"):  # a different explicit value is another run
+        pretrain(_cfg(*over, "trainer.max_steps=4", "method.num_classes=12"), out, resume=True)

@@ -437,7 +437,8 @@ def _draw(cfg: Any, method: Any, imgs: Tensor, res: dict[str, Any], out_dir: Pat
             ("predicted PCA", p_rgb.numpy()),
         ]
         path = save_grid(rows, out_dir / f"{stem}_pca.png", f"{stem} ({name}): feature PCA")
-        what = "the unmasked pass's patch embeddings" if name == "rils" else "the teacher's patch features"
+        has_teacher = getattr(getattr(method, "target", None), "teacher", None) is not None
+        what = "the teacher's patch features" if has_teacher else "the method's own target tokens (unmasked pass)"
         pics.append(
             Picture(
                 path,

@@ -304,7 +304,13 @@ def pretrain(
         if resume:
             saved = out / rundir.CONFIG
             if saved.is_file():
-                changes = rundir.resume_changes(to_dict(load_config(saved)), to_dict(cfg))
+                before, now = to_dict(load_config(saved)), to_dict(cfg)
+                from semmim.methods import method_class
+
+                for key in method_class(cfg).data_keys:  # unset = "from the data", which the saved run recorded
+                    if now["method"].get(key) is None:
+                        now["method"][key] = before["method"].get(key)
+                changes = rundir.resume_changes(before, now)
         else:
             rundir.prepare_new_run(out, overwrite)
         return PretrainRecipe(cfg, out, resume=resume, teacher=teacher, on_step=on_step, changes=changes).run()

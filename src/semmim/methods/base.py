@@ -97,6 +97,9 @@ class Method(nn.Module):
     """It pools its predictions to a teacher's own grid (a feature target's ``grid=native``)."""
     needs_text: ClassVar[bool] = False
     """It reads the ``text`` section (a text tower)."""
+    data_keys: ClassVar[tuple[str, ...]] = ()
+    """Keys of its ``method`` section that, left unset, are taken from the data by :meth:`data_context`
+    (supmim: ``num_classes``); a resume that leaves them unset keeps the values the run recorded."""
 
     @classmethod
     def default_parts(cls, model: ModelConfig, nodes: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

@@ -69,6 +69,7 @@ class SupervisedMIM(Method):
 
     needs_labels = True
     Options = SupMIMConfig
+    data_keys = ("num_classes",)
     slots = ("masker", "decoder", "target", "loss")
     target_kinds = ("pixels", "features")
     _labels_checked = False
