@@ -340,7 +340,7 @@ def build_timm_teacher(
             raise ValueError("timm teacher: give model= (a timm architecture) or path= (weights / semmim export)")
         name = f"{model}.{tag}" if tag else model
         net = timm.create_model(name, pretrained=hub, num_classes=0, **kwargs)
-        label = f"timm {name}" + (" (pretrained)" if hub else "")
+        label = f"timm {name}" + (" (pretrained hub weights)" if hub else " (random weights: no pretrained, no path)")
     teacher = TimmTeacher(net, image_size=image_size, mean=mean, std=std, name=label)
     if projection is not None:
         teacher.set_projection(projection)
