@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +75,80 @@ class RunResult:
 def step_seed(seed: int, rank: int, micro_step: int) -> int:
     """A 63-bit seed for one micro-batch, a pure function of (seed, rank, micro_step)."""
     return int(np.random.SeedSequence([seed, rank, micro_step]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def grad_cache_backward(
+    model: Callable[..., Any],
+    method: Any,
+    batches: list[dict[str, Any]],
+    seeds: list[int],
+    backward: Callable[[torch.Tensor], Any],
+    no_sync: Callable[[bool], AbstractContextManager[Any]],
+) -> dict[str, Any]:
+    """One optimizer step's forward and backward with GradCache (Gao et al. 2021, arXiv:2101.06983).
+
+    The method's loss is taken over the whole effective batch (:class:`semmim.methods.base.GradCachePass`):
+    pass 1 embeds every micro-batch without gradient; :meth:`~semmim.methods.base.Method.batch_loss` over all
+    the reps (leaf tensors) gives their gradients; pass 2 re-runs each micro-batch under the same seed (masks,
+    dropout and drop path are the same as in pass 1) and back-propagates ``sum(rep * d loss / d rep)`` plus
+    the micro-batch's own loss term, if any. Gradients are synchronised only after the last micro-batch.
+
+    Args:
+        model: the (wrapped) method, called as ``model(batch, grad_cache=GradCachePass(...))``.
+        method: the method itself (its :meth:`batch_loss`).
+        batches: the micro-batches of the step, on the device.
+        seeds: the torch seed of each micro-batch.
+        backward: back-propagates a scalar (``fabric.backward``: loss scaling, strategies).
+        no_sync: ``no_sync(enabled)``, a context without gradient synchronisation when ``enabled``.
+
+    Returns:
+        ``{"loss": the effective batch's loss (detached), "logs": its logs}``: the batch loss plus the
+        micro-batches' own terms, and their logs added up.
+    """
+    from semmim.methods.base import GradCachePass
+
+    starts = np.cumsum([0] + [int(b["image"].shape[0]) for b in batches]).tolist()
+    with torch.no_grad():  # pass 1: the reps of every micro-batch
+        parts = []
+        for i, (b, seed) in enumerate(zip(batches, seeds, strict=True)):
+            torch.manual_seed(seed)
+            parts.append(model(b, grad_cache=GradCachePass(i, starts[i]))["reps"])
+    keys = list(parts[0])
+    leaves = {  # rows of all micro-batches joined; a 0-dim rep (a temperature) is shared, taken once
+        k: (parts[0][k] if parts[0][k].dim() == 0 else torch.cat([p[k] for p in parts])).detach().requires_grad_()
+        for k in keys
+    }
+    del parts
+    out, context = method.batch_loss(leaves, batches)
+    loss = out["loss"]
+    wanted = [k for k in keys if leaves[k].requires_grad]
+    grads = dict(zip(wanted, torch.autograd.grad(loss, [leaves[k] for k in wanted], allow_unused=True), strict=True))
+    del leaves
+    total = loss.detach()
+    logs = dict(out.get("logs", {}))
+    for i, (b, seed) in enumerate(zip(batches, seeds, strict=True)):  # pass 2: the same forward, with gradient
+        torch.manual_seed(seed)
+        last = i == len(batches) - 1
+        with no_sync(not last):
+            o = model(b, grad_cache=GradCachePass(i, starts[i], context))
+            # sum(rep * d loss / d rep) back-propagates the cached gradient exactly; a shared 0-dim rep gets its
+            # gradient once, in the last micro-batch (the one whose backward synchronises)
+            local = o.get("loss")
+            surrogate = local
+            for k, rep in o["reps"].items():
+                g = grads.get(k)
+                if g is None or not rep.requires_grad or (rep.dim() == 0 and not last):
+                    continue
+                g_part = g if rep.dim() == 0 else g[starts[i] : starts[i + 1]]
+                term = (rep.float() * g_part.float()).sum()
+                surrogate = term if surrogate is None else surrogate + term
+            if surrogate is not None:
+                backward(surrogate)
+        if local is not None:
+            total = total + local.detach()
+            for k, v in o.get("logs", {}).items():
+                logs[k] = logs[k] + v if k in logs else v
+    return {"loss": total, "logs": logs}
 
 
 def check_writable(out_dir: Path) -> None:
@@ -419,6 +493,9 @@ class PretrainRecipe:
                 {"event": "resume", "step": self.step, "changed": {k: list(v) for k, v in self.changes.items()}}
             )
         self.guard = NonFiniteGuard(self.fabric.device, self.cfg.trainer.max_nonfinite_steps)
+        # a contrastive method sees the whole effective batch: GradCache over the accumulated micro-batches
+        self.grad_cache = bool(getattr(self.method_cls, "grad_cache", False)) and self.accumulate > 1
+        self.pending: list[dict[str, Any]] = []
         self.trainable = [p for p in self.method.parameters() if p.requires_grad]
         self.check_grads = "fsdp" not in str(self.cfg.trainer.strategy).lower()  # sharded grads: per-rank norms
 
@@ -723,17 +800,44 @@ class PretrainRecipe:
         """
         t, accumulate = self.cfg.trainer, self.accumulate
         micro = self.batch_in_epoch % accumulate
-        torch.manual_seed(step_seed(t.seed, self.rank, self.step * accumulate + micro))
         last_micro = micro == accumulate - 1
-        with self.fabric.no_backward_sync(self.model, enabled=not last_micro):
-            outputs = self.model(batch)
-            loss = outputs["loss"]
-            self.fabric.backward(loss / accumulate)
-        self.running += loss.detach() / accumulate
+        outputs: dict[str, Any]
+        if self.grad_cache:  # the micro-batches of one step are kept; the last one runs them all
+            self.pending.append(batch)
+            outputs = dict(self.grad_cache_step()) if last_micro else {}
+        else:
+            torch.manual_seed(step_seed(t.seed, self.rank, self.step * accumulate + micro))
+            with self.fabric.no_backward_sync(self.model, enabled=not last_micro):
+                outputs = dict(self.model(batch))
+                loss = outputs["loss"]
+                self.fabric.backward(loss / accumulate)
+            self.running += loss.detach() / accumulate
         if "skipped" in batch:
             self.skipped += batch["skipped"].sum()
         self.batch_in_epoch += 1
         return outputs, last_micro
+
+    def grad_cache_step(self) -> dict[str, Any]:
+        """Forward and backward of one optimizer step's micro-batches with GradCache (:func:`grad_cache_backward`).
+
+        Each micro-batch runs under the seed of its plain micro step, as without GradCache.
+
+        Returns:
+            the effective batch's outputs: ``loss`` (also added to the running loss) and ``logs``.
+        """
+        t, accumulate, fabric = self.cfg.trainer, self.accumulate, self.fabric
+        batches, self.pending = self.pending, []
+        seeds = [step_seed(t.seed, self.rank, self.step * accumulate + i) for i in range(len(batches))]
+        out = grad_cache_backward(
+            self.model,
+            self.method,
+            batches,
+            seeds,
+            backward=fabric.backward,
+            no_sync=lambda enabled: fabric.no_backward_sync(self.model, enabled=enabled),
+        )
+        self.running += out["loss"]
+        return out
 
     def optimizer_step(self) -> tuple[torch.Tensor, float]:
         """Schedule, clip, skip a non-finite update, step. Returns (the loss averaged over ranks, the lr)."""
@@ -801,6 +905,7 @@ class PretrainRecipe:
                 self.stream.set_start(self.batch_in_epoch * cfg.data.batch_size)
             iterator = iter(self.loader)
             self.running.zero_()
+            self.pending = []
             self.skipped.zero_()
             epoch_samples = 0
             ended_early = False
@@ -894,6 +999,7 @@ class PretrainRecipe:
                 if self.batch_in_epoch % accumulate:  # an unfinished accumulation does not leak into the next epoch
                     self.optimizer.zero_grad(set_to_none=True)
                     self.running.zero_()
+                    self.pending = []
                 self.batch_in_epoch = per_epoch
             if self.batch_in_epoch >= per_epoch:
                 self.epoch += 1

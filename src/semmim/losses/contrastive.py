@@ -93,6 +93,7 @@ def patch_text_kl(
     student_temperature: float = 0.1,
     teacher_temperature: float = 0.04,
     sample_weight: Tensor | None = None,
+    normalizer: Tensor | None = None,
 ) -> Tensor:
     """RILS's masked reconstruction in language space (arXiv:2301.06958, Sec. 3).
 
@@ -107,6 +108,8 @@ def patch_text_kl(
         text: (M, E) caption embeddings (the prototypes).
         mask: (N, L) bool, True = masked.
         sample_weight: (N,) 0/1 gate (e.g. image->text retrieval correct), None = all samples.
+        normalizer: divide the summed KL by this instead of the selected masked patches of these N samples
+            (GradCache: the count over the whole effective batch, so the micro-batches' terms add up).
     """
     text_n = F.normalize(text.float(), dim=-1).detach()
     with torch.no_grad():
@@ -116,4 +119,4 @@ def patch_text_kl(
     w = mask.to(kl.dtype)
     if sample_weight is not None:
         w = w * sample_weight.to(kl.dtype)[:, None]
-    return (kl * w).sum() / w.sum().clamp_min(1.0)
+    return (kl * w).sum() / (w.sum().clamp_min(1.0) if normalizer is None else normalizer)

@@ -7,7 +7,8 @@ normalises on the device (the student with ``data.mean/std``, a teacher with its
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypedDict
 
@@ -29,6 +30,7 @@ class MethodOutput(TypedDict, total=False):
         target: (N, T, D) what ``pred`` is compared with, detached.
         mask: (N, L) bool, True = masked patch.
         logs: named scalars to log (``target_explained``, ``acc``, ...), detached.
+        reps: a GradCache forward's representations (see :class:`GradCachePass`).
     """
 
     loss: Tensor
@@ -36,6 +38,34 @@ class MethodOutput(TypedDict, total=False):
     target: Tensor
     mask: Tensor
     logs: dict[str, Tensor]
+    reps: dict[str, Tensor]
+
+
+@dataclass
+class GradCachePass:
+    """What the engine hands a grad-cache method's ``forward(batch, grad_cache=...)`` (GradCache, Gao et al.
+    2021, arXiv:2101.06983: a contrastive loss over a batch larger than one forward holds, exactly).
+
+    With gradient accumulation, one optimizer step's micro-batches run twice, each under its own seed:
+
+    1. no gradient, ``context`` None: the forward returns ``{"reps": method.embed-like dict}``;
+    2. the engine joins all micro-batches' reps (rows concatenated, 0-dim shared entries taken once) into
+       leaf tensors and calls :meth:`Method.batch_loss` on them (the effective batch; across ranks the method
+       gathers with gradient as usual), which gives d loss / d rep and the ``context`` of pass 2;
+    3. with gradient, same seed (same dropout, drop path, masks): the forward returns the same ``reps`` and,
+       optionally, a per-micro-batch ``loss`` (and ``logs``) whose gradient flows as usual. The engine
+       back-propagates the cached rep gradients plus that loss; local losses and their logs add up over the
+       micro-batches, so a method normalises them over the effective batch (``context`` can say by what).
+
+    Attributes:
+        index: the micro-batch's position in the optimizer step.
+        start: its first row in the effective (this rank's) batch.
+        context: detached tensors from :meth:`Method.batch_loss`; None in pass 1.
+    """
+
+    index: int
+    start: int
+    context: dict[str, Tensor] | None = field(default=None)
 
 
 def method_output(
@@ -97,6 +127,10 @@ class Method(nn.Module):
     """It pools its predictions to a teacher's own grid (a feature target's ``grid=native``)."""
     needs_text: ClassVar[bool] = False
     """It reads the ``text`` section (a text tower)."""
+    grad_cache: ClassVar[bool] = False
+    """Its loss couples the samples of a batch (a contrastive loss): with ``optim.accumulate`` > 1 the engine
+    computes it over the whole effective batch with GradCache (:class:`GradCachePass`), for which the method's
+    ``forward`` takes ``grad_cache=GradCachePass(...)`` and it implements :meth:`batch_loss`."""
     data_keys: ClassVar[tuple[str, ...]] = ()
     """Keys of its ``method`` section that, left unset, are taken from the data by :meth:`data_context`
     (supmim: ``num_classes``); a resume that leaves them unset keeps the values the run recorded."""
@@ -255,6 +289,21 @@ class Method(nn.Module):
         )
 
     def forward(self, batch: Mapping[str, Any]) -> MethodOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def batch_loss(
+        self, reps: dict[str, Tensor], batches: Sequence[Mapping[str, Any]]
+    ) -> tuple[MethodOutput, dict[str, Tensor]]:  # pragma: no cover - abstract
+        """A grad-cache method's loss over the effective batch (:class:`GradCachePass`).
+
+        Args:
+            reps: every micro-batch's reps joined (rows in micro-batch order; 0-dim entries shared), leaf
+                tensors that require gradient. The loss may depend on parameters only through ``reps``.
+            batches: the micro-batches themselves (for non-tensor data such as captions).
+
+        Returns:
+            (``{"loss", "logs"}`` of the effective batch, the detached ``context`` handed to pass 2).
+        """
         raise NotImplementedError
 
     @classmethod

@@ -21,8 +21,8 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from semmim.config import Config, ConfigError, MethodConfig
-from semmim.losses.contrastive import InfoNCE
-from semmim.methods.base import Method, MethodOutput, build_encoder, method_output
+from semmim.losses.contrastive import InfoNCE, info_nce
+from semmim.methods.base import GradCachePass, Method, MethodOutput, build_encoder, method_output
 from semmim.models.vit import ViTEncoder
 from semmim.registry import METHODS, TEXT_ENCODERS
 
@@ -71,6 +71,7 @@ class ImageTextModel(Method):
 
     needs_captions = True
     needs_text = True
+    grad_cache = True
     Options = CLIPConfig
 
     # -------------------------------------------------------------- data context (engine hook)
@@ -136,6 +137,20 @@ class ImageTextModel(Method):
         """(N, C, H, W) in [0, 1] -> (N, E) joint-space image embeddings (not normalised)."""
         return self.image_proj(self.pool_tokens(self.encoder.forward_features(self.normalize(images))))
 
+    def embed(self, batch: Mapping[str, Any], method: str) -> dict[str, Tensor]:
+        """GradCache reps of a batch: ``image`` (N, E), ``text`` (N, E) and the shared ``log_scale`` (0-dim, the
+        temperature parameter itself, so that its gradient flows through the forward like every other one)."""
+        imgs = self.images_of(batch)
+        return {
+            "image": self.embed_image(imgs),
+            "text": self.embed_text(captions_of(batch, method), imgs.device),
+            "log_scale": self.contrastive.log_scale,
+        }
+
+    def scale_of(self, reps: Mapping[str, Tensor]) -> Tensor:
+        """The contrastive loss's inverse temperature from the reps' ``log_scale`` (as :class:`InfoNCE`)."""
+        return reps["log_scale"].exp().clamp(max=self.contrastive.max_scale)
+
     @torch.no_grad()
     def zero_shot_weights(self, prompts: Sequence[Sequence[str]], device: torch.device) -> Tensor:
         """Per-class prompts -> (K, E) normalised class embeddings (mean over each class's prompts)."""
@@ -155,21 +170,39 @@ class ImageTextModel(Method):
         return path
 
 
+def i2t_accuracy(image: Tensor, text: Tensor, captions: Sequence[str]) -> Tensor:
+    """Share of the images whose most similar caption (over these rows) reads as their own, on the device."""
+    with torch.no_grad():
+        sims = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
+        hit = [captions[j] == captions[i] for i, j in enumerate(sims.argmax(1).tolist())]
+        return torch.tensor(sum(hit) / len(hit), device=image.device)
+
+
 @METHODS.register("clip")
 class CLIP(ImageTextModel):
     """Symmetric InfoNCE between pooled image tokens and caption embeddings (learnable temperature)."""
 
-    def forward(self, batch: Mapping[str, Any]) -> MethodOutput:
+    def forward(self, batch: Mapping[str, Any], grad_cache: GradCachePass | None = None) -> MethodOutput:
+        if grad_cache is not None:  # the loss comes from batch_loss over the effective batch
+            return MethodOutput(reps=self.embed(batch, "clip"))
         imgs = self.images_of(batch)
         captions = captions_of(batch, "clip")
         image = self.embed_image(imgs)
         text = self.embed_text(captions, imgs.device)
         loss = self.contrastive(image, text)
-        with torch.no_grad():
-            sims = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
-            hit = [captions[j] == captions[i] for i, j in enumerate(sims.argmax(1).tolist())]
-            acc = torch.tensor(sum(hit) / len(hit), device=imgs.device)
-        return method_output(loss, i2t_acc=acc, temperature=1.0 / self.contrastive.scale.detach())
+        return method_output(
+            loss, i2t_acc=i2t_accuracy(image, text, captions), temperature=1.0 / self.contrastive.scale.detach()
+        )
+
+    def batch_loss(
+        self, reps: dict[str, Tensor], batches: Sequence[Mapping[str, Any]]
+    ) -> tuple[MethodOutput, dict[str, Tensor]]:
+        """InfoNCE over the effective batch (GradCache; see :class:`semmim.methods.base.GradCachePass`)."""
+        captions = [c for b in batches for c in captions_of(b, "clip")]
+        scale = self.scale_of(reps)
+        loss = info_nce(reps["image"], reps["text"], scale)
+        acc = i2t_accuracy(reps["image"], reps["text"], captions)
+        return method_output(loss, i2t_acc=acc, temperature=1.0 / scale.detach()), {}
 
     @classmethod
     def from_config(cls, cfg: Config, teacher: nn.Module | None = None, **context: Any) -> CLIP:

@@ -11,7 +11,7 @@ masked patches of the samples whose image-to-text retrieval was correct.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,8 +21,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from semmim.config import Config, ModelConfig
-from semmim.losses.contrastive import gather_with_grad, patch_text_kl, world_info
-from semmim.methods.base import MethodOutput, build_decoder, build_encoder, build_masker, method_output
+from semmim.losses.contrastive import gather_with_grad, info_nce, patch_text_kl, world_info
+from semmim.methods.base import (
+    GradCachePass,
+    MethodOutput,
+    build_decoder,
+    build_encoder,
+    build_masker,
+    method_output,
+)
 from semmim.methods.clip import CLIPConfig, ImageTextModel, build_text_tower, captions_of
 from semmim.models.vit import ViTEncoder
 from semmim.registry import METHODS
@@ -48,6 +55,14 @@ def gather_captions(captions: list[str]) -> list[str]:
     out: list[list[str] | None] = [None] * world
     dist.all_gather_object(out, captions)
     return [c for part in out for c in (part or [])]
+
+
+def caption_prototypes(all_text: Tensor, all_captions: list[str]) -> Tensor:
+    """(P, E) rows of ``all_text`` for the unique caption strings, in order of first appearance."""
+    keep: dict[str, int] = {}
+    for i, c in enumerate(all_captions):
+        keep.setdefault(c, i)
+    return all_text[list(keep.values())]
 
 
 def retrieval_correct(image: Tensor, text: Tensor, captions: list[str], all_captions: list[str]) -> Tensor:
@@ -111,7 +126,9 @@ class RILS(ImageTextModel):
         self.kl_weight = kl_weight
         self.gate_correct = gate_correct
 
-    def forward(self, batch: Mapping[str, Any]) -> MethodOutput:
+    def forward(self, batch: Mapping[str, Any], grad_cache: GradCachePass | None = None) -> MethodOutput:
+        if grad_cache is not None:
+            return self.grad_cache_forward(batch, grad_cache)
         imgs = self.images_of(batch)
         captions = captions_of(batch, "rils")
         x = self.normalize(imgs)
@@ -122,10 +139,7 @@ class RILS(ImageTextModel):
         # the batch's (all ranks') captions are the prototypes; unique strings, no gradient
         all_captions = gather_captions(captions)
         all_text = gather_with_grad(text).detach()
-        keep: dict[str, int] = {}
-        for i, c in enumerate(all_captions):
-            keep.setdefault(c, i)
-        prototypes = all_text[list(keep.values())]
+        prototypes = caption_prototypes(all_text, all_captions)
         gate = retrieval_correct(image, all_text, captions, all_captions) if self.gate_correct else None
         mask = self.masker(x.shape[0], self.grid, device=x.device)
         latent = self.encoder.forward_visible(x, mask.ids_keep)
@@ -140,6 +154,69 @@ class RILS(ImageTextModel):
         return method_output(
             contrastive + self.kl_weight * kl, pred=pred, target=teacher_patches, mask=mask.mask, **logs
         )
+
+    # -------------------------------------------------------------- GradCache (see GradCachePass)
+    def grad_cache_forward(self, batch: Mapping[str, Any], gc: GradCachePass) -> MethodOutput:
+        """Reps of the micro-batch (``image``, ``text``, shared ``log_scale``, and the masked-patch count per
+        image ``mask_count``); in pass 2 also its KL term against the effective batch's prototypes and gate.
+
+        The unmasked pass, the text and the mask are drawn in the same order as :meth:`forward` (and in both
+        passes), so a pass re-run under the same seed gives the same reps and the same mask.
+        """
+        imgs = self.images_of(batch)
+        captions = captions_of(batch, "rils")
+        x = self.normalize(imgs)
+        full = self.encoder.forward_features(x)
+        reps = {
+            "image": self.image_proj(self.pool_tokens(full)),
+            "text": self.embed_text(captions, imgs.device),
+            "log_scale": self.contrastive.log_scale,
+        }
+        mask = self.masker(x.shape[0], self.grid, device=x.device)
+        reps["mask_count"] = mask.mask.sum(1).float()
+        if gc.context is None:
+            return MethodOutput(reps=reps)
+        ctx, n = gc.context, x.shape[0]
+        gate = ctx["gate"][gc.start : gc.start + n] if self.gate_correct else None
+        latent = self.encoder.forward_visible(x, mask.ids_keep)
+        pred = self.decoder(latent, mask)[:, 1:]
+        teacher_patches = self.image_proj(full[:, 1:]).detach()
+        kl = patch_text_kl(
+            pred,
+            teacher_patches,
+            ctx["prototypes"],
+            mask.mask,
+            self.student_temperature,
+            self.teacher_temperature,
+            gate,
+            normalizer=ctx["kl_norm"],
+        )
+        out = method_output(self.kl_weight * kl, kl=kl)
+        out["reps"] = reps
+        return out
+
+    def batch_loss(
+        self, reps: dict[str, Tensor], batches: Sequence[Mapping[str, Any]]
+    ) -> tuple[MethodOutput, dict[str, Tensor]]:
+        """InfoNCE over the effective batch; its captions (all ranks) as prototypes and its retrieval gate for
+        the micro-batches' KL terms, normalised by the gated masked patches of the whole effective batch."""
+        image, text = reps["image"], reps["text"]
+        captions = [c for b in batches for c in captions_of(b, "rils")]
+        contrastive = info_nce(image, text, self.scale_of(reps))
+        with torch.no_grad():
+            all_captions = gather_captions(captions)
+            all_text = gather_with_grad(text.detach())
+            prototypes = caption_prototypes(all_text, all_captions)
+            weight = reps["mask_count"].detach()
+            context = {"prototypes": prototypes}
+            logs = {"info_nce": contrastive.detach()}
+            if self.gate_correct:
+                gate = retrieval_correct(image.detach(), all_text, captions, all_captions)
+                context["gate"] = gate
+                weight = weight * gate
+                logs["gate_frac"] = gate.mean()
+            context["kl_norm"] = weight.sum().clamp_min(1.0)
+        return method_output(contrastive, **logs), context
 
     @classmethod
     def from_config(cls, cfg: Config, teacher: nn.Module | None = None, **context: Any) -> RILS:
