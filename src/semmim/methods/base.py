@@ -1,7 +1,9 @@
 """What every method shares: input normalisation, the frozen-teacher bookkeeping, building parts.
 
 A method is an ``nn.Module`` whose ``forward(batch)`` returns ``{"loss": scalar, ...logs}``; the
-engine knows nothing else. ``batch["image"]`` is (N, C, H, W) float in [0, 1]; each method
+engine knows nothing else, except for a method that declares ``grad_cache`` (a contrastive loss over the
+batch), whose loss the engine computes over the whole effective batch (:class:`GradCachePass`).
+``batch["image"]`` is (N, C, H, W) float in [0, 1]; each method
 normalises on the device (the student with ``data.mean/std``, a teacher with its own statistics).
 """
 
