@@ -189,7 +189,7 @@ def test_user_registered_masker_and_loss_get_their_own_yaml_keys(tmp_path: Path)
         [sys.executable, "-m", "semmim", *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    saved = load_config_text(out / "config.yaml")
+    saved = (out / "config.yaml").read_text()
     assert "test_every_kth" in saved and "k: 3" in saved and "scale: 2.5" in saved
     # the module really ran: its parts recorded the keys they were built with (it prints nothing itself)
     res = subprocess.run(
@@ -210,10 +210,6 @@ def test_user_registered_masker_and_loss_get_their_own_yaml_keys(tmp_path: Path)
         timeout=300,
     )
     assert res.returncode == 2 and "unknown masker 'test_every_kth'" in res.stderr and "--import" in res.stderr
-
-
-def load_config_text(path: Path) -> str:
-    return path.read_text()
 
 
 # ------------------------------------------------------------------ composing files

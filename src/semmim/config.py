@@ -13,7 +13,7 @@ Examples:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from semmim.errors import ConfigError
-from semmim.parts import merge_checked, suggest
+from semmim.parts import SLOT_KEY, merge_checked, merge_node, suggest
 
 MAX_CONFIG_BYTES = 1 << 20
 """Largest config file :func:`load_config` reads (1 MiB; the shipped configs are a few KiB)."""
@@ -392,7 +392,7 @@ def find_config(name: str | Path, relative_to: Path | None = None) -> Path:
 
 
 def _is_node_path(path: tuple[str, ...]) -> bool:
-    return path == ("decoder",) or (len(path) == 2 and path[0] == "method" and path[1] in PART_SLOTS)
+    return ".".join(path) in SLOT_KEY.values()
 
 
 def deep_merge(base: dict[str, Any], other: Mapping[str, Any], path: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -409,10 +409,7 @@ def deep_merge(base: dict[str, Any], other: Mapping[str, Any], path: tuple[str, 
         if _is_node_path(here):
             new = {"name": value} if isinstance(value, str) else value
             if isinstance(new, Mapping) and isinstance(old, Mapping):
-                if new.get("name") not in (None, old.get("name")):
-                    out[key] = dict(new)
-                else:
-                    out[key] = deep_merge(dict(old), new, here)
+                out[key] = merge_node(old, new)
             else:
                 out[key] = dict(new) if isinstance(new, Mapping) else new
         elif isinstance(value, Mapping) and isinstance(old, Mapping):
@@ -520,7 +517,7 @@ def resolve(raw: Mapping[str, Any], where: str = "config") -> Config:
     Raises:
         ConfigError: one line naming the first wrong key and its fix.
     """
-    from semmim.parts import SLOT_CONTEXT, SLOT_REGISTRY, build_part, check_part, merge_node, resolve_part
+    from semmim.parts import SLOT_CONTEXT, SLOT_REGISTRY, build_part, check_part, resolve_part
     from semmim.registry import METHODS, RegistryError
 
     for key in _flat_keys(raw):
@@ -545,8 +542,7 @@ def resolve(raw: Mapping[str, Any], where: str = "config") -> Config:
     slots = tuple(getattr(method_cls, "slots", ()))
     defaults = method_cls.default_parts(model, user_nodes) if hasattr(method_cls, "default_parts") else {}
     resolved: dict[str, Any] = {}
-    for slot in ("masker", "decoder", "target", "loss"):
-        key = "decoder" if slot == "decoder" else f"method.{slot}"
+    for slot, key in SLOT_KEY.items():
         if slot not in slots:
             if user_nodes[slot] is not None:
                 raise ConfigError(f"{key}: method '{name}' uses no {slot}; remove it")
@@ -560,9 +556,8 @@ def resolve(raw: Mapping[str, Any], where: str = "config") -> Config:
         setattr(method, slot, resolved[slot])
     cfg = Config(method=method, decoder=resolved["decoder"], **sections)
     validate(cfg)
-    for slot in ("masker", "decoder", "target", "loss"):  # each part's own checks of its keys, before any work
+    for slot, where in SLOT_KEY.items():  # each part's own checks of its keys, before any work
         if resolved[slot] is not None:
-            where = "decoder" if slot == "decoder" else f"method.{slot}"
             check_part(SLOT_REGISTRY[slot], resolved[slot], where)
             if slot in ("masker", "loss"):  # cheap to build: their constructors' checks run now
                 build_part(SLOT_REGISTRY[slot], resolved[slot], where)
@@ -723,7 +718,7 @@ def field_docs(cls: type) -> dict[str, str]:
 
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
-        if klass is object or not dataclasses_is(klass):
+        if klass is object or not is_dataclass(klass):
             continue
         try:
             tree = ast.parse(inspect.cleandoc("\n" + inspect.getsource(klass)))
@@ -740,12 +735,6 @@ def field_docs(cls: type) -> dict[str, str]:
             ):
                 docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
-
-
-def dataclasses_is(obj: Any) -> bool:
-    from dataclasses import is_dataclass
-
-    return is_dataclass(obj)
 
 
 def explain(cfg: Config) -> str:

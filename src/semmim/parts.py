@@ -315,11 +315,11 @@ def build_part(registry: Registry[Any], node: Mapping[str, Any], where: str, **c
 
 
 def merge_node(default: Mapping[str, Any] | None, user: Mapping[str, Any] | str | None) -> dict[str, Any] | None:
-    """A slot's node from the method's default and the user's node.
+    """A part node ``user`` merged onto the node ``default`` (the method's default, or an earlier file's node).
 
     No user node: the default. A user node without a name, or naming the default's part: the default
-    updated with the user's keys. A user node naming another part replaces the default whole (the keys of
-    one part mean nothing to another).
+    updated with the user's keys (mappings key by key). A user node naming another part replaces the
+    default whole (the keys of one part mean nothing to another). A bare string is ``{name: ...}``.
     """
     if isinstance(user, str):
         user = {"name": user}
@@ -327,12 +327,15 @@ def merge_node(default: Mapping[str, Any] | None, user: Mapping[str, Any] | str 
         return None if default is None else dict(default)
     if default is None or (user.get("name") not in (None, default.get("name"))):
         return dict(user)
-    return {**default, **user}
+    return _merge_mappings(default, user)
 
 
-def part_help(registry: Registry[Any], name: str, context: Collection[str] = ()) -> list[tuple[str, Any, str]]:
-    """``(key, default, help)`` of each key of part ``name`` (for ``semmim config show``)."""
-    return [
-        (k.name, "<required>" if k.default is dataclasses.MISSING else k.default, k.help)
-        for k in part_keys(registry, name, context)
-    ]
+def _merge_mappings(base: Mapping[str, Any], other: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in other.items():
+        old = out.get(key)
+        if isinstance(value, Mapping) and isinstance(old, Mapping):
+            out[key] = _merge_mappings(old, value)
+        else:
+            out[key] = dict(value) if isinstance(value, Mapping) else value
+    return out

@@ -211,3 +211,23 @@ def frozen_split_features(
         "std": s,
     }
     return f_train, y_train, f_test, y_test, info
+
+
+def config_split_features(
+    encoder: str | os.PathLike[str] | nn.Module, cfg: Any
+) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor], Tensor, dict[str, Any]]:
+    """:func:`frozen_split_features` with the data, split, loader and feature keys of a protocol config
+    (:class:`semmim.eval.config.SplitsConfig` + :class:`semmim.eval.config.FrozenFeatures`)."""
+    return frozen_split_features(
+        encoder,
+        cfg.data,
+        cfg.root,
+        cfg.train_limit,
+        cfg.test_limit,
+        cfg.batch_size,
+        cfg.num_workers,
+        cfg.mean,
+        cfg.std,
+        cfg.device,
+        cfg.cache_dir,
+    )

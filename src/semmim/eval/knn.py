@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from semmim.eval.common import pools_of
 from semmim.eval.config import KnnConfig, check_eval_config
-from semmim.eval.features import frozen_split_features
+from semmim.eval.features import config_split_features
 
 
 @torch.no_grad()
@@ -73,19 +73,7 @@ def knn_eval(encoder: str | os.PathLike[str] | nn.Module, cfg: KnnConfig | None 
     """
     cfg = check_eval_config(cfg or KnnConfig())
     pools = pools_of(cfg.pool)
-    f_train, y_train, f_test, y_test, info = frozen_split_features(
-        encoder,
-        cfg.data,
-        cfg.root,
-        cfg.train_limit,
-        cfg.test_limit,
-        cfg.batch_size,
-        cfg.num_workers,
-        cfg.mean,
-        cfg.std,
-        cfg.device,
-        cfg.cache_dir,
-    )
+    f_train, y_train, f_test, y_test, info = config_split_features(encoder, cfg)
     out: dict[str, Any] = {}
     for p in pools:
         res = knn_classify(f_train[p], y_train, f_test[p], y_test, k=cfg.k, temperature=cfg.temperature)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from semmim.engine.optim import LARS, cosine_lr, scaled_lr, set_lr
 from semmim.eval.common import pools_of
 from semmim.eval.config import LinearConfig, check_eval_config
-from semmim.eval.features import frozen_split_features
+from semmim.eval.features import config_split_features
 
 __all__ = ["LARS", "linear_eval", "linear_probe", "probe_head"]
 
@@ -182,7 +182,7 @@ def linear_probe(
 def linear_eval(encoder: str | os.PathLike[str] | nn.Module, cfg: LinearConfig | None = None) -> dict[str, Any]:
     """Linear-probe top-1 / top-5 of a frozen encoder on a labelled dataset (MAE protocol).
 
-    Features come from :func:`frozen_split_features` (cached); the probe is :func:`linear_probe`.
+    Features come from :func:`config_split_features` (cached); the probe is :func:`linear_probe`.
     ``pool="both"`` trains one probe per pooling and reports ``top1_cls``, ``top5_cls``,
     ``top1_mean``, ``top5_mean``, with the CLS numbers as the headline ``top1`` / ``top5``.
 
@@ -199,19 +199,7 @@ def linear_eval(encoder: str | os.PathLike[str] | nn.Module, cfg: LinearConfig |
     """
     cfg = check_eval_config(cfg or LinearConfig())
     pools = pools_of(cfg.pool)
-    f_train, y_train, f_test, y_test, _ = frozen_split_features(
-        encoder,
-        cfg.data,
-        cfg.root,
-        cfg.train_limit,
-        cfg.test_limit,
-        cfg.batch_size,
-        cfg.num_workers,
-        cfg.mean,
-        cfg.std,
-        cfg.device,
-        cfg.cache_dir,
-    )
+    f_train, y_train, f_test, y_test, _ = config_split_features(encoder, cfg)
     out: dict[str, Any] = {}
     for p in pools:
         res = linear_probe(

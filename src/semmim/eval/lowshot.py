@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from semmim.eval.config import FinetuneConfig, FinetuneRecipe, LowshotConfig, SplitsConfig, check_eval_config
-from semmim.eval.features import frozen_split_features
+from semmim.eval.features import config_split_features
 from semmim.eval.linear import linear_probe
 
 __all__ = ["dataset_labels", "finetune_config", "fraction_tag", "lowshot_eval", "stratified_subset"]
@@ -164,7 +164,7 @@ def lowshot_eval(encoder: str | os.PathLike[str] | nn.Module, cfg: LowshotConfig
     """
     cfg = check_eval_config(cfg or LowshotConfig())
     mode, pool = cfg.mode, cfg.pool
-    data, root, train_limit, test_limit = cfg.data, cfg.root, cfg.train_limit, cfg.test_limit
+    data, root, train_limit = cfg.data, cfg.root, cfg.train_limit
     batch_size, num_workers, device = cfg.batch_size, cfg.num_workers, cfg.device
     fractions = [float(f) for f in cfg.fractions]
     seeds = [int(s) for s in cfg.seeds]
@@ -174,19 +174,7 @@ def lowshot_eval(encoder: str | os.PathLike[str] | nn.Module, cfg: LowshotConfig
     results: dict[str, Any] = {}
     out: dict[str, Any] = {"protocol": "lowshot", "mode": mode, "fractions": fractions, "seeds": seeds}
     if mode == "linear":
-        f_train, y_train, f_test, y_test, _ = frozen_split_features(
-            encoder,
-            data,
-            root,
-            train_limit,
-            test_limit,
-            batch_size,
-            num_workers,
-            cfg.mean,
-            cfg.std,
-            device,
-            cfg.cache_dir,
-        )
+        f_train, y_train, f_test, y_test, _ = config_split_features(encoder, cfg)
         x_train, x_test = f_train[pool], f_test[pool]
         out.update({"pool": pool, "optimizer": cfg.optimizer, "epochs": cfg.epochs, "n_test": int(y_test.shape[0])})
     else:
