@@ -71,6 +71,8 @@ def test_paper_recipes() -> None:
         "openai",
     )
     assert milan.method.masker["name"] == "semantic" and milan.decoder["name"] == "prompting"
+    # as MILAN's official code: raw visible tokens as the decoder's keys/values, CLIP fed the student's input
+    assert milan.decoder["prompt_norm"] is False and milan.teacher.input_norm == "data"
 
 
 def test_unknown_method_names_choices() -> None:

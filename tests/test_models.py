@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 from semmim.export import load_timm_model, read_timm_config, save_encoder
 from semmim.masking import random_masking
@@ -138,6 +139,81 @@ def test_prompting_decoder_mask_tokens_do_not_change_visible_when_perturbed() ->
     vis = torch.cat([torch.zeros(1, dtype=torch.long), 1 + m.ids_keep[0]])
     torch.testing.assert_close(a[0, vis], b[0, vis])
     assert not torch.allclose(a[0, 1 + m.ids_mask[0]], b[0, 1 + m.ids_mask[0]])
+
+
+def _official_milan_decoder(dec: PromptingDecoder, latent: torch.Tensor, m, prompt_norm: bool) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """MILAN's decoder written out as its official code computes it (github.com/zejiangh/MILAN,
+    ``models_milan.py``, also mmpretrain's ``MILANPretrainDecoder``), with the weights of ``dec``.
+
+    The whole sequence is embedded and given positions in patch order; CLS + visible tokens are then
+    fixed. In each block the mask tokens go through ``norm1`` and are the queries; keys/values are the
+    sequence in patch order: the fixed CLS, the fixed visible tokens (un-normalised; ``prompt_norm``:
+    through ``norm1`` as well) and the normed mask tokens. Final norm and head on every token.
+    """
+
+    def ln(norm: torch.nn.LayerNorm, t: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(t, (t.shape[-1],), norm.weight, norm.bias, eps=1e-6)
+
+    def gather(t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return torch.gather(t, 1, ids.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+
+    n, d = latent.shape[0], dec.embed_dim
+    length, keep = m.ids_restore.shape[1], m.ids_keep.shape[1]
+    x = F.linear(latent, dec.decoder_embed.weight, dec.decoder_embed.bias)
+    patches = gather(torch.cat([x[:, 1:], dec.mask_token.expand(n, length - keep, d)], 1), m.ids_restore)
+    full = torch.cat([x[:, :1], patches], 1) + dec.pos_embed
+    fixed = torch.cat([full[:, :1], gather(full[:, 1:], m.ids_keep)], 1)
+    tokens = gather(full[:, 1:], m.ids_mask)
+    for blk in dec.blocks:
+        heads = blk.num_heads
+        hd = d // heads
+        h = ln(blk.norm1, tokens)
+        prompts = ln(blk.norm1, fixed) if prompt_norm else fixed
+        context = torch.cat([prompts[:, :1], gather(torch.cat([prompts[:, 1:], h], 1), m.ids_restore)], 1)
+        q = F.linear(h, blk.q.weight, blk.q.bias).reshape(n, -1, heads, hd).transpose(1, 2)
+        k, v = F.linear(context, blk.kv.weight, blk.kv.bias).reshape(n, 1 + length, 2, heads, hd).permute(2, 0, 3, 1, 4)
+        attn = ((q @ k.transpose(-2, -1)) * hd**-0.5).softmax(dim=-1)
+        tokens = tokens + F.linear((attn @ v).transpose(1, 2).reshape(n, -1, d), blk.proj.weight, blk.proj.bias)
+        hidden = F.gelu(F.linear(ln(blk.norm2, tokens), blk.mlp.fc1.weight, blk.mlp.fc1.bias))
+        tokens = tokens + F.linear(hidden, blk.mlp.fc2.weight, blk.mlp.fc2.bias)
+    out = torch.cat([fixed[:, :1], gather(torch.cat([fixed[:, 1:], tokens], 1), m.ids_restore)], 1)
+    return F.linear(ln(dec.norm, out), dec.pred.weight, dec.pred.bias)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+@pytest.mark.parametrize("prompt_norm", [False, True], ids=["raw-prompts", "normed-prompts"])
+def test_prompting_decoder_matches_the_official_formula(prompt_norm: bool, fused: bool) -> None:
+    torch.manual_seed(0)
+    dec = PromptingDecoder(
+        (4, 5), encoder_dim=24, out_dim=7, embed_dim=16, depth=3, num_heads=4, prompt_norm=prompt_norm
+    ).double()
+    with torch.no_grad():  # every weight random (norms and biases too), so each one's place is checked
+        for prm in dec.parameters():
+            prm.add_(0.3 * torch.randn_like(prm))
+    for blk in dec.blocks:
+        blk.fused_attn = fused
+    m = random_masking(3, 20, 0.75)
+    latent = torch.randn(3, 1 + m.ids_keep.shape[1], 24, dtype=torch.float64)
+    ours = dec(latent, m)
+    torch.testing.assert_close(ours, _official_milan_decoder(dec, latent, m, prompt_norm), atol=1e-10, rtol=1e-9)
+    # and the two forms really differ (the reference tells them apart)
+    other = _official_milan_decoder(dec, latent, m, not prompt_norm)
+    assert (ours - other).norm() > 1e-3 * ours.norm()
+
+
+def test_prompting_decoder_prompt_norm_is_a_config_key() -> None:
+    from semmim.config import ConfigError, load_config
+    from semmim.methods.base import build_decoder, build_encoder
+
+    over = ["model.embed_dim=32", "model.num_heads=2", "model.depth=1", "model.img_size=16", "model.patch_size=4"]
+    for value, expected in (("false", False), ("true", True)):
+        cfg = load_config(None, [*over, "method.name=mae", "decoder=prompting", f"decoder.prompt_norm={value}"])
+        dec = build_decoder(cfg, build_encoder(cfg), 8)
+        assert all(blk.prompt_norm is expected for blk in dec.blocks)
+    cfg = load_config(None, [*over, "method.name=mae", "decoder=prompting"])
+    assert cfg.decoder["prompt_norm"] is False  # the official form unless asked
+    with pytest.raises(ConfigError, match=r"decoder.prompt_norm: decoder 'mae' has no key 'prompt_norm'"):
+        load_config(None, [*over, "method.name=mae", "decoder.prompt_norm=true"])
 
 
 def test_model_name_selects_a_registered_encoder() -> None:

@@ -131,12 +131,13 @@ def _fixed_batch(cfg, n: int = 16) -> dict[str, torch.Tensor]:  # type: ignore[n
     "extra",
     [
         ["method.name=milan", "method.masker=random"],
+        ["method.name=milan", "method.masker=random", "decoder.prompt_norm=true"],
         ["method.name=milan", "method.target.norm=none"],
         ["method.name=milan", "method.target.norm=whiten", "method.loss=mse"],
         ["method.name=maskdistill"],
         ["method.name=supmim", "method.target=teacher_features", "method.num_classes=4"],
     ],
-    ids=["milan", "milan-raw", "milan-whiten-mse", "maskdistill", "supmim-features"],
+    ids=["milan", "milan-prompt-norm", "milan-raw", "milan-whiten-mse", "maskdistill", "supmim-features"],
 )
 def test_feature_target_method_learns_a_fixed_batch(extra: list[str], tiny_teacher_dir: Path) -> None:
     """60 Adam steps on one batch: the loss falls and target_explained rises."""

@@ -599,3 +599,89 @@ def test_timm_teacher_on_cuda_bf16(vit_teacher: Teacher, cuda_device: torch.devi
     torch.testing.assert_close(gpu.tokens.cpu(), cpu.tokens, atol=5e-2, rtol=5e-2)
     torch.testing.assert_close(gpu.cls_attn.cpu(), cpu.cls_attn, atol=2e-2, rtol=5e-2)
     assert F.cosine_similarity(gpu.tokens.cpu().flatten(1), cpu.tokens.flatten(1)).min() > 0.99
+
+
+# ----------------------------------------------------------------------------------- teacher.input_norm
+def _teacher_input(method: nn.Module, images: Tensor) -> Tensor:
+    """What the teacher's model receives when ``method`` trains on ``images``."""
+    seen: list[Tensor] = []
+    model = method.target.teacher.model.patch_embed  # type: ignore[union-attr]  # the ViT's first layer
+    handle = model.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+    try:
+        method({"image": images})
+    finally:
+        handle.remove()
+    assert len(seen) == 1
+    return seen[0]
+
+
+def test_input_norm_data_feeds_the_teacher_the_student_input(tiny_teacher_dir: Path) -> None:
+    """``data``: the teacher gets exactly the student's input (as MILAN's CLIP got the ImageNet-normalised
+    batch); ``own``: the teacher's own statistics, which differ from the data's here."""
+    from semmim.config import load_config
+    from semmim.methods import build_method
+    from tests.conftest import teacher_overrides, tiny_overrides
+
+    images = _images(4, 3, 16)
+    for input_norm in ("own", "data"):
+        over = [*teacher_overrides(tiny_teacher_dir), f"teacher.input_norm={input_norm}"]
+        method = build_method(load_config(None, tiny_overrides("method.name=milan", *over)))
+        teacher = method.target.teacher
+        seen = _teacher_input(method, images)
+        student = method.normalize(images)
+        if input_norm == "data":
+            torch.testing.assert_close(teacher.mean, torch.tensor([0.5, 0.5, 0.5]))  # data.mean of the tiny config
+            torch.testing.assert_close(teacher.std, torch.tensor([0.25, 0.25, 0.25]))
+            torch.testing.assert_close(seen, student)
+        else:
+            own = (images - teacher.mean.view(1, -1, 1, 1)) / teacher.std.view(1, -1, 1, 1)
+            torch.testing.assert_close(seen, own)
+            assert not torch.allclose(seen, student, atol=1e-3)  # the tiny teacher's statistics are not the data's
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (
+            ["method.name=milan", "teacher.input_norm=data", "teacher.mean=[0.4,0.4,0.4]"],
+            r"teacher.input_norm=data \(normalise with data.mean/std\) and teacher.mean=\[0.4, 0.4, 0.4\] .* conflict: "
+            r"keep one. .* unset teacher.mean \(set to null\); to use these statistics, set teacher.input_norm=own",
+        ),
+        (
+            ["method.name=milan", "teacher.input_norm=data", "teacher.std=[0.3,0.3,0.3]"],
+            r"teacher.input_norm=data .* and teacher.std=.* conflict",
+        ),
+        (["method.name=milan", "teacher.input_norm=clip"], r"teacher.input_norm='clip' is not one of own, data"),
+        (["method.name=mae", "teacher.input_norm=data"], r"teacher.input_norm='data' is not used: method 'mae'"),
+    ],
+    ids=["with-mean", "with-std", "unknown", "no-teacher"],
+)
+def test_input_norm_conflicts_are_config_errors(overrides: list[str], needle: str, tiny_teacher_dir: Path) -> None:
+    from semmim.config import ConfigError, load_config
+    from tests.conftest import teacher_overrides, tiny_overrides
+
+    teacher = teacher_overrides(tiny_teacher_dir) if "method.name=milan" in overrides else []
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, tiny_overrides(*overrides, *teacher))
+
+
+def test_input_norm_data_and_a_python_teacher(capsys: pytest.CaptureFixture[str]) -> None:
+    """A teacher passed from Python normalises with the statistics it was built with: building a method
+    around it with input_norm=data is an error; ``pretrain`` records it as replaced, with a note."""
+    from semmim.config import ConfigError, load_config
+    from semmim.engine.trainer import with_python_teacher
+    from semmim.methods import build_method
+    from tests.conftest import tiny_overrides
+
+    cfg = load_config(None, tiny_overrides("method.name=milan", "method.masker=random", "teacher.input_norm=data"))
+    teacher = ModuleTeacher(_ConvNet(), 8, 16, mean=[0.5] * 3, std=[0.5] * 3)
+    with pytest.raises(
+        ConfigError,
+        match=r"teacher.input_norm=data does not reach a teacher passed from Python.*"
+        r"mean=\[0.5, 0.5, 0.5\], std=\[0.25, 0.25, 0.25\]",
+    ):
+        build_method(cfg, teacher=teacher)
+    recorded = with_python_teacher(cfg, teacher)
+    assert "replaces the config's teacher.input_norm=data" in capsys.readouterr().out
+    assert recorded.teacher.input_norm == "own" and cfg.teacher.input_norm == "data"
+    build_method(recorded, teacher=teacher)

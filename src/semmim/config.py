@@ -208,7 +208,13 @@ class TeacherConfig:
     image_size: int | None = None
     """Teacher input size; ``None`` = the teacher's own default."""
     mean: list[float] | None = None
+    """The teacher's own per-channel input mean; ``None`` = what its model records (e.g. CLIP's)."""
     std: list[float] | None = None
+    """The teacher's own per-channel input std; ``None`` = what its model records."""
+    input_norm: str = "own"
+    """How the teacher's input is normalised: ``own`` = with the teacher's own statistics (``teacher.mean/std``
+    or what its model records); ``data`` = with ``data.mean/std``, the very input the student gets (the
+    official MILAN code feeds CLIP the ImageNet-normalised batch)."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for the teacher's model factory (e.g. timm ``img_size``)."""
 

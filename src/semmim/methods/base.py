@@ -4,7 +4,8 @@ A method is an ``nn.Module`` whose ``forward(batch)`` returns ``{"loss": scalar,
 engine knows nothing else, except for a method that declares ``grad_cache`` (a contrastive loss over the
 batch), whose loss the engine computes over the whole effective batch (:class:`GradCachePass`).
 ``batch["image"]`` is (N, C, H, W) float in [0, 1]; each method
-normalises on the device (the student with ``data.mean/std``, a teacher with its own statistics).
+normalises on the device (the student with ``data.mean/std``, a teacher with its own statistics, or
+with ``data.mean/std`` too under ``teacher.input_norm=data``).
 """
 
 from __future__ import annotations
@@ -464,14 +465,20 @@ def build_teacher(cfg: Config, teacher: nn.Module | None = None) -> nn.Module:
     """The teacher passed from Python, or the one ``cfg.teacher`` describes."""
     from semmim.teachers.base import Teacher
 
+    t = cfg.teacher
     if teacher is not None:
         if not isinstance(teacher, Teacher):
             raise TypeError(
                 "a teacher passed from Python must be a semmim.teachers.Teacher; wrap a plain nn.Module "
                 "with semmim.teachers.ModuleTeacher(module, embed_dim=..., image_size=..., mean=..., std=...)"
             )
+        if t.input_norm == "data":
+            raise ConfigError(
+                "teacher.input_norm=data does not reach a teacher passed from Python, which normalises with the "
+                f"statistics it was built with: build it with mean={list(cfg.data.mean)}, std={list(cfg.data.std)} "
+                "(data.mean/std) and unset teacher.input_norm"
+            )
         return teacher
-    t = cfg.teacher
     if not t.name or t.name == "none":
         raise ConfigError(
             f"method '{cfg.method.name}' needs a teacher: set teacher.name (one of {', '.join(TEACHERS.names())}) "
@@ -490,8 +497,8 @@ def build_teacher(cfg: Config, teacher: nn.Module | None = None) -> nn.Module:
             pretrained=t.pretrained,
             path=t.path,
             image_size=t.image_size,
-            mean=t.mean,
-            std=t.std,
+            mean=list(cfg.data.mean) if t.input_norm == "data" else t.mean,
+            std=list(cfg.data.std) if t.input_norm == "data" else t.std,
             **dict(t.kwargs),
         )
     except FileNotFoundError as e:

@@ -4,7 +4,8 @@
   He et al. 2021, arXiv:2111.06377.
 * :class:`PromptingDecoder`: MILAN's prompting decoder. The visible tokens pass the decoder
   embedding once and then stay fixed ("prompts"); in every block only the mask tokens are queries,
-  attending to the whole sequence (fixed visible tokens + current mask tokens).
+  attending to the whole sequence (fixed visible tokens, as they are, + current mask tokens after the
+  block's pre-norm), as in the official MILAN code and mmpretrain's port.
   Hou et al. 2022, arXiv:2208.06049, Sec. 3.2.
 
 Both return predictions for every position, CLS first: (N, 1 + L, out_dim).
@@ -128,15 +129,23 @@ class MAEDecoder(_DecoderBase):
 class PromptingBlock(nn.Module):
     """A pre-norm transformer block whose queries are the mask tokens only.
 
-    Keys and values come from the full sequence: the fixed visible tokens (normalised by this
-    block's ``norm1``, never updated) and the current mask tokens. Only the mask tokens get the
-    attention and MLP residual updates.
+    Keys and values come from the full sequence: the fixed CLS + visible tokens (never updated) and
+    the current mask tokens after this block's ``norm1``. As in MILAN's official code, the fixed
+    tokens enter the key/value projection as they are; ``prompt_norm=True`` passes them through
+    ``norm1`` first (semmim 0.1's form). Only the mask tokens get the attention and MLP residual updates.
+
+    Args:
+        dim: token width D.
+        num_heads: attention heads (must divide ``dim``).
+        mlp_ratio: MLP hidden width / ``dim``.
+        prompt_norm: apply ``norm1`` to the fixed tokens before they become keys/values.
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, prompt_norm: bool = False) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
+        self.prompt_norm = bool(prompt_norm)
         self.fused_attn = True
         self.norm1 = LayerNorm6(dim)
         self.q = nn.Linear(dim, dim)
@@ -149,6 +158,22 @@ class PromptingBlock(nn.Module):
         n, length, _ = x.shape
         return x.view(n, length, self.num_heads, self.head_dim).transpose(1, 2)
 
+    def attend(self, queries: Tensor, prompts: Tensor) -> Tensor:
+        """The attention update of the mask tokens, after the output projection: (N, L_mask, D).
+
+        Keys/values are ``[prompts (raw, or normed with prompt_norm), norm1(queries)]``; their order does
+        not change the result (no positional term inside the attention).
+        """
+        q_in = self.norm1(queries)
+        context = torch.cat([self.norm1(prompts) if self.prompt_norm else prompts, q_in], dim=1)
+        k, v = self.kv(context).chunk(2, dim=-1)
+        q, k, v = self._heads(self.q(q_in)), self._heads(k), self._heads(v)
+        if self.fused_attn:  # flash / memory-efficient kernels where available
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:  # the plain formula, kept as the reference the fused path is tested against
+            out = torch.softmax((q * self.head_dim**-0.5) @ k.transpose(-2, -1), dim=-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(queries.shape))
+
     def forward(self, queries: Tensor, prompts: Tensor) -> Tensor:
         """
         Args:
@@ -158,16 +183,7 @@ class PromptingBlock(nn.Module):
         Returns:
             (N, L_mask, D) updated mask tokens.
         """
-        q_in = self.norm1(queries)
-        context = torch.cat([self.norm1(prompts), q_in], dim=1)
-        k, v = self.kv(context).chunk(2, dim=-1)
-        q, k, v = self._heads(self.q(q_in)), self._heads(k), self._heads(v)
-        if self.fused_attn:  # flash / memory-efficient kernels where available
-            out = F.scaled_dot_product_attention(q, k, v)
-        else:  # the plain formula, kept as the reference the fused path is tested against
-            out = torch.softmax((q * self.head_dim**-0.5) @ k.transpose(-2, -1), dim=-1) @ v
-        out = out.transpose(1, 2).reshape(queries.shape)
-        x = queries + self.proj(out)
+        x = queries + self.attend(queries, prompts)
         return x + self.mlp(self.norm2(x))
 
 
@@ -183,6 +199,8 @@ class PromptingDecoder(_DecoderBase):
         depth: decoder blocks.
         num_heads: attention heads (must divide embed_dim).
         mlp_ratio: MLP hidden width / embed_dim.
+        prompt_norm: false (MILAN's official code) = the fixed visible tokens enter every block's
+            keys/values as they are; true = each block's pre-norm is applied to them first (semmim 0.1).
     """
 
     input = "visible"
@@ -196,9 +214,12 @@ class PromptingDecoder(_DecoderBase):
         depth: int = 8,
         num_heads: int = 16,
         mlp_ratio: float = 4.0,
+        prompt_norm: bool = False,
     ) -> None:
         super().__init__(grid_size, encoder_dim, out_dim, embed_dim, num_heads)
-        self.blocks = nn.ModuleList([PromptingBlock(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.ModuleList(
+            [PromptingBlock(embed_dim, num_heads, mlp_ratio, prompt_norm) for _ in range(depth)]
+        )
         self._finish_init()
 
     def forward_tokens(self, latent: Tensor, mask: MaskOutput) -> Tensor:

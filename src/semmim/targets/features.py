@@ -15,7 +15,8 @@ from semmim.teachers.base import Teacher, resample_attention
 class TeacherFeatureTarget(nn.Module):
     """Per-token features of a frozen teacher, conditioned (:mod:`semmim.targets.conditioning`).
 
-    The teacher runs on the raw [0, 1] images with its own preprocessing (resize, its own mean/std);
+    The teacher runs on the raw [0, 1] images with its own preprocessing (resize, its own mean/std, or
+    ``data.mean/std`` under ``teacher.input_norm=data``);
     its patch tokens are resampled to the student's patch grid (``grid="student"``) or kept on the
     teacher's own grid (``grid="native"``: the method then pools its predictions to that grid). The same
     forward pass also yields the CLS attention used by semantic-aware masking, always on the student's

@@ -7,7 +7,8 @@ al. 2023, arXiv:2301.06958). MILAN additionally uses the attention of the teache
 patch tokens in its last block to decide which patches to keep visible (semantic-aware masking).
 
 A :class:`Teacher` takes un-normalised images in ``[0, 1]``, does its own preprocessing (channel
-adaptation, resize, its own mean/std) and returns a :class:`TeacherOutput` whose patch tokens lie on
+adaptation, resize, the mean/std it was built with: its own, or the student's under
+``teacher.input_norm=data``) and returns a :class:`TeacherOutput` whose patch tokens lie on
 the *student's* patch grid. Subclasses only implement :meth:`Teacher.extract`.
 
 The CLS attention is computed from the same forward pass as the tokens: a forward pre-hook stores the
@@ -359,6 +360,9 @@ class Teacher(nn.Module):
 # ------------------------------------------------------------------ conflicting teacher keys
 _NO = ("false", "0", "no")
 
+INPUT_NORMS = ("own", "data")
+"""Values of ``teacher.input_norm``: the teacher's own statistics, or the student's ``data.mean/std``."""
+
 
 def _recorded_architecture(path: str) -> str | None:
     """The timm architecture a semmim run directory or export records (None: not one, or not readable yet)."""
@@ -387,12 +391,26 @@ def check_teacher_config(tcfg: Any) -> None:
     * ``open_clip``: ``pretrained`` together with ``path`` (``path`` is a checkpoint for ``model``, which is fine).
     * ``hf_clip``: ``model`` and ``path`` naming different checkpoints (``pretrained=false`` with either is
       fine: random weights in that checkpoint's architecture).
+    * any teacher: ``input_norm=data`` (normalise with ``data.mean/std``) together with ``mean``/``std`` (the
+      teacher's own statistics), and an ``input_norm`` other than ``own`` or ``data``.
 
     Raises:
         ConfigError: the message names both keys and how to keep one.
     """
     from semmim.errors import ConfigError
 
+    input_norm = getattr(tcfg, "input_norm", "own")
+    if input_norm not in INPUT_NORMS:
+        raise ConfigError(f"teacher.input_norm={input_norm!r} is not one of {', '.join(INPUT_NORMS)}")
+    if input_norm == "data":
+        given = [f"teacher.{k}={getattr(tcfg, k)}" for k in ("mean", "std") if getattr(tcfg, k, None) is not None]
+        if given:
+            raise ConfigError(
+                f"teacher.input_norm=data (normalise with data.mean/std) and {' and '.join(given)} (the teacher's own "
+                "statistics) conflict: keep one. To feed the teacher the student's input, unset "
+                f"{' and '.join(g.split('=')[0] for g in given)} (set to null); to use these statistics, set "
+                "teacher.input_norm=own"
+            )
     name = getattr(tcfg, "name", None)
     model, pretrained, path = (getattr(tcfg, k, None) for k in ("model", "pretrained", "path"))
     if path is None or name in (None, "none", "module"):
