@@ -73,6 +73,7 @@ def test_paper_recipes() -> None:
     assert milan.method.masker["name"] == "semantic" and milan.decoder["name"] == "prompting"
     # as MILAN's official code: raw visible tokens as the decoder's keys/values, CLIP fed the student's input
     assert milan.decoder["prompt_norm"] is False and milan.teacher.input_norm == "data"
+    assert milan.method.target["norm"] == "none"  # the official code regresses raw CLIP tokens
 
 
 def test_unknown_method_names_choices() -> None:

@@ -234,3 +234,35 @@ def test_checkpoint_is_written_in_place_not_in_tmpdir(tmp_path: Path, monkeypatc
     io.save_checkpoint({"step": 3, "w": torch.ones(4)}, tmp_path / "c.ckpt")
     assert io.load_checkpoint(tmp_path / "c.ckpt")["step"] == 3
     pretrain(_cfg("trainer.max_steps=2", "trainer.ckpt_every_n_steps=1"), tmp_path / "run")
+
+
+def test_a_saved_run_that_predates_a_default_loads_as_it_trained(
+    tmp_path: Path, tiny_teacher_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A MILAN run saved before decoder.prompt_norm existed was trained with pre-normed prompts: reading it
+    back (eval, export, resume) builds that decoder, with a note, not today's default."""
+    import yaml
+
+    from semmim.config import load_saved_config, to_dict
+    from semmim.run import load_run
+    from tests.conftest import method_overrides
+
+    cfg = load_config(None, method_overrides("milan", tiny_teacher_dir))
+    assert cfg.decoder["name"] == "prompting" and cfg.decoder["prompt_norm"] is False
+    raw = to_dict(cfg)
+    del raw["decoder"]["prompt_norm"]  # as semmim 0.1 wrote it
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
+    run = load_run(tmp_path)
+    assert run.cfg.decoder["prompt_norm"] is True
+    assert "decoder.prompt_norm=True" in capsys.readouterr().err
+    assert run.build_method().decoder.blocks[0].prompt_norm is True
+    # a resume that reads the run's own config keeps it; an override still applies on top
+    assert load_saved_config(tmp_path / "config.yaml", ["decoder.prompt_norm=false"]).decoder["prompt_norm"] is False
+    # resuming it with today's default is refused rather than silently changing the decoder
+    with pytest.raises(RunFolderError, match="decoder.prompt_norm"):
+        resume_changes(to_dict(run.cfg), to_dict(cfg))
+    capsys.readouterr()
+    # a current run config is read as written, without notes
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    assert load_run(tmp_path).cfg.decoder["prompt_norm"] is False
+    assert "note" not in capsys.readouterr().err

@@ -12,6 +12,7 @@ Examples:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -582,6 +583,47 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     """
     where = str(path) if path is not None else "config"
     return resolve(compose(path, overrides), where)
+
+
+#: Defaults that changed since runs were first saved: ``(node path, part name or None, key, value the
+#: older runs were trained with, version that changed it)``. A saved run config lacks the key (it
+#: predates it), and reading it with today's default would silently rebuild a different model.
+CHANGED_DEFAULTS: tuple[tuple[str, str | None, str, Any, str], ...] = (
+    ("decoder", "prompting", "prompt_norm", True, "0.2"),
+)
+
+
+def upgrade_saved(raw: dict[str, Any], where: str) -> list[str]:
+    """Fill, in place, the keys a saved run config predates with the values that run was trained with.
+
+    Returns:
+        One note per filled key (``"decoder.prompt_norm=True (...)"``), empty for a current config.
+    """
+    notes = []
+    for path, part, key, old, since in CHANGED_DEFAULTS:
+        node: Any = raw
+        for name in path.split("."):
+            node = node.get(name) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or key in node or (part is not None and node.get("name") != part):
+            continue
+        node[key] = old
+        notes.append(f"{where}: {path}.{key}={old} (the run predates semmim {since}, where the default changed)")
+    return notes
+
+
+def load_saved_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """:func:`load_config` for a run directory's ``config.yaml``: keys it predates are set as it trained.
+
+    Each filled key is printed as a note on stderr (see :data:`CHANGED_DEFAULTS`); ``overrides`` apply after.
+    """
+    raw = compose(path)
+    for note in upgrade_saved(raw, str(path)):
+        print(f"note: {note}", file=sys.stderr)
+    for text in overrides:
+        key, value = parse_override(text)
+        _check_moved(key, f"override '{text}'")
+        raw = deep_merge(raw, _nest(key, value))
+    return resolve(raw, str(path))
 
 
 _AT_LEAST: dict[str, int] = {

@@ -28,7 +28,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     """``semmim pretrain``: train from a config (or resume a run); prints a JSON summary."""
-    from semmim.config import load_config
+    from semmim.config import load_config, load_saved_config
     from semmim.engine import pretrain
 
     out = Path(args.out)
@@ -40,7 +40,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--resume without --config: {config_path} does not exist")
     else:
         config_path = find_config(args.config)
-    cfg = load_config(config_path, args.overrides)
+    load = load_saved_config if args.config is None else load_config
+    cfg = load(config_path, args.overrides)
     if cfg.teacher.name == "module":
         raise ConfigError(
             "teacher.name=module is a teacher passed from Python (semmim.pretrain(cfg, out, "

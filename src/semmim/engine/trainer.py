@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import IterableDataset
 
 from semmim import run as rundir
-from semmim.config import Config, ConfigError, load_config, to_dict, to_yaml
+from semmim.config import Config, ConfigError, load_saved_config, to_dict, to_yaml
 from semmim.engine.checkpoint import CheckpointError, ChecksummedCheckpointIO
 from semmim.engine.metrics import MetricsWriter
 from semmim.engine.optim import build_adamw, clamp_warmup, cosine_lr, scaled_lr, set_lr
@@ -380,7 +380,7 @@ def pretrain(
         if resume:
             saved = out / rundir.CONFIG
             if saved.is_file():
-                before, now = to_dict(load_config(saved)), to_dict(cfg)
+                before, now = to_dict(load_saved_config(saved)), to_dict(cfg)
                 from semmim.methods import method_class
 
                 for key in method_class(cfg).data_keys:  # unset = "from the data", which the saved run recorded

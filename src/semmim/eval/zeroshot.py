@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from semmim.config import DataConfig, load_config
+from semmim.config import DataConfig, load_saved_config
 from semmim.eval.accuracy import topk_accuracy
 from semmim.eval.config import ZeroshotConfig, check_eval_config
 from semmim.export import resolve_run_file
@@ -32,7 +32,7 @@ def load_image_text_model(run_dir: str | os.PathLike[str]) -> Any:
     cfg_path = weights.parent / CONFIG
     if not cfg_path.is_file():
         raise FileNotFoundError(f"zero-shot needs the run's config: {cfg_path} is missing")
-    cfg = load_config(cfg_path)
+    cfg = load_saved_config(cfg_path)
     model = build_method(cfg)
     if not isinstance(model, ImageTextModel):
         raise ValueError(f"{run} is a '{cfg.method.name}' run; zero-shot needs a language-aligned run (clip, rils)")

@@ -80,11 +80,11 @@ def load_run(run_dir: str | os.PathLike[str]) -> Run:
         FileNotFoundError: ``run_dir`` or its ``config.yaml`` does not exist.
         ConfigError: the config cannot be read or is invalid.
     """
-    from semmim.config import load_config
+    from semmim.config import load_saved_config
 
     p = Path(run_dir)
     if not p.is_dir():
         raise FileNotFoundError(f"run directory not found: {p}")
     if not (p / CONFIG).is_file():
         raise FileNotFoundError(f"{p} is not a semmim run directory: it has no {CONFIG}")
-    return Run(p, load_config(p / CONFIG))
+    return Run(p, load_saved_config(p / CONFIG))
