@@ -159,3 +159,28 @@ def test_eval_of_a_random_init_baseline_is_saved_and_reported(tiny_teacher_dir: 
     header, rows = metrics_table([load_run(run)])
     column = next(i for i, h in enumerate(header) if "knn_random" in h)
     assert float(rows[0][column]) == pytest.approx(baseline["top1"], abs=0.051)
+
+
+def test_eval_recipes_run_side_by_side_and_the_report_names_them(tiny_teacher_dir: Path, tmp_path: Path) -> None:
+    from semmim.report import load_run, metrics_table
+    from semmim.run import CONFIG
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_teacher_dir, run)
+    (run / CONFIG).write_text("method:\n  name: milan\n")
+    common = ["--data", "synthetic", "--train-limit", "16", "--test-limit", "8", "--num-workers", "0"]
+    common += ["--cache-dir", str(tmp_path / "cache"), "--epochs", "1"]
+    assert main(["eval", "linear", "--encoder", str(run), *common]) == 0
+    assert main(["eval", "linear", "--encoder", str(run), "--recipe", "milan", *common]) == 0
+    ft = ["--max-steps", "1", "--rand-augment", "none"]
+    assert main(["eval", "finetune", "--encoder", str(run), "--recipe", "maskdistill", *common, *ft]) == 0
+    milan = json.loads((run / "eval" / "linear_milan" / "metrics.json").read_text())
+    assert milan["augment"] == "rrc_flip" and milan["images_encoded"] == 16 and milan["settings"]["base_lr"] == 0.05
+    assert json.loads((run / "eval" / "linear" / "metrics.json").read_text())["augment"] == "none"
+    maskdistill = json.loads((run / "eval" / "finetune_maskdistill" / "metrics.json").read_text())
+    assert maskdistill["settings"]["reprob"] == 0.25 and maskdistill["recipe"] == "maskdistill"
+    assert maskdistill["lr"] == pytest.approx(1.25e-4 * 16 / 256)  # the batch is capped at the 16 images
+    header, rows = metrics_table([load_run(run)])
+    columns = ("linear top-1 (default recipe)", "linear top-1 (milan recipe)", "fine-tune top-1 (maskdistill recipe)")
+    for column in columns:
+        assert rows[0][header.index(column)] != "–", column

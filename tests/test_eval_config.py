@@ -12,18 +12,20 @@ import pytest
 import semmim.cli.eval as cli_eval
 from semmim.cli import build_parser, main
 from semmim.cli.eval import PROTOCOLS, eval_config_from_args
-from semmim.config import field_docs
+from semmim.config import field_docs, shipped_configs
 from semmim.errors import ConfigError
 from semmim.eval.config import (
     EVAL_CONFIGS,
     PLUMBING,
     FinetuneConfig,
     KnnConfig,
+    LinearConfig,
     LowshotConfig,
     SegConfig,
     load_eval_config,
 )
 from semmim.eval.lowshot import finetune_config
+from semmim.eval.recipes import RECIPE_PROTOCOLS, recipe_names, recipe_path
 
 PROTOCOL_NAMES = sorted(EVAL_CONFIGS)
 
@@ -245,3 +247,143 @@ def test_old_flags_that_set_nothing_are_accepted_with_a_note(
     monkeypatch.setattr(cli_eval, "_run", lambda *a: {"protocol": "knn"})
     assert main(["eval", "knn", "--encoder", "RUN", "--seed", "3", "--out", str(tmp_path)]) == 0
     assert "--seed has no effect" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# recipes: each paper's settings as a preset under every other layer
+# --------------------------------------------------------------------------------------------------
+
+PAPER_VALUES: dict[tuple[str, str], dict[str, Any]] = {
+    # MAE FINETUNE.md (ViT-B): batch 1024, blr 5e-4, layer decay 0.65, drop path 0.1, reprob 0.25, ...
+    ("finetune", "mae"): {
+        "batch_size": 1024,
+        "epochs": 100,
+        "base_lr": 5e-4,
+        "layer_decay": 0.65,
+        "weight_decay": 0.05,
+        "drop_path": 0.1,
+        "mixup": 0.8,
+        "cutmix": 1.0,
+        "label_smoothing": 0.1,
+        "reprob": 0.25,
+        "warmup_epochs": 5,
+        "rand_augment": "rand-m9-mstd0.5-inc1",
+    },
+    # MILAN FINETUNE.sh: blr 1e-4 (MAE 5e-4), reprob 0.25
+    ("finetune", "milan"): {"batch_size": 1024, "epochs": 100, "base_lr": 1e-4, "layer_decay": 0.65, "reprob": 0.25},
+    # BEiT v2 README (300-epoch models): peak lr 5e-4 at batch 1024, warmup 20, layer decay 0.65
+    ("finetune", "maskdistill"): {"batch_size": 1024, "warmup_epochs": 20, "layer_decay": 0.65, "reprob": 0.25},
+    # MAE linear probing: LARS, blr 0.1, batch 16384, 90 epochs, RRC + flip
+    ("linear", "mae"): {
+        "batch_size": 16384,
+        "epochs": 90,
+        "base_lr": 0.1,
+        "optimizer": "lars",
+        "warmup_epochs": 10,
+        "weight_decay": 0.0,
+        "augment": "rrc_flip",
+        "pool": "cls",
+    },
+    # MILAN linear probing: blr 0.05, 100 epochs, batch 16384, RRC + flip
+    ("linear", "milan"): {"batch_size": 16384, "epochs": 100, "base_lr": 0.05, "augment": "rrc_flip"},
+}
+
+
+@pytest.mark.parametrize(("protocol", "recipe"), sorted(PAPER_VALUES))
+def test_each_recipe_loads_and_matches_its_paper(protocol: str, recipe: str) -> None:
+    cfg = load_eval_config(protocol, recipe=recipe)
+    assert isinstance(cfg, EVAL_CONFIGS[protocol]) and cfg.recipe == recipe  # type: ignore[attr-defined]
+    for key, value in PAPER_VALUES[(protocol, recipe)].items():
+        assert getattr(cfg, key) == pytest.approx(value) if isinstance(value, float) else getattr(cfg, key) == value
+    assert load_eval_config(protocol, None, [f"recipe={recipe}"]) == cfg  # the key and the argument agree
+
+
+def test_maskdistill_peak_lr_is_beit_v2s_unscaled_lr() -> None:
+    cfg = load_eval_config("finetune", recipe="maskdistill")
+    assert isinstance(cfg, FinetuneConfig)
+    assert cfg.base_lr * cfg.batch_size / 256 == pytest.approx(5e-4)  # beit2 uses --lr 5e-4 as is at batch 1024
+
+
+def test_recipe_names_files_and_sources() -> None:
+    assert recipe_names("finetune") == ("default", "mae", "maskdistill", "milan")
+    assert recipe_names("linear") == ("default", "mae", "milan") and recipe_names("knn") == ()
+    assert not [c for c in shipped_configs() if c.startswith("eval/")]  # not pretraining configs
+    for protocol in RECIPE_PROTOCOLS:
+        assert load_eval_config(protocol) == EVAL_CONFIGS[protocol]()  # default = the class defaults
+        for name in recipe_names(protocol)[1:]:
+            path = recipe_path(protocol, name)
+            assert path is not None
+            keys = [ln for ln in path.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+            unsourced = [ln for ln in keys if "#" not in ln and not ln.startswith("recipe:")]
+            assert not unsourced, (path, unsourced)  # every number says where it comes from
+
+
+def test_overrides_win_over_the_recipe(tmp_path: Path) -> None:
+    cfg = load_eval_config("finetune", None, ["epochs=3", "reprob=0.1"], recipe="milan")
+    assert isinstance(cfg, FinetuneConfig)
+    assert (cfg.epochs, cfg.reprob, cfg.base_lr, cfg.batch_size) == (3, 0.1, 1e-4, 1024)
+    # a file naming the recipe: recipe < file < flags < key=value
+    (tmp_path / "ft.yaml").write_text("recipe: maskdistill\nepochs: 7\nlayer_decay: 0.6\n")
+    args = build_parser().parse_args(
+        ["eval", "finetune", "--encoder", "RUN", "--config", str(tmp_path / "ft.yaml"), "--layer-decay", "0.7"]
+    )
+    by_file = eval_config_from_args(args)
+    assert isinstance(by_file, FinetuneConfig)
+    assert (by_file.recipe, by_file.epochs, by_file.layer_decay, by_file.warmup_epochs) == ("maskdistill", 7, 0.7, 20)
+    later = build_parser().parse_args(["eval", "linear", "--encoder", "RUN", "--recipe", "mae", "augment=none"])
+    lin = eval_config_from_args(later)
+    assert isinstance(lin, LinearConfig) and (lin.recipe, lin.augment, lin.batch_size) == ("mae", "none", 16384)
+
+
+@pytest.mark.parametrize(
+    ("protocol", "recipe", "message"),
+    [
+        ("finetune", "mlian", "choose one of default, mae, maskdistill, milan. Did you mean 'milan'?"),
+        ("linear", "maskdistill", r"publishes no linear-probe protocol.*: choose one of default, mae, milan"),
+    ],
+)
+def test_an_unknown_recipe_lists_the_available_ones(
+    protocol: str, recipe: str, message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli_eval, "_run", lambda *a: pytest.fail("nothing may run"))
+    with pytest.raises(ConfigError, match=message):
+        load_eval_config(protocol, recipe=recipe)
+    assert main(["eval", protocol, "--encoder", "RUN", "--recipe", recipe]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"has no recipe '{recipe}'" in err
+    with pytest.raises(ConfigError, match="unknown config key 'recipe'"):
+        load_eval_config("knn", None, ["recipe=mae"])  # protocols without recipes have no such key
+
+
+def test_a_recipe_that_is_only_a_label_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import semmim.eval.finetune as finetune
+
+    monkeypatch.setattr(finetune, "_build_model", lambda *a: pytest.fail("nothing may be loaded"))
+    with pytest.raises(ConfigError, match=r"recipe 'milan' is not in effect: .*base_lr=0.0001"):
+        finetune.finetune_eval("RUN", FinetuneConfig(recipe="milan"))  # built by hand: the defaults, not MILAN's
+    with pytest.raises(ConfigError, match="recipe 'mae' is not in effect"):  # every value of its own overridden
+        load_eval_config("finetune", None, ["batch_size=64", "reprob=0"], recipe="mae")
+    kept = load_eval_config("finetune", None, ["batch_size=64"], recipe="mae")  # one of its own values left
+    assert isinstance(kept, FinetuneConfig) and kept.reprob == 0.25
+
+
+def test_metrics_json_records_the_recipe_and_what_departs_from_it(
+    tiny_teacher_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    monkeypatch.setattr(cli_eval, "_run", lambda name, *a: {"protocol": name, "top1": 1.0})
+    run = tmp_path / "run"
+    shutil.copytree(tiny_teacher_dir, run)
+    assert main(["eval", "linear", "--encoder", str(run), "--recipe", "milan", "epochs=3", "data=synthetic"]) == 0
+    metrics = json.loads((run / "eval" / "linear_milan" / "metrics.json").read_text())  # recipes side by side
+    assert metrics["settings"]["recipe"] == "milan" and metrics["settings"]["base_lr"] == 0.05
+    assert metrics["recipe_overrides"] == {"epochs": 3}  # data is in measured_on
+    assert main(["eval", "linear", "--encoder", f"random:{run}", "--recipe", "milan"]) == 0
+    assert (run / "eval" / "linear_milan_random" / "metrics.json").is_file()
+    assert main(["eval", "finetune", "--encoder", str(run)]) == 0  # the default recipe keeps its folder
+    default = json.loads((run / "eval" / "finetune" / "metrics.json").read_text())
+    assert default["settings"]["recipe"] == "default" and default["recipe_overrides"] == {}
+    capsys.readouterr()
+    assert main(["list"]) == 0
+    assert "linear             default, mae, milan" in capsys.readouterr().out

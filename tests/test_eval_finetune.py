@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import random
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -251,6 +252,67 @@ def test_learns_brightness(tiny_teacher_dir: Path, monkeypatch: pytest.MonkeyPat
     )
     assert res["n_train"] == 192 and res["n_test"] == 128
     assert res["top1"] > 90.0, res
+
+
+# --------------------------------------------------------------------------------------------------
+# random erasing (timm RandomErasing after normalisation, before mixup)
+# --------------------------------------------------------------------------------------------------
+
+
+def _erased_box(changed: torch.Tensor) -> tuple[int, int]:
+    """(height, width) of the one box of ``changed`` (H, W), asserting it is a full rectangle."""
+    rows, cols = changed.any(1).nonzero().flatten(), changed.any(0).nonzero().flatten()
+    h, w = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+    box = changed[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    assert bool(box.all()), "the erased pixels form one rectangle"
+    return h, w
+
+
+def test_random_erasing_replaces_a_box_of_normalised_pixels() -> None:
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    normalised = (images - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+    assert torch.equal(ft.train_inputs(mean, std, 0.0, "cpu")(images), normalised)  # off: normalisation only
+    random.seed(0)
+    torch.manual_seed(0)
+    erased = ft.train_inputs(mean, std, 1.0, "cpu")(images.clone())
+    for i in range(8):  # probability 1: every image has one box of fresh N(0, 1) pixels, all channels
+        changed = (erased[i] != normalised[i]).any(0)
+        h, w = _erased_box(changed)
+        assert 0.02 * 32 * 32 <= h * w <= 32 * 32 / 3 + 32  # timm's area range, up to rounding
+        assert torch.equal(erased[i][:, ~changed], normalised[i][:, ~changed])
+    random.seed(0)
+    torch.manual_seed(0)
+    assert torch.equal(ft.train_inputs(mean, std, 1.0, "cpu")(images.clone()), erased)  # seeded
+    random.seed(1)
+    quarter = ft.train_inputs(mean, std, 0.25, "cpu")(images.repeat(8, 1, 1, 1))
+    hits = int((quarter != normalised.repeat(8, 1, 1, 1)).flatten(1).any(1).sum())
+    assert 4 <= hits <= 30  # about a quarter of 64 images
+
+
+def test_finetune_erases_its_training_inputs(tiny_teacher_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[float, torch.Tensor, torch.Tensor]] = []
+    real = ft.train_inputs
+
+    def spy(mean: Any, std: Any, reprob: float, device: Any) -> Any:
+        prepare = real(mean, std, reprob, device)
+        plain = real(mean, std, 0.0, device)
+
+        def run(images: torch.Tensor) -> torch.Tensor:
+            x = prepare(images.clone())
+            seen.append((reprob, x, plain(images)))
+            return x
+
+        return run
+
+    monkeypatch.setattr(ft, "train_inputs", spy)
+    kw: dict[str, Any] = {**FAST, "batch_size": 8, "mixup": 0, "cutmix": 0, "rand_augment": None, "max_steps": 2}
+    cfg = FinetuneConfig(data="synthetic", train_limit=16, test_limit=8, reprob=1.0, **kw)
+    res = finetune_eval(tiny_teacher_dir, cfg)
+    assert res["reprob"] == 1.0 and res["recipe"] == "default" and res["steps"] == 2
+    assert len(seen) == 2 and all(p == 1.0 for p, _, _ in seen)
+    for _, x, plain in seen:  # every training image of every step was erased somewhere
+        assert bool((x != plain).flatten(1).any(1).all())
 
 
 # --------------------------------------------------------------------------------------------------

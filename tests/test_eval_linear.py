@@ -301,3 +301,107 @@ def test_lowshot_finetune_passes_stratified_indices(tiny_teacher_dir: Path, monk
     r = res["results"]["25%"]
     assert r["top1_per_seed"] == [50.0, 53.0, 55.0] and res["top1_25pct"] == pytest.approx(52.666666, abs=1e-4)
     assert r["top1_std"] == pytest.approx(statistics.stdev([50.0, 53.0, 55.0])) and res["n_test"] == 7
+
+
+# --------------------------------------------------------------------------------------------------
+# the augmented probe (augment=rrc_flip): new crops every epoch, the frozen encoder re-run on them
+# --------------------------------------------------------------------------------------------------
+
+
+class _Recorder(nn.Module):
+    """Wraps an encoder and records what each forward_features call sees."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.patch_embed = inner.get_submodule("patch_embed")
+        self.calls: list[dict[str, Any]] = []
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append({"x": x.detach().clone(), "grad": torch.is_grad_enabled(), "training": self.training})
+        return self.inner.forward_features(x)  # type: ignore[operator,no-any-return]
+
+
+def _recorder(tiny_teacher_dir: Path) -> tuple[_Recorder, list[float], list[float]]:
+    model, mean, std = load_encoder(tiny_teacher_dir)
+    return _Recorder(model), mean, std
+
+
+def _probe_cfg(mean: list[float], std: list[float], **kw: Any) -> LinearConfig:
+    base: dict[str, Any] = {
+        "data": "synthetic",
+        "train_limit": 8,
+        "test_limit": 8,
+        "batch_size": 8,
+        "encoder_batch_size": 8,
+        "num_workers": 0,
+        "device": "cpu",
+        "optimizer": "sgd",
+        "mean": mean,
+        "std": std,
+    }
+    return LinearConfig(**{**base, **kw})
+
+
+def test_augmented_probe_reruns_the_frozen_encoder_on_new_crops_each_epoch(tiny_teacher_dir: Path) -> None:
+    rec, mean, std = _recorder(tiny_teacher_dir)
+    rec.train()
+    state = {k: v.clone() for k, v in rec.state_dict().items()}
+    grads = {n: p.requires_grad for n, p in rec.named_parameters()}
+    res = linear_eval(rec, _probe_cfg(mean, std, augment="rrc_flip", epochs=3))
+    assert res["augment"] == "rrc_flip" and res["images_encoded"] == 3 * 8 and res["n_train"] == 8
+    train_calls = rec.calls[1:]  # first: the test split's centre crops
+    assert len(rec.calls) == 1 + 3 and all(c["x"].shape[0] == 8 for c in rec.calls)
+    assert all(not c["grad"] and not c["training"] for c in rec.calls)  # eval mode, no gradient
+    assert rec.training and grads == {n: p.requires_grad for n, p in rec.named_parameters()}
+    assert all(torch.equal(state[k], v) for k, v in rec.state_dict().items())  # frozen
+    # the same 8 images each epoch, newly cropped and flipped: per-image sums (order-free) differ between epochs
+    sums = [sorted(c["x"].sum((1, 2, 3)).tolist()) for c in train_calls]
+    assert sums[0] != sums[1] and sums[1] != sums[2]
+    # and the training inputs are not the centre crops the test split (and the cached probe) sees
+    centre = rec.calls[0]["x"]
+    assert not torch.allclose(train_calls[0]["x"].sort(0).values, centre.sort(0).values)
+
+
+def test_cached_probe_runs_the_encoder_once_whatever_the_epochs(tiny_teacher_dir: Path) -> None:
+    calls = []
+    for epochs in (1, 4):
+        rec, mean, std = _recorder(tiny_teacher_dir)
+        linear_eval(rec, _probe_cfg(mean, std, epochs=epochs))
+        calls.append(len(rec.calls))
+    assert calls == [2, 2]  # one extraction batch per split, none per epoch
+
+
+def test_augmented_probe_is_seeded_and_trains_every_pooling(tiny_teacher_dir: Path, tmp_path: Path) -> None:
+    kw: dict[str, Any] = {
+        "data": "synthetic",
+        "train_limit": 24,
+        "test_limit": 16,
+        "epochs": 2,
+        "batch_size": 8,
+        "encoder_batch_size": 5,  # chunks that do not divide the batch: features are held over
+        "num_workers": 0,
+        "device": "cpu",
+        "cache_dir": str(tmp_path),
+        "augment": "rrc_flip",
+        "pool": "both",
+    }
+    a = linear_eval(tiny_teacher_dir, LinearConfig(**kw))
+    b = linear_eval(tiny_teacher_dir, LinearConfig(**kw))
+    assert {k: v for k, v in a.items() if k != "train_time_s"} == {k: v for k, v in b.items() if k != "train_time_s"}
+    assert {"top1_cls", "top1_mean", "top5_cls", "top5_mean"} <= a.keys() and a["top1"] == a["top1_cls"]
+    assert a["images_encoded"] == 2 * 24 and a["batch_size"] == 8
+    c = linear_eval(tiny_teacher_dir, LinearConfig(**{**kw, "seed": 1}))
+    assert (c["top1_cls"], c["top1_mean"], c["top5_cls"]) != (a["top1_cls"], a["top1_mean"], a["top5_cls"])
+
+
+def test_augmented_probe_needs_a_map_style_dataset(tiny_teacher_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import semmim.eval.linear as linear
+
+    class Stream(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
+        def __iter__(self) -> Any:
+            return iter(())
+
+    monkeypatch.setattr(linear, "labelled_split", lambda *a, **kw: Stream())
+    with pytest.raises(ValueError, match="augment=rrc_flip needs a map-style dataset"):
+        linear_eval(tiny_teacher_dir, LinearConfig(data="webdataset", augment="rrc_flip", num_workers=0))

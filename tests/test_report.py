@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -163,3 +164,35 @@ def test_metrics_table_evaluation_columns() -> None:
     assert header[-3:] == ["1% low-shot top-1", "10% low-shot top-1", "seg mIoU"] and "kNN top-1" not in header
     assert table[0][3:] == ["5", "0.5", "10.0", "10%", "30.0 s", "50.0 ± 1.2", "60.0", "33.3"]
     assert table[1][2] == "timm: t" and table[1][3:] == ["–"] * 8
+
+
+def test_report_names_the_recipe_of_each_fine_tune_and_linear_number() -> None:
+    from semmim.report import RunInfo, _markdown, metrics_table, recipe_notes
+
+    def linear(top1: float, recipe: str, **extra: Any) -> dict[str, Any]:
+        return {"protocol": "linear", "top1": top1, "settings": {"recipe": recipe}, **extra}
+
+    a_evals = {
+        "linear": linear(61.0, "default", recipe_overrides={}),
+        "linear_milan": linear(64.5, "milan", recipe_overrides={"epochs": 3}),
+        "linear_milan_random": linear(12.0, "milan"),
+        "finetune_maskdistill": {"protocol": "finetune", "top1": 80.0, "settings": {"recipe": "maskdistill"}},
+    }
+    b_evals = {"linear": {"protocol": "linear", "top1": 58.0}}  # written before recipes: no recipe recorded
+    a = RunInfo("a", Path("a"), {"method": {"name": "milan"}}, [], a_evals)
+    b = RunInfo("b", Path("b"), {"method": {"name": "mae"}}, [], b_evals)
+    header, table = metrics_table([a, b])
+    cells = {h: (table[0][i], table[1][i]) for i, h in enumerate(header)}
+    assert cells["linear top-1"] == ("–", "58.0")
+    assert cells["linear top-1 (default recipe)"] == ("61.0", "–")
+    assert cells["linear top-1 (milan recipe)"] == ("64.5", "–")
+    assert cells["fine-tune top-1 (maskdistill recipe)"] == ("80.0", "–")
+    assert cells["linear_random top-1 (milan recipe)"] == ("12.0", "–")
+    assert header.index("linear top-1") < header.index("linear top-1 (default recipe)")
+    assert header.index("linear top-1 (default recipe)") < header.index("linear top-1 (milan recipe)")
+    notes = recipe_notes(a)
+    assert "eval/linear_milan: linear, milan recipe; overridden: epochs=3" in notes
+    assert "eval/finetune_maskdistill: finetune, maskdistill recipe" in notes and not recipe_notes(b)
+    md = _markdown("t", [a, b], header, table, None)
+    assert "- eval/linear_milan: linear, milan recipe; overridden: epochs=3" in md
+    assert "name the evaluation recipe" in md

@@ -375,9 +375,12 @@ def configs_dir() -> Path:
 
 
 def shipped_configs() -> list[str]:
-    """Names of the shipped configs (``demo/mae.yaml``, ...)."""
+    """Names of the shipped pretraining configs (``demo/mae.yaml``, ...); the evaluation recipes in
+    ``eval/`` are not among them (:func:`semmim.eval.recipes.recipe_names`)."""
     root = configs_dir()
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*.yaml")) if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*.yaml") if p.relative_to(root).parts[0] != "eval")
 
 
 def find_config(name: str | Path, relative_to: Path | None = None) -> Path:

@@ -43,6 +43,10 @@ EVAL_COLUMNS: tuple[tuple[tuple[str, ...], str, str], ...] = (
 )
 """(protocol folder names, metrics key, column header); a ``<key>_std`` value is shown as ``± std``."""
 
+RECIPE_PROTOCOLS = ("finetune", "linear")
+"""Protocols whose ``metrics.json`` names the recipe that produced it (``settings.recipe``): their columns
+are split by recipe and say which (``linear top-1 (milan recipe)``)."""
+
 
 @dataclass
 class RunInfo:
@@ -148,12 +152,65 @@ def teacher_of(config: dict[str, Any]) -> str:
     return f"{name}: {Path(str(src)).name}" if src else str(name)
 
 
-def _eval_value(info: RunInfo, protocols: tuple[str, ...], key: str) -> tuple[float | None, float | None]:
+def recipe_of(data: dict[str, Any]) -> str | None:
+    """The recipe an evaluation's ``metrics.json`` records (``settings.recipe``), or None (a protocol without
+    recipes, or a file written before recipes existed)."""
+    name = _get(data, "settings.recipe", data.get("recipe"))
+    return str(name) if isinstance(name, str) and name else None
+
+
+def eval_entries(info: RunInfo) -> dict[tuple[str, str | None], dict[str, Any]]:
+    """A run's evaluations by (protocol folder, recipe).
+
+    ``semmim eval`` saves a recipe other than ``default`` in ``eval/<protocol>_<recipe>`` (and a random
+    baseline in ``..._random``); such a folder is filed under ``<protocol>`` (``<protocol>_random``) with its
+    recipe, so the columns of one protocol are split by recipe rather than by folder name.
+    """
+    out: dict[tuple[str, str | None], dict[str, Any]] = {}
+    for folder, data in info.evals.items():
+        recipe = recipe_of(data)
+        protocol = str(data.get("protocol", ""))
+        name = folder
+        if recipe is not None and protocol in RECIPE_PROTOCOLS and folder.startswith(f"{protocol}_{recipe}"):
+            name = protocol + folder.removeprefix(f"{protocol}_{recipe}")
+        out[(name, recipe)] = data
+    return out
+
+
+def _eval_value(
+    info: RunInfo, protocols: tuple[str, ...], key: str, recipe: str | None = None
+) -> tuple[float | None, float | None]:
+    entries = eval_entries(info)
     for proto in protocols:
-        data = info.evals.get(proto)
+        data = entries.get((proto, recipe))
         if data is not None and _num(data.get(key)) is not None:
             return _num(data.get(key)), _num(data.get(f"{key}_std"))
     return None, None
+
+
+def _with_recipe(label: str, recipe: str | None) -> str:
+    return label if recipe is None else f"{label} ({recipe} recipe)"
+
+
+def _recipes(runs: Sequence[RunInfo], protocols: tuple[str, ...]) -> list[str | None]:
+    """The recipes some run has an evaluation of ``protocols`` with: None (not recorded), default, then A-Z."""
+    seen = {rec for r in runs for (proto, rec) in eval_entries(r) if proto in protocols}
+    return sorted(seen, key=lambda rec: (rec is not None, rec != "default", rec or ""))
+
+
+def recipe_notes(info: RunInfo) -> list[str]:
+    """One line per evaluation that records a recipe: its folder, recipe and the settings that depart from it."""
+    notes = []
+    for folder, data in sorted(info.evals.items()):
+        recipe = recipe_of(data)
+        if recipe is None:
+            continue
+        overrides = data.get("recipe_overrides")
+        line = f"eval/{folder}: {data.get('protocol', folder)}, {recipe} recipe"
+        if isinstance(overrides, dict) and overrides:
+            line += "; overridden: " + ", ".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+        notes.append(line)
+    return notes
 
 
 def metrics_table(runs: Sequence[RunInfo]) -> tuple[list[str], list[list[str]]]:
@@ -172,12 +229,19 @@ def metrics_table(runs: Sequence[RunInfo]) -> tuple[list[str], list[list[str]]]:
     fractions = sorted(fixed | extra, key=lambda k: float(k[5:-3]))
     candidates = [c for c in EVAL_COLUMNS if c[0] != lowshot]
     candidates[at:at] = [(lowshot, k, f"{k[5:-3]}% low-shot top-1") for k in fractions]
-    cols = [c for c in candidates if any(_eval_value(r, c[0], c[1])[0] is not None for r in runs)]
+    cols: list[tuple[tuple[str, ...], str, str, str | None]] = [
+        (protos, key, _with_recipe(label, rec), rec)
+        for protos, key, label in candidates
+        for rec in _recipes(runs, protos)
+        if any(_eval_value(r, protos, key, rec)[0] is not None for r in runs)
+    ]
     known = {p for c in EVAL_COLUMNS for p in c[0]}
-    for proto in sorted({p for r in runs for p in r.evals} - known):  # other protocols: their headline number
+    others = sorted({e for r in runs for e in eval_entries(r) if e[0] not in known}, key=lambda e: (e[0], e[1] or ""))
+    for proto, rec in others:  # other protocols: their headline number
         for key in ("top1", "miou"):
-            if any(_num(r.evals.get(proto, {}).get(key)) is not None for r in runs):
-                cols.append(((proto,), key, f"{proto} {'top-1' if key == 'top1' else 'mIoU'}"))
+            if any(_eval_value(r, (proto,), key, rec)[0] is not None for r in runs):
+                label = f"{proto} {'top-1' if key == 'top1' else 'mIoU'}"
+                cols.append(((proto,), key, _with_recipe(label, rec), rec))
     header += [c[2] for c in cols]
     # training-time diagnostics, where some run logged them (feature targets; the online kNN monitor)
     logged = [
@@ -200,8 +264,8 @@ def metrics_table(runs: Sequence[RunInfo]) -> tuple[list[str], list[list[str]]]:
             f"{wait:.0%}" if wait is not None else MISSING,
             _duration(_last(r.rows, "elapsed_s")),
         ]
-        for protos, key, _ in cols:
-            v, std = _eval_value(r, protos, key)
+        for protos, key, _, rec in cols:
+            v, std = _eval_value(r, protos, key, rec)
             row.append(MISSING if v is None else f"{v:.1f}" + (f" ± {std:.1f}" if std is not None else ""))
         for key, _ in logged:
             v = _last(r.rows, key)
@@ -260,7 +324,8 @@ def _markdown(title: str, runs: list[RunInfo], header: list[str], table: list[li
         "",
         "Final loss = last logged training loss; images/s and data wait (share of step time spent waiting for "
         "data) are means over the logged steps; evaluation numbers are percentages from `eval/<protocol>/"
-        f"metrics.json`; {MISSING} = not available.",
+        f"metrics.json`; fine-tune and linear columns name the evaluation recipe that produced them (`semmim eval "
+        f"--recipe`; no name: not recorded); {MISSING} = not available.",
         "",
     ]
     if curves is not None:
@@ -269,6 +334,8 @@ def _markdown(title: str, runs: list[RunInfo], header: list[str], table: list[li
     for r in runs:
         out += [f"## {r.name}", ""]
         out += [f"*{note}*" for note in r.notes] + ([""] if r.notes else [])
+        recipes = recipe_notes(r)
+        out += [f"- {line}" for line in recipes] + ([""] if recipes else [])
         for pic in r.pictures:
             out += [f"### {pic.title}", "", f"![{pic.title}]({pic.path.name})", "", pic.caption, ""]
     return "\n".join(out)
@@ -303,7 +370,9 @@ def _html(title: str, runs: list[RunInfo], header: list[str], table: list[list[s
         "</tbody></table>",
         "<p class='caption'>Final loss = last logged training loss; images/s and data wait (share of step time spent "
         "waiting for data) are means over the logged steps; evaluation numbers are percentages from "
-        f"<code>eval/&lt;protocol&gt;/metrics.json</code>; {MISSING} = not available.</p>",
+        "<code>eval/&lt;protocol&gt;/metrics.json</code>; fine-tune and linear columns name the evaluation recipe "
+        f"that produced them (<code>semmim eval --recipe</code>; no name: not recorded); {MISSING} = not "
+        "available.</p>",
     ]
     if curves is not None:
         out += ["<h2>Training curves</h2>", _img_tag(curves, "training curves")]
@@ -311,6 +380,9 @@ def _html(title: str, runs: list[RunInfo], header: list[str], table: list[list[s
                 "the optimizer step.</p>"]  # fmt: skip
     for r in runs:
         out += [f"<h2>{e(r.name)}</h2>"] + [f"<p class='note'>{e(n)}</p>" for n in r.notes]
+        recipes = recipe_notes(r)
+        if recipes:
+            out += ["<ul>", *[f"<li>{e(line)}</li>" for line in recipes], "</ul>"]
         for pic in r.pictures:
             out += [
                 f"<h3>{e(pic.title)}</h3>",

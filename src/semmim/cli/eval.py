@@ -8,8 +8,11 @@ one), then ``key=value`` overrides. ``--show`` prints the resolved config with e
 
 Every ``metrics.json`` records what it was measured on (``measured_on``: the encoder, the dataset, its
 root and the split limits) and how (``settings``: every other config key, all but the plumbing ones
-``num_workers``, ``cache_dir`` and ``device``). A run directory's results go to ``RUN/eval/<protocol>/``;
-a ``random:RUN`` baseline's to ``RUN/eval/<protocol>_random/``, where ``semmim report`` finds both.
+``num_workers``, ``cache_dir``, ``device`` and ``encoder_batch_size``) and, for ``finetune`` and ``linear``, the
+settings that depart from the recipe (``recipe_overrides``). A run directory's results go to
+``RUN/eval/<protocol>/`` (``RUN/eval/<protocol>_<recipe>/`` for a recipe other than ``default``, so several
+recipes sit side by side); a ``random:RUN`` baseline's to ``RUN/eval/<protocol>_random/``
+(``<protocol>_<recipe>_random``), where ``semmim report`` finds them all.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from semmim.eval.config import (
     load_eval_config,
     provenance,
 )
+from semmim.eval.recipes import DEFAULT_RECIPE, RECIPE_KEY, recipe_names
 from semmim.run import EVAL_DIR
 
 __all__ = [
@@ -42,6 +46,7 @@ __all__ = [
     "default_eval_out",
     "emit_metrics",
     "eval_config_from_args",
+    "eval_folder",
     "provenance",
 ]
 
@@ -92,6 +97,15 @@ def default_eval_out(encoder: str, protocol: str) -> str | None:
     if not path.is_dir():
         return None
     return str(path / EVAL_DIR / (protocol + (RANDOM_SUFFIX if random_init else "")))
+
+
+def eval_folder(protocol: str, cfg: Any) -> str:
+    """The name of a protocol's results folder in ``RUN/eval``: ``seg_<head>`` for segmentation,
+    ``<protocol>_<recipe>`` for a recipe other than ``default``, else the protocol."""
+    if protocol == "seg":
+        return f"seg_{getattr(cfg, 'head', 'linear')}"
+    recipe = getattr(cfg, RECIPE_KEY, DEFAULT_RECIPE)
+    return protocol if recipe == DEFAULT_RECIPE else f"{protocol}_{recipe}"
 
 
 def emit_metrics(metrics: dict[str, Any], out: str | None, record: dict[str, Any] | None = None) -> int:
@@ -169,8 +183,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--{key} is required (or --show to print the resolved config)")
     out = args.out
     if out is None and key == "encoder":
-        name = f"seg_{getattr(cfg, 'head', 'linear')}" if protocol == "seg" else protocol
-        out = default_eval_out(target, name)
+        out = default_eval_out(target, eval_folder(protocol, cfg))
     metrics = _run(protocol, target, cfg, out)
     return emit_metrics(metrics, out, provenance(cfg, target, key))
 
@@ -237,8 +250,9 @@ class _ListFlag(argparse.Action):
         ns.trailing_overrides = [*(getattr(ns, "trailing_overrides", None) or []), *trailing]
 
 
-def _add_key_flags(p: argparse.ArgumentParser, cls: type[EvalDataConfig]) -> None:
-    """One flag per config key: ``--train-limit N`` sets ``train_limit`` (help = the key's docstring + default)."""
+def _add_key_flags(p: argparse.ArgumentParser, cls: type[EvalDataConfig], protocol: str) -> None:
+    """One flag per config key: ``--train-limit N`` sets ``train_limit`` (help = the key's docstring + default;
+    ``--recipe`` also lists the protocol's recipes, which are checked with the config, not by argparse)."""
     from semmim.config import field_docs
 
     docs = field_docs(cls)
@@ -247,7 +261,10 @@ def _add_key_flags(p: argparse.ArgumentParser, cls: type[EvalDataConfig]) -> Non
     group = p.add_argument_group("config keys (each flag is shorthand for key=value)")
     for f in fields(cls):
         default = getattr(defaults, f.name)
-        help_text = f"{docs.get(f.name, '')} (default: {_fmt_default(default)})".replace("%", "%%").strip()
+        doc = docs.get(f.name, "")
+        if f.name == RECIPE_KEY:
+            doc = f"Paper preset under every other setting: one of {', '.join(recipe_names(protocol))}."
+        help_text = f"{doc} (default: {_fmt_default(default)})".replace("%", "%%").strip()
         kind, elem = _flag_kind(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         kw: dict[str, Any] = {"dest": KEY_PREFIX + f.name, "default": argparse.SUPPRESS, "help": help_text}
@@ -277,11 +294,13 @@ def add_eval_parser(sub: Any) -> None:
     for protocol, (help_text, key, key_help) in PROTOCOLS.items():
         cls = EVAL_CONFIGS[protocol]
         names = "|".join(data_choices(cls))
+        recipes = recipe_names(protocol)
+        layers = f"the recipe's values (--recipe {'|'.join(recipes)}), then " if recipes else ""
         sp = esub.add_parser(
             protocol,
             help=help_text,
-            description=f"{help_text.replace('%%', '%')}.\n\nSettings: a YAML file (--config, with base: files), "
-            "then the flags below, then key=value overrides. "
+            description=f"{help_text.replace('%%', '%')}.\n\nSettings: {layers}a YAML file (--config, with base: "
+            "files), then the flags below, then key=value overrides. "
             f"--root needs --data ({names}).",
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
@@ -294,13 +313,17 @@ def add_eval_parser(sub: Any) -> None:
         )
         out_help = "write metrics.json here"
         if key == "encoder":
-            out_help += " (default: RUN/eval/<protocol> for a run dir, RUN/eval/<protocol>_random for random:RUN)"
+            suffix = "[_<recipe>]" if recipes else ""
+            out_help += (
+                f" (default: RUN/eval/<protocol>{suffix} for a run dir, RUN/eval/<protocol>{suffix}_random for "
+                "random:RUN" + ("; the recipe is named unless it is default)" if recipes else ")")
+            )
         sp.add_argument("--out", default=None, help=out_help)
         sp.add_argument("--show", action="store_true", help="print the resolved config with every key's help and exit")
         sp.add_argument(
             "overrides", nargs="*", metavar="key=value", help="config overrides (e.g. k=10 train_limit=1000)"
         )
-        _add_key_flags(sp, cls)
+        _add_key_flags(sp, cls, protocol)
         for name in LEGACY_FLAGS.get(protocol, ()):
             sp.add_argument(
                 "--" + name.replace("_", "-"),

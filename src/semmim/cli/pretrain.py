@@ -23,6 +23,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     print(f"configs ({configs_dir()}):")
     for c in shipped_configs():
         print(f"  {c}")
+    from semmim.eval.recipes import RECIPE_PROTOCOLS, recipe_names
+
+    print("evaluation recipes (semmim eval <protocol> --recipe NAME):")
+    for protocol in RECIPE_PROTOCOLS:
+        print(f"  {protocol:<18} {', '.join(recipe_names(protocol))}")
     return 0
 
 

@@ -38,6 +38,8 @@ _LAZY = {
     "knn_eval": "semmim.eval.knn",
     "labelled_split": "semmim.eval.common",
     "linear_eval": "semmim.eval.linear",
+    "augmented_linear_probe": "semmim.eval.linear",
+    "recipe_names": "semmim.eval.recipes",
     "load_encoder": "semmim.eval.common",
     "lowshot_eval": "semmim.eval.lowshot",
     "seg_eval": "semmim.eval.seg",

@@ -9,6 +9,8 @@ protocols that train on a train split and score on a test split, :class:`SplitsC
 file (a path or a shipped name, with ``base:`` files underneath), then ``key=value`` overrides, typed
 against the dataclass (an unknown key or a wrong type is a one-line :class:`ConfigError` naming the key,
 with a close match), then :func:`check_eval_config` refuses impossible values before any work.
+``finetune`` and ``linear`` also have a ``recipe``: a paper's settings, merged under everything else
+(:mod:`semmim.eval.recipes`).
 
 Examples:
     >>> cfg = load_eval_config("knn", None, ["k=10", "pool=both"])
@@ -28,6 +30,7 @@ from omegaconf import OmegaConf
 
 from semmim.config import compose, deep_merge, field_docs
 from semmim.errors import ConfigError
+from semmim.eval.recipes import DEFAULT_RECIPE, RECIPE_KEY, check_recipe, recipe_overrides, recipe_raw
 from semmim.parts import merge_checked
 
 DEFAULT_DATA = "fashion_mnist"
@@ -115,8 +118,15 @@ class LinearConfig(FrozenFeatures, ProbeSchedule, SplitsConfig):
 
     pool: str = "cls"
     """cls | mean | both (one probe per pooling; CLS gives the headline numbers)."""
+    augment: str = "none"
+    """none (cached centre-crop features) | rrc_flip (random-resized crop + flip of every training image each
+    epoch, the frozen encoder re-run on each batch: about `epochs` times the encoder cost of the cached probe)."""
+    encoder_batch_size: int | None = None
+    """Images per frozen-encoder forward pass (speed and memory only); null = min(batch_size, 256)."""
     seed: int = 0
-    """Seed of the probe's initialisation and batch order."""
+    """Seed of the probe's initialisation, batch order and (rrc_flip) augmentation."""
+    recipe: str = DEFAULT_RECIPE
+    """Paper preset under every other setting: default (these defaults) | mae | milan."""
 
 
 @dataclass
@@ -137,6 +147,9 @@ class FinetuneRecipe:
     """Label smoothing of the loss (or of the mixup targets)."""
     rand_augment: str | None = "rand-m9-mstd0.5-inc1"
     """timm RandAugment spec ('none' or null = off)."""
+    reprob: float = 0.0
+    """Random-erasing probability per training image (timm RandomErasing after normalisation: pixel mode,
+    one box of 2-33% of the image; 0 = off)."""
     global_pool: str = "avg"
     """avg (patch-token mean + fc_norm) | token (CLS token after norm)."""
     ema: bool = False
@@ -164,7 +177,9 @@ class FinetuneConfig(FinetuneRecipe, SplitsConfig):
     warmup_epochs: float = 5.0
     """Linear warmup epochs (clamped to epochs)."""
     seed: int = 0
-    """Seed of the initialisation, data order, augmentation, mixup and stochastic depth."""
+    """Seed of the initialisation, data order, augmentation, random erasing, mixup and stochastic depth."""
+    recipe: str = DEFAULT_RECIPE
+    """Paper preset under every other setting: default (these defaults) | mae | milan | maskdistill."""
 
 
 @dataclass
@@ -266,6 +281,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "pool": ("cls", "mean", "both"),
     "optimizer": ("lars", "sgd"),
     "global_pool": ("avg", "token"),
+    "augment": ("none", "rrc_flip"),
     "mode": ("linear", "finetune"),
     "head": ("linear", "upernet"),
 }
@@ -326,6 +342,7 @@ _COUNTS_AT_LEAST: dict[str, int] = {
     "warmup_steps": 0,
     "img_size": 1,
     "channels": 1,
+    "encoder_batch_size": 1,
 }
 _NON_NEGATIVE = ("weight_decay", "mixup", "cutmix", "min_lr")
 _POSITIVE = ("temperature", "base_lr", "lr", "clip_grad")
@@ -371,6 +388,8 @@ def check_eval_config(cfg: C) -> C:
         _in_range(cfg, "drop_path", 0.0, 1.0, open_high=True)
     if "label_smoothing" in names:
         _in_range(cfg, "label_smoothing", 0.0, 1.0, open_high=True)
+    if "reprob" in names:
+        _in_range(cfg, "reprob", 0.0, 1.0)
     if "ema_decay" in names:
         _in_range(cfg, "ema_decay", 0.0, 1.0, open_low=True, open_high=True)
     if isinstance(cfg, LowshotConfig):
@@ -402,7 +421,25 @@ def check_eval_config(cfg: C) -> C:
         for t in cfg.templates:
             if "{}" not in t and "{c}" not in t:
                 raise ConfigError(f"templates: '{t}' has no {{c}} (or {{}}) where the class name goes")
+    if RECIPE_KEY in names:
+        check_recipe(cfg, protocol_of(cfg))
     return cfg
+
+
+def protocol_of(cfg: EvalDataConfig) -> str:
+    """The protocol whose config class ``cfg`` is (``"linear"`` for a :class:`LinearConfig`)."""
+    for name, cls in EVAL_CONFIGS.items():
+        if type(cfg) is cls:
+            return name
+    raise TypeError(f"{type(cfg).__name__} is not an evaluation config class")
+
+
+def encoder_batch(cfg: Any) -> int:
+    """Images per frozen-encoder forward pass: ``encoder_batch_size``, else min(batch_size, 256) for a
+    config that has the key, else ``batch_size``."""
+    if not hasattr(cfg, "encoder_batch_size"):
+        return int(cfg.batch_size)
+    return int(cfg.encoder_batch_size or min(cfg.batch_size, 256))
 
 
 # ------------------------------------------------------------------ loading
@@ -425,7 +462,8 @@ def resolve_eval_config(protocol: str, raw: Mapping[str, Any], where: str = "eva
     """Type and check a raw eval config (from :func:`semmim.config.compose`) against ``protocol``'s class.
 
     ``root`` without ``data`` is refused (a root alone names no dataset; the evaluation would read
-    Fashion-MNIST).
+    Fashion-MNIST). For a protocol with recipes, the recipe ``raw`` names (``recipe``; default
+    ``default``) is merged underneath ``raw``: every key ``raw`` sets wins over the recipe.
 
     Raises:
         ConfigError: one line naming the first unknown key (with a close match), wrong type or impossible value.
@@ -440,6 +478,16 @@ def resolve_eval_config(protocol: str, raw: Mapping[str, Any], where: str = "eva
         )
     if "data" in raw and raw["data"] is None:
         raw.pop("data")
+    if RECIPE_KEY in {f.name for f in fields(cls)}:
+        name = raw.get(RECIPE_KEY)
+        name = DEFAULT_RECIPE if name is None else name
+        if not isinstance(name, str):
+            raise ConfigError(f"{where}: bad value for '{RECIPE_KEY}': a recipe name, got {name!r}")
+        try:
+            preset = recipe_raw(protocol, name)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        raw = deep_merge(preset, {**raw, RECIPE_KEY: name})
     merged = merge_checked(OmegaConf.structured(cls), raw, where)
     cfg = OmegaConf.to_object(merged)
     assert isinstance(cfg, EvalDataConfig)
@@ -450,23 +498,38 @@ def resolve_eval_config(protocol: str, raw: Mapping[str, Any], where: str = "eva
 
 
 def load_eval_config(
-    protocol: str, path: str | Path | None = None, overrides: Sequence[str] = (), extra: Mapping[str, Any] | None = None
+    protocol: str,
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    extra: Mapping[str, Any] | None = None,
+    *,
+    recipe: str | None = None,
 ) -> EvalDataConfig:
-    """The typed config of an evaluation protocol: defaults, a YAML file (with its ``base:`` files),
-    ``extra`` (already parsed values, e.g. command-line flags), then ``key=value`` overrides.
+    """The typed config of an evaluation protocol: defaults, the recipe (``finetune``, ``linear``), a YAML
+    file (with its ``base:`` files), ``extra`` (already parsed values, e.g. command-line flags), then
+    ``key=value`` overrides.
 
     Args:
         protocol: knn | linear | finetune | lowshot | seg | classify | zeroshot.
         path: a YAML file or a shipped config name; its keys are the protocol's (top level).
         overrides: ``key=value`` strings, values parsed as YAML (``k=10``, ``fractions=[0.01,0.1]``).
         extra: values merged between the file and the overrides.
+        recipe: the recipe (:mod:`semmim.eval.recipes`), as if set right after the file; a ``recipe`` key in
+            ``extra`` or ``overrides`` still wins. Its values lie under every other layer.
 
     Raises:
-        ConfigError: unknown key, wrong type or impossible value (one line naming the key).
+        ConfigError: unknown key, wrong type, impossible value or unknown recipe (one line naming it).
         FileNotFoundError: the file does not exist.
+
+    Examples:
+        >>> cfg = load_eval_config("finetune", recipe="milan", overrides=["epochs=3"])
+        >>> cfg.recipe, cfg.base_lr, cfg.reprob, cfg.epochs
+        ('milan', 0.0001, 0.25, 3)
     """
     where = str(path) if path is not None else "eval config"
     raw = compose(path, ())
+    if recipe is not None:
+        raw = deep_merge(raw, {RECIPE_KEY: recipe})
     if extra:
         raw = deep_merge(raw, dict(extra))
     raw = deep_merge(raw, compose(None, overrides))
@@ -481,7 +544,7 @@ def eval_config_dict(cfg: EvalDataConfig) -> dict[str, Any]:
 RANDOM_PREFIX = "random:"
 """``random:RUN``: the architecture of RUN's encoder at random init."""
 
-PLUMBING = frozenset({"num_workers", "cache_dir", "device"})
+PLUMBING = frozenset({"num_workers", "cache_dir", "device", "encoder_batch_size"})
 """Config keys that say how fast results come, never what they are: recorded in neither part of
 :func:`provenance`."""
 
@@ -510,7 +573,8 @@ def provenance(cfg: EvalDataConfig, encoder: str | os.PathLike[str], key: str = 
     Returns:
         {"measured_on": {key (as given), key + "_path" (absolute), "data", "root" (absolute or None),
         "train_limit", "test_limit" or "split", "limit"}, "settings": every other config key that can
-        change the result (all but :data:`PLUMBING`), sorted}.
+        change the result (all but :data:`PLUMBING`), sorted}; for a protocol with recipes also
+        "recipe_overrides": the settings whose values depart from the recipe's ``{key: value}``.
     """
     values = eval_config_dict(cfg)
     measured: dict[str, Any] = {key: str(encoder), f"{key}_path": absolute_spec(encoder)}
@@ -520,7 +584,11 @@ def provenance(cfg: EvalDataConfig, encoder: str | os.PathLike[str], key: str = 
     if measured.get("root") is not None:
         measured["root"] = os.path.abspath(measured["root"])
     settings = {k: v for k, v in sorted(values.items()) if k not in PLUMBING and k not in MEASURED_ON}
-    return {"measured_on": measured, "settings": settings}
+    out: dict[str, Any] = {"measured_on": measured, "settings": settings}
+    if RECIPE_KEY in values:
+        departed = recipe_overrides(cfg, protocol_of(cfg))
+        out["recipe_overrides"] = {k: v for k, v in departed.items() if k in settings}
+    return out
 
 
 def explain_eval_config(cfg: EvalDataConfig) -> str:

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from semmim.eval.common import encoder_geometry, eval_loader, labelled_split, load_encoder
+from semmim.eval.config import encoder_batch
 from semmim.export import resolve_encoder_file
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "feature_cache_dir",
     "file_fingerprint",
     "frozen_split_features",
+    "pool_tokens",
     "show_progress",
 ]
 
@@ -43,6 +45,21 @@ def show_progress(num_images: int) -> bool:
     except (AttributeError, ValueError):  # a replaced or closed stderr
         tty = False
     return tty and num_images >= PROGRESS_MIN_IMAGES
+
+
+def pool_tokens(tokens: Tensor, pools: Sequence[str]) -> dict[str, Tensor]:
+    """Image features from encoder tokens: "cls" = token 0, "mean" = mean of the patch tokens.
+
+    Args:
+        tokens: (N, 1 + L, D) output of ``forward_features``.
+        pools: the poolings wanted ("cls", "mean").
+
+    Returns:
+        {pool: (N, D) float32}.
+    """
+    if tokens.dim() != 3:
+        raise ValueError(f"forward_features must return (N, T, D) tokens, got {tuple(tokens.shape)}")
+    return {p: (tokens[:, 0] if p == "cls" else tokens[:, 1:].mean(1)).float() for p in pools}
 
 
 @torch.no_grad()
@@ -85,10 +102,8 @@ def extract_features(
     for batch in batches:
         x = (batch["image"].to(device) - m) / s
         tokens = encoder.forward_features(x)  # type: ignore[operator]
-        if tokens.dim() != 3:
-            raise ValueError(f"forward_features must return (N, T, D) tokens, got {tuple(tokens.shape)}")
-        for p in pools:
-            feats[p].append((tokens[:, 0] if p == "cls" else tokens[:, 1:].mean(1)).float().cpu())
+        for p, f in pool_tokens(tokens, pools).items():
+            feats[p].append(f.cpu())
         labels.append(batch["label"].long().cpu())
     encoder.train(was_training)
     return {p: torch.cat(f) for p, f in feats.items()}, torch.cat(labels)
@@ -217,14 +232,15 @@ def config_split_features(
     encoder: str | os.PathLike[str] | nn.Module, cfg: Any
 ) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor], Tensor, dict[str, Any]]:
     """:func:`frozen_split_features` with the data, split, loader and feature keys of a protocol config
-    (:class:`semmim.eval.config.SplitsConfig` + :class:`semmim.eval.config.FrozenFeatures`)."""
+    (:class:`semmim.eval.config.SplitsConfig` + :class:`semmim.eval.config.FrozenFeatures`); images go through
+    the encoder :func:`semmim.eval.config.encoder_batch` at a time."""
     return frozen_split_features(
         encoder,
         cfg.data,
         cfg.root,
         cfg.train_limit,
         cfg.test_limit,
-        cfg.batch_size,
+        encoder_batch(cfg),
         cfg.num_workers,
         cfg.mean,
         cfg.std,

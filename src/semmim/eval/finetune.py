@@ -2,10 +2,11 @@
 
 The recipe (Bao et al. 2021, arXiv:2106.08254; He et al. 2021, arXiv:2111.06377): the whole
 network is trained with AdamW on layer-wise decayed learning rates (:func:`layer_decay_groups`),
-a per-step linear warmup + cosine schedule, stochastic depth, RandAugment, mixup / cutmix with
-label smoothing, and an optional EMA of the weights. Every piece that timm implements is timm's:
-the model (``timm.create_model``), ``Mixup``, ``SoftTargetCrossEntropy``,
-``LabelSmoothingCrossEntropy``, ``ModelEmaV3`` and RandAugment.
+a per-step linear warmup + cosine schedule, stochastic depth, RandAugment, random erasing (Zhong et
+al. 2017, arXiv:1708.04896, as DeiT and MAE use it), mixup / cutmix with label smoothing, and an optional
+EMA of the weights. Every piece that timm implements is timm's: the model (``timm.create_model``),
+``Mixup``, ``SoftTargetCrossEntropy``, ``LabelSmoothingCrossEntropy``, ``ModelEmaV3``, ``RandomErasing``
+and RandAugment. Each paper's settings are a recipe (:mod:`semmim.eval.recipes`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from semmim.eval.common import IMAGENET_MEAN, IMAGENET_STD, encoder_geometry, ev
 from semmim.eval.config import FinetuneConfig, check_eval_config
 from semmim.export import read_normalization, read_timm_config, resolve_encoder_file
 
-__all__ = ["finetune_eval", "layer_decay_groups"]
+__all__ = ["finetune_eval", "layer_decay_groups", "train_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,37 @@ def _add_head(model: nn.Module, num_classes: int) -> None:
             head.bias.zero_()
 
 
+def train_inputs(
+    mean: Sequence[float], std: Sequence[float], reprob: float, device: torch.device | str
+) -> Callable[[Tensor], Tensor]:
+    """The device side of the fine-tuning input pipeline: normalisation, then random erasing.
+
+    As in timm's ``create_transform`` (MAE, DeiT), random erasing comes after normalisation, so its pixel
+    mode fills the box with N(0, 1) noise in normalised units; mixup / cutmix come after it. Each image is
+    erased with probability ``reprob`` (one box of 2-33% of the image, aspect ratio 0.3-3.3), drawn with
+    Python's ``random`` and torch's generator of ``device``.
+
+    Args:
+        mean, std: the input normalisation, one value per channel.
+        reprob: random-erasing probability (0 = off).
+        device: where the batch is moved and processed.
+
+    Returns:
+        A function mapping images (N, C, H, W) in [0, 1] to the model's input (N, C, H, W) on ``device``.
+    """
+    from timm.data.random_erasing import RandomErasing
+
+    m = torch.tensor(list(mean), device=device).view(1, -1, 1, 1)
+    s = torch.tensor(list(std), device=device).view(1, -1, 1, 1)
+    erase = RandomErasing(probability=reprob, mode="pixel", max_count=1, device=str(device)) if reprob > 0 else None
+
+    def prepare(images: Tensor) -> Tensor:
+        x = (images.to(device, non_blocking=True) - m) / s
+        return erase(x) if erase is not None else x
+
+    return prepare
+
+
 def finetune_eval(
     encoder: str | os.PathLike[str],
     cfg: FinetuneConfig | None = None,
@@ -116,8 +148,9 @@ def finetune_eval(
     peak lr ``base_lr * batch / 256`` with per-step warmup + cosine to ``min_lr`` (each group at
     ``lr * lr_scale``), timm Mixup + SoftTargetCrossEntropy when ``mixup`` or ``cutmix`` > 0, else
     label-smoothed (or plain) cross-entropy, random resized crop + flip + RandAugment. Inputs are
-    normalised on the device with the export's mean/std. The run is seeded: the same seed gives the
-    same numbers (on the CPU; CUDA kernels may differ in the last bits).
+    normalised on the device with the export's mean/std, then randomly erased (``reprob``,
+    :func:`train_inputs`), then mixed. The run is seeded: the same seed gives the same numbers (on the
+    CPU; CUDA kernels may differ in the last bits).
 
     Args:
         encoder: run directory, ``encoder.safetensors``, or ``"random:<run>"``.
@@ -151,7 +184,7 @@ def finetune_eval(
     base_lr, min_lr, weight_decay, warmup_epochs = cfg.base_lr, cfg.min_lr, cfg.weight_decay, cfg.warmup_epochs
     layer_decay, drop_path, clip_grad, max_steps = cfg.layer_decay, cfg.drop_path, cfg.clip_grad, cfg.max_steps
     mixup, cutmix, label_smoothing, rand_augment = cfg.mixup, cfg.cutmix, cfg.label_smoothing, cfg.rand_augment
-    global_pool, ema, ema_decay = cfg.global_pool, cfg.ema, cfg.ema_decay
+    global_pool, ema, ema_decay, reprob = cfg.global_pool, cfg.ema, cfg.ema_decay, cfg.reprob
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if global_pool not in ("avg", "token"):
@@ -221,6 +254,7 @@ def finetune_eval(
     loader = build_loader(
         train_ds, batch_size=batch, num_workers=num_workers, pin_memory=True, sampler=sampler, drop_last=True
     )
+    prepare = train_inputs(mean, std, reprob, dev)
     m = torch.tensor(mean, device=dev).view(1, -1, 1, 1)
     s = torch.tensor(std, device=dev).view(1, -1, 1, 1)
     use_amp = dev.type == "cuda"
@@ -239,7 +273,7 @@ def finetune_eval(
                 break
             set_lr(optimizer, cosine_lr(step, total_steps, warmup_steps, lr, min_lr))
             peak = max(g["lr"] for g in optimizer.param_groups)
-            x = (batch_data["image"].to(dev, non_blocking=True) - m) / s
+            x = prepare(batch_data["image"])
             y = batch_data["label"].to(dev, non_blocking=True)
             if int(y.min()) < 0 or int(y.max()) >= num_classes:
                 raise ValueError(f"labels outside 0..{num_classes - 1} in the training data")
@@ -293,6 +327,8 @@ def finetune_eval(
             "train_loss": loss_sum / max(1, loss_n),
             "layer_decay": layer_decay,
             "global_pool": global_pool,
+            "reprob": reprob,
+            "recipe": cfg.recipe,
             "train_time_s": train_time,
         }
     )
