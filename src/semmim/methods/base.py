@@ -353,6 +353,8 @@ def build_encoder(cfg: Config, mask_token: bool = False) -> ViTEncoder:
         layer_scale_init=m.layer_scale_init,
         mask_token=mask_token,
         timm_name=m.timm_name,
+        rel_pos_bias=m.rel_pos_bias,
+        abs_pos=m.abs_pos,
     )
 
 
@@ -483,6 +485,7 @@ def build_teacher(cfg: Config, teacher: nn.Module | None = None) -> nn.Module:
             "teacher=ModuleTeacher(...) to semmim.pretrain (also with resume=True) and to semmim.report.write_report "
             "(teachers={run_dir: teacher}); from the command line use a timm, open_clip or hf_clip teacher"
         )
+    choice = {} if t.tokens is None else {"tokens": t.tokens}  # CLIP teachers only (checked with the config)
     try:
         return TEACHERS.build(
             t.name,
@@ -492,6 +495,7 @@ def build_teacher(cfg: Config, teacher: nn.Module | None = None) -> nn.Module:
             image_size=t.image_size,
             mean=t.mean,
             std=t.std,
+            **choice,
             **dict(t.kwargs),
         )
     except FileNotFoundError as e:
