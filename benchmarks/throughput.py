@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -348,11 +348,31 @@ class TeacherFactory:
         return self._dirs[key]
 
 
+def recipe_file(method: str) -> Path:
+    """The ViT-B/16 paper recipe of ``method``."""
+    return REPO / "configs" / method / "vit_base_p16_in1k.yaml"
+
+
+def recipe_section(method: str, section: str) -> dict[str, Any]:
+    """One section of ``method``'s recipe as written (bases merged, no defaults)."""
+    from semmim.config import compose
+
+    return dict(compose(recipe_file(method)).get(section) or {})
+
+
+def teacher_shape(method: str, preset: ModelPreset) -> ViTShape:
+    """The preset's CLIP teacher, without its projection when the recipe regresses the last block's raw tokens."""
+    if recipe_section(method, "teacher").get("tokens") == "last_block":
+        return replace(preset.teacher, proj_dim=None)
+    return preset.teacher
+
+
 def recipe_overrides(
     method: str, preset: ModelPreset, img_size: int, teacher_dir: Path | None, num_masks: int = 1
 ) -> list[str]:
     """``key=value`` overrides that turn the ViT-B/16 paper recipe into this benchmark's configuration."""
     e = preset.encoder
+    beit = recipe_section(method, "model").get("rel_pos_bias", "none") != "none"  # exports to timm's BEiT
     out = [
         f"model.img_size={img_size}",
         f"model.patch_size={e.patch_size}",
@@ -360,7 +380,7 @@ def recipe_overrides(
         f"model.depth={e.depth}",
         f"model.num_heads={e.num_heads}",
         f"model.mlp_ratio={e.mlp_ratio}",
-        f"model.timm_name={preset.timm_name}",
+        f"model.timm_name={'beit_base_patch16_224' if beit else preset.timm_name}",
         "data.name=synthetic",
     ]
     # RILS's decoder has the encoder's width; MaskDistill's linear head and CLIP take no decoder shape
@@ -370,6 +390,7 @@ def recipe_overrides(
     if method in TEACHER_METHODS:
         assert teacher_dir is not None
         out += ["teacher.name=timm", f"teacher.path={teacher_dir}", "teacher.model=null", "teacher.pretrained=null"]
+        out += ["teacher.tokens=null"]  # the timm stand-in is built with the tokens' shape (teacher_shape)
     if method == "rils":
         out += ["text.name=minilm", "text.model=null", "text.locked=true"]
     if method == "supmim":
@@ -382,9 +403,8 @@ def recipe_overrides(
 def build_config(method: str, preset: ModelPreset, img_size: int, teachers: TeacherFactory, num_masks: int = 1) -> Any:
     from semmim.config import load_config
 
-    teacher_dir = teachers.directory(preset.teacher, img_size) if method in TEACHER_METHODS else None
-    recipe = REPO / "configs" / method / "vit_base_p16_in1k.yaml"
-    return load_config(recipe, recipe_overrides(method, preset, img_size, teacher_dir, num_masks))
+    teacher_dir = teachers.directory(teacher_shape(method, preset), img_size) if method in TEACHER_METHODS else None
+    return load_config(recipe_file(method), recipe_overrides(method, preset, img_size, teacher_dir, num_masks))
 
 
 def step_shape(method: str, cfg: Any, preset: ModelPreset, batch_size: int, text_dim: int = 384) -> StepShape:
@@ -399,7 +419,7 @@ def step_shape(method: str, cfg: Any, preset: ModelPreset, batch_size: int, text
         mask_ratio=cfg.method.masker["mask_ratio"] if cfg.method.masker else default_ratio,
         decoder_dim=cfg.decoder["embed_dim"] if cfg.decoder and "embed_dim" in cfg.decoder else 0,
         decoder_depth=cfg.decoder["depth"] if cfg.decoder and "depth" in cfg.decoder else 0,
-        teacher=preset.teacher if method in TEACHER_METHODS else None,
+        teacher=teacher_shape(method, preset) if method in TEACHER_METHODS else None,
         text_dim=text_dim,
         embed_dim=getattr(cfg.method, "embed_dim", 0),
         captions=batch_size,

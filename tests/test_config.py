@@ -76,6 +76,46 @@ def test_paper_recipes() -> None:
     assert milan.method.target["norm"] == "none"  # the official code regresses raw CLIP tokens
 
 
+def test_maskdistill_recipe_is_the_published_one() -> None:
+    """BEiT's shared relative position bias without absolute positions, CLIP's last-block tokens, min lr 1e-5."""
+    cfg = load_config(configs_dir() / "maskdistill" / "vit_base_p16_in1k.yaml")
+    m = cfg.model
+    assert (m.rel_pos_bias, m.abs_pos, m.timm_name) == ("shared", "none", "beit_base_patch16_224")
+    assert (m.layer_scale_init, m.drop_path) == (0.1, 0.1)
+    assert (cfg.teacher.name, cfg.teacher.model, cfg.teacher.pretrained) == ("open_clip", "ViT-B-16", "openai")
+    assert cfg.teacher.tokens == "last_block"
+    o = cfg.optim
+    assert (o.min_lr, o.betas, o.clip_grad, o.warmup_epochs, o.weight_decay) == (1e-5, [0.9, 0.999], 3.0, 10, 0.05)
+    assert o.base_lr * o.effective_batch / 256 == pytest.approx(1.5e-3) and cfg.trainer.max_epochs == 300
+    assert cfg.method.masker == {"name": "block", "mask_ratio": 0.4, "min_patches": 16, "min_aspect": 0.3}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["model.rel_pos_bias=global"], r"model.rel_pos_bias='global' is not one of none, shared, per_block"),
+        (["model.abs_pos=learned"], r"model.abs_pos='learned' is not one of sincos, none"),
+        (["model.abs_pos=none"], r"model.abs_pos=none with model.rel_pos_bias=none .* set model.abs_pos=sincos"),
+        (["model.rel_pos_bias=shared"], r"model.rel_pos_bias=shared exports to timm's BEiT.* model.timm_name=beit_"),
+        (["model.timm_name=beit_base_patch16_224"], r"is a BEiT architecture.* set model.rel_pos_bias=shared"),
+        (["model.timm_name=vit_nonexistent"], r"model.timm_name='vit_nonexistent' is not a timm architecture"),
+    ],
+)
+def test_position_settings_are_checked(overrides: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, overrides)
+
+
+def test_rel_pos_bias_settings_build_that_encoder() -> None:
+    from semmim.methods.base import build_encoder
+
+    beit = ["model.timm_name=beit_base_patch16_224", "model.embed_dim=32", "model.depth=2", "model.num_heads=2"]
+    enc = build_encoder(load_config(None, [*beit, "model.rel_pos_bias=per_block", "model.abs_pos=none"]))
+    assert enc.rel_pos_bias_kind == "per_block" and enc.pos_embed is None and enc.block_rel_pos_bias is not None
+    enc = build_encoder(load_config(None, [*beit, "model.rel_pos_bias=shared"]))
+    assert enc.rel_pos_bias is not None and enc.pos_embed is not None  # both: BEiT allows it
+
+
 def test_unknown_method_names_choices() -> None:
     with pytest.raises(ConfigError, match=r"method.name: unknown method 'maee'.*Did you mean 'mae'"):
         load_config(None, ["method.name=maee"])

@@ -251,3 +251,174 @@ def test_export_sets_timm_pretrained_cfg(tmp_path) -> None:
     cfg = timm.data.resolve_data_config({}, model=load_timm_model(tmp_path))
     assert cfg["input_size"] == (1, 28, 28) and cfg["interpolation"] == "bicubic" and cfg["crop_pct"] == 1.0
     assert cfg["mean"] == (0.286,) and cfg["std"] == (0.353,)
+
+
+# ------------------------------------------------------------------ BEiT's relative position bias
+def beit_encoder(**kw) -> ViTEncoder:
+    args = dict(
+        img_size=16, patch_size=4, in_chans=3, embed_dim=32, depth=2, num_heads=2, mask_token=True,
+        timm_name="beit_base_patch16_224", rel_pos_bias="shared", abs_pos="none",
+    )  # fmt: skip
+    args.update(kw)
+    return ViTEncoder(**args)  # type: ignore[arg-type]
+
+
+def randomize_biases(enc: ViTEncoder) -> None:
+    """Non-zero bias tables, q / v biases and LayerScale, so that a wrong mapping shows in the features."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in enc.named_parameters():
+            if "relative_position_bias_table" in name or name.endswith(("q_bias", "v_bias", "gamma_1", "gamma_2")):
+                p.normal_()
+
+
+def test_relative_position_index_by_hand_on_a_2x2_grid() -> None:
+    """Patches p0 (0,0), p1 (0,1), p2 (1,0), p3 (1,1): index = (dy + 1) * 3 + (dx + 1); 9, 10, 11 for the CLS."""
+    from semmim.models.rel_pos import num_relative_distances, relative_position_index
+
+    assert num_relative_distances((2, 2)) == 3 * 3 + 3
+    expected = [
+        [11, 9, 9, 9, 9],  # CLS query: one entry for every key patch, its own for the CLS key
+        [10, 4, 3, 1, 0],  # p0 to p0 is offset (0, 0) -> 1 * 3 + 1; to p3 (-1, -1) -> 0
+        [10, 5, 4, 2, 1],
+        [10, 7, 6, 4, 3],
+        [10, 8, 7, 5, 4],
+    ]
+    assert relative_position_index((2, 2)).tolist() == expected
+
+
+@pytest.mark.parametrize("grid", [(2, 2), (3, 5), (7, 4), (14, 14)])
+def test_relative_position_index_is_timms(grid: tuple[int, int]) -> None:
+    from timm.models.beit import gen_relative_position_index
+
+    from semmim.models.rel_pos import relative_position_index
+
+    assert torch.equal(relative_position_index(grid), gen_relative_position_index(grid))
+
+
+def test_rel_pos_bias_values_come_from_the_table() -> None:
+    """The bias of heads h for tokens (i, j) is table[index[i, j], h]: shape (1, H, 1 + L, 1 + L)."""
+    enc = beit_encoder(img_size=8)  # a 2x2 grid
+    table = torch.arange(12 * 2, dtype=torch.float32).view(12, 2)
+    with torch.no_grad():
+        enc.rel_pos_bias.relative_position_bias_table.copy_(table)  # type: ignore[union-attr]
+    (bias, *_) = enc.rel_pos_biases()  # type: ignore[misc]
+    assert bias.shape == (1, 2, 5, 5)
+    index = torch.tensor([[11, 9, 9, 9, 9], [10, 4, 3, 1, 0], [10, 5, 4, 2, 1], [10, 7, 6, 4, 3], [10, 8, 7, 5, 4]])
+    for h in range(2):
+        torch.testing.assert_close(bias[0, h], table[index, h])
+
+
+def test_shared_bias_is_one_table_for_every_block_and_per_block_has_one_each() -> None:
+    shared = beit_encoder(depth=3)
+    randomize_biases(shared)
+    biases = shared.rel_pos_biases()
+    assert biases is not None and len(biases) == 3 and all(b is biases[0] for b in biases)
+    assert sum("relative_position_bias_table" in n for n, _ in shared.named_parameters()) == 1
+    per_block = beit_encoder(depth=3, rel_pos_bias="per_block")
+    randomize_biases(per_block)
+    biases = per_block.rel_pos_biases()
+    assert biases is not None and len(biases) == 3 and not torch.equal(biases[0], biases[1])
+    assert sum("relative_position_bias_table" in n for n, _ in per_block.named_parameters()) == 3
+    # a gradient reaches the shared table through every block
+    out = shared.forward_features(torch.randn(2, 3, 16, 16))
+    out.square().mean().backward()
+    table = shared.rel_pos_bias.relative_position_bias_table  # type: ignore[union-attr]
+    assert table.grad is not None and table.grad.abs().sum() > 0
+
+
+def test_rel_pos_bias_reaches_fused_attention_as_attn_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every block calls F.scaled_dot_product_attention with the bias as its float attn_mask."""
+    import torch.nn.functional as F
+
+    enc = beit_encoder().eval()
+    assert all(blk.attn.fused_attn for blk in enc.blocks)
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):  # type: ignore[no-untyped-def]
+        seen.append(None if attn_mask is None else tuple(attn_mask.shape))
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    x = torch.randn(3, 3, 16, 16)
+    enc.forward_features(x)
+    assert seen == [(1, 2, 17, 17)] * 2
+    seen.clear()
+    enc.forward_visible(x, random_masking(3, 16, 0.75).ids_keep)
+    assert seen == [(3, 2, 5, 5)] * 2  # the rows and columns of the CLS and the 4 kept patches, per image
+
+
+def test_visible_path_gathers_the_bias_of_the_kept_tokens() -> None:
+    """Encoding the kept patches alone equals encoding every patch with the dropped keys masked out."""
+    enc = beit_encoder(abs_pos="sincos", layer_scale_init=0.1).eval()
+    randomize_biases(enc)
+    x = torch.randn(2, 3, 16, 16)
+    m = random_masking(2, 16, 0.6)
+    visible = enc.forward_visible(x, m.ids_keep)
+    # reference: all tokens, the full (1 + L) bias plus -inf on the keys of dropped patches
+    tokens = enc._with_cls(enc.embed_patches(x))
+    dropped = torch.cat([torch.zeros(2, 1, dtype=torch.bool), m.mask], dim=1)  # (N, 1 + L)
+    key_mask = torch.zeros(2, 1, 1, 17).masked_fill(dropped[:, None, None, :], float("-inf"))
+    for blk, bias in zip(enc.blocks, enc.rel_pos_biases(), strict=True):  # type: ignore[arg-type]
+        tokens = blk(tokens, shared_rel_pos_bias=bias + key_mask)
+    ref = enc.norm(tokens)
+    rows = torch.cat([torch.zeros(2, 1, dtype=torch.long), 1 + m.ids_keep], dim=1)
+    torch.testing.assert_close(visible, torch.gather(ref, 1, rows.unsqueeze(-1).expand(-1, -1, 32)))
+    # and the kept order does not matter: a permutation of ids_keep permutes the outputs
+    perm = torch.randperm(m.ids_keep.shape[1])
+    torch.testing.assert_close(enc.forward_visible(x, m.ids_keep[:, perm])[:, 1:], visible[:, 1:][:, perm])
+
+
+def test_beit_style_encoder_paths_agree() -> None:
+    enc = beit_encoder().eval()
+    randomize_biases(enc)
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(enc.forward_masked(x, torch.zeros(2, 16, dtype=torch.bool)), enc.forward_features(x))
+    torch.testing.assert_close(enc.forward_visible(x, torch.arange(16).expand(2, -1)), enc.forward_features(x))
+    assert enc.pos_embed is None  # abs_pos=none: positions come from the bias alone
+    moved = enc.forward_features(torch.roll(x, 4, dims=-1))
+    assert not torch.allclose(moved, enc.forward_features(x))
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"rel_pos_bias": "per_block"},
+        {"abs_pos": "sincos", "layer_scale_init": 0.1},
+        {"rel_pos_bias": "per_block", "abs_pos": "sincos", "layer_scale_init": 0.1, "in_chans": 1},
+    ],
+)
+def test_beit_export_loads_into_timm_beit_strict_with_the_same_features(tmp_path, kw) -> None:
+    enc = beit_encoder(**kw).eval()
+    randomize_biases(enc)
+    path = save_encoder(tmp_path / "encoder.safetensors", enc.timm_state_dict(), enc.timm_name, enc.timm_kwargs())
+    name, kwargs = read_timm_config(path)
+    model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    assert type(model).__name__ == "Beit" and model.rel_pos_bias is None  # a table in every block
+    result = model.load_state_dict(enc.timm_state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    model.eval()
+    x = torch.randn(2, enc.in_chans, 16, 16)
+    assert (model.forward_features(x) - enc.forward_features(x)).abs().max() < 1e-5
+    torch.testing.assert_close(model(x), enc.forward_features(x)[:, 0], atol=1e-5, rtol=1e-5)  # CLS after norm
+    if kw.get("rel_pos_bias", "shared") == "shared":  # the shared table copied into each block
+        for blk in model.blocks:
+            torch.testing.assert_close(
+                blk.attn.relative_position_bias_table,
+                enc.rel_pos_bias.relative_position_bias_table,  # type: ignore[union-attr]
+            )
+    reloaded = load_timm_model(tmp_path)
+    torch.testing.assert_close(reloaded.forward_features(x), model.forward_features(x))
+    if kw.get("layer_scale_init") is None:
+        assert all(blk.gamma_1 is None for blk in model.blocks)  # no LayerScale, as the encoder
+
+
+def test_beit_encoder_rejects_bad_position_settings() -> None:
+    with pytest.raises(ValueError, match="rel_pos_bias"):
+        beit_encoder(rel_pos_bias="global")
+    with pytest.raises(ValueError, match="abs_pos"):
+        beit_encoder(abs_pos="learned")
+    with pytest.raises(ValueError, match="without positions"):
+        tiny_encoder(abs_pos="none")

@@ -269,7 +269,7 @@ def shrink(config: str | None, overrides: list[str]) -> list[str]:
     teacher = raw.get("teacher") or {}
     if teacher.get("name") in DOWNLOADING_TEACHERS:
         chans = (raw.get("model") or {}).get("in_chans", 3)
-        out += ["teacher.name=timm", "teacher.model=null", "teacher.pretrained=null"]
+        out += ["teacher.name=timm", "teacher.model=null", "teacher.pretrained=null", "teacher.tokens=null"]
         out.append(f"teacher.path={tiny_teacher(chans)}")
     try:
         decoder = resolve(raw).decoder

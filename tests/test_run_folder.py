@@ -259,7 +259,7 @@ def test_a_saved_run_that_predates_a_default_loads_as_it_trained(
     # a resume that reads the run's own config keeps it; an override still applies on top
     assert load_saved_config(tmp_path / "config.yaml", ["decoder.prompt_norm=false"]).decoder["prompt_norm"] is False
     # resuming it with today's default is refused rather than silently changing the decoder
-    with pytest.raises(RunFolderError, match="decoder.prompt_norm"):
+    with pytest.raises(RunFolderError, match=r"decoder\.prompt_norm"):
         resume_changes(to_dict(run.cfg), to_dict(cfg))
     capsys.readouterr()
     # a current run config is read as written, without notes

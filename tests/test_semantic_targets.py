@@ -121,6 +121,10 @@ def test_target_options_that_do_not_apply_are_errors(overrides: list[str], needl
 
 
 # ------------------------------------------------------------------------------- fixed-batch learning
+BEIT_POSITIONS = ["model.rel_pos_bias=shared", "model.abs_pos=none", "model.timm_name=beit_base_patch16_224"]
+"""BEiT's positions: a relative position bias shared by all blocks, no absolute embedding (MaskDistill's recipe)."""
+
+
 def _fixed_batch(cfg, n: int = 16) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
     g = torch.Generator().manual_seed(0)
     m = cfg.model
@@ -135,9 +139,20 @@ def _fixed_batch(cfg, n: int = 16) -> dict[str, torch.Tensor]:  # type: ignore[n
         ["method.name=milan", "method.target.norm=none"],
         ["method.name=milan", "method.target.norm=whiten", "method.loss=mse"],
         ["method.name=maskdistill"],
+        ["method.name=maskdistill", *BEIT_POSITIONS],
+        ["method.name=milan", "method.masker=random", *BEIT_POSITIONS, "model.rel_pos_bias=per_block"],
         ["method.name=supmim", "method.target=teacher_features", "method.num_classes=4"],
     ],
-    ids=["milan", "milan-prompt-norm", "milan-raw", "milan-whiten-mse", "maskdistill", "supmim-features"],
+    ids=[
+        "milan",
+        "milan-prompt-norm",
+        "milan-raw",
+        "milan-whiten-mse",
+        "maskdistill",
+        "maskdistill-relpos",
+        "milan-relpos",
+        "supmim-features",
+    ],
 )
 def test_feature_target_method_learns_a_fixed_batch(extra: list[str], tiny_teacher_dir: Path) -> None:
     """60 Adam steps on one batch: the loss falls and target_explained rises."""

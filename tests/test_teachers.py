@@ -407,6 +407,31 @@ def test_open_clip_errors(tmp_path: Path) -> None:
         )
 
 
+def test_open_clip_last_block_tokens_are_the_raw_transformer_output(oc_file: tuple[Path, Any]) -> None:
+    """tokens=last_block: the last block's output before ln_post and proj (width 32), not the 24-d projection."""
+    path, _clip = oc_file
+    proj = TEACHERS.build("open_clip", model_cfg=_oc_cfg(), path=str(path))
+    raw = TEACHERS.build("open_clip", model_cfg=_oc_cfg(), path=str(path), tokens="last_block")
+    assert isinstance(raw, OpenCLIPTeacher) and (proj.embed_dim, raw.embed_dim) == (24, 32)
+    assert "last_block tokens" in raw.describe()
+    x = _images()
+    out = raw(x, (4, 4), need_attn=True)
+    _check_output(out, 2, (4, 4), 32, attn=True)
+    caught: list[Tensor] = []
+    handle = raw.visual.transformer.register_forward_hook(lambda m, i, o: caught.append(o))
+    with torch.no_grad():
+        raw.visual(raw.preprocess(x))
+    handle.remove()
+    block_out = caught[0] if raw.visual.transformer.batch_first else caught[0].transpose(0, 1)
+    torch.testing.assert_close(out.tokens, block_out)  # the teacher's own 4x4 grid: no resampling
+    # the projected tokens are ln_post @ proj of the same block output; the attention does not change
+    v = raw.visual
+    torch.testing.assert_close(proj(x, (4, 4)).tokens, v.ln_post(block_out) @ v.proj, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.cls_attn, proj(x, (4, 4), need_attn=True).cls_attn)
+    with pytest.raises(ValueError, match="proj, last_block"):
+        TEACHERS.build("open_clip", model_cfg=_oc_cfg(), tokens="ln_post")
+
+
 # ------------------------------------------------------------------------------------------ hf_clip
 
 
@@ -457,6 +482,49 @@ def test_hf_clip_tokens_and_attention(hf_dir: Path) -> None:
     parent.train()
     assert not any(m.training for m in teacher.modules())
     assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_hf_clip_last_block_tokens_are_last_hidden_state(hf_dir: Path) -> None:
+    """tokens=last_block: ``last_hidden_state`` (hidden size 32) instead of the 16-d projected tokens."""
+    import transformers
+
+    raw = TEACHERS.build("hf_clip", model=str(hf_dir), tokens="last_block")
+    assert isinstance(raw, HFCLIPTeacher) and raw.embed_dim == 32
+    x = _images()
+    out = raw(x, (4, 4), need_attn=True)
+    _check_output(out, 2, (4, 4), 32, attn=True)
+    ref = transformers.CLIPVisionModelWithProjection.from_pretrained(hf_dir).eval()
+    with torch.no_grad():
+        res = ref(pixel_values=raw.preprocess(x), output_hidden_states=True)
+    torch.testing.assert_close(out.tokens, res.last_hidden_state, atol=1e-5, rtol=1e-5)
+    assert TEACHERS.build("hf_clip", model=str(hf_dir), tokens="proj").embed_dim == 16
+    with pytest.raises(ValueError, match="proj, last_block"):
+        TEACHERS.build("hf_clip", model=str(hf_dir), tokens="penultimate")
+
+
+def test_teacher_tokens_from_the_config_reach_the_teacher(tiny_teacher_dir: Path) -> None:
+    """teacher.tokens builds the CLIP teacher with that choice; a non-CLIP teacher refuses the key."""
+    pytest.importorskip("open_clip")
+    from semmim.config import ConfigError, load_config
+    from semmim.engine.trainer import with_python_teacher
+    from semmim.methods.base import build_teacher
+    from tests.conftest import teacher_overrides, tiny_overrides
+
+    base = tiny_overrides("method.name=maskdistill")
+    oc = ["teacher.name=open_clip", f"teacher.kwargs={json.dumps({'model_cfg': _oc_cfg()})}"]
+    cfg = load_config(None, [*base, *oc, "teacher.tokens=last_block"])
+    teacher = build_teacher(cfg)
+    assert isinstance(teacher, OpenCLIPTeacher) and teacher.tokens == "last_block" and teacher.embed_dim == 32
+    assert build_teacher(load_config(None, [*base, *oc])).embed_dim == 24  # unset: the projected tokens
+    assert with_python_teacher(cfg, teacher).teacher.tokens is None  # a Python teacher replaces the choice too
+    with pytest.raises(ConfigError, match=r"teacher.tokens=last_block .* teacher 'timm' .* remove teacher.tokens"):
+        load_config(None, [*base, *teacher_overrides(tiny_teacher_dir), "teacher.tokens=last_block"])
+    with pytest.raises(ConfigError, match=r"teacher.tokens='pooled' is not one of proj, last_block"):
+        load_config(None, [*base, *oc, "teacher.tokens=pooled"])
+    with pytest.raises(ConfigError, match=r"teacher.kwargs.tokens: .* is teacher.tokens"):
+        load_config(None, [*base, "teacher.name=open_clip", "teacher.kwargs={tokens: last_block}"])
+    with pytest.raises(ConfigError, match=r"teacher.tokens='last_block' is not used: method 'mae'"):
+        load_config(None, [*tiny_overrides(), "teacher.tokens=last_block"])
 
 
 def test_hf_clip_image_size_override_and_path_kwarg(hf_dir: Path) -> None:

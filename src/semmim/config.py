@@ -191,7 +191,14 @@ class ModelConfig:
     drop_path: float = 0.0
     layer_scale_init: float | None = None
     timm_name: str = "vit_base_patch16_224"
-    """timm architecture the exported state dict loads into (with the size kwargs above)."""
+    """timm architecture the exported state dict loads into (with the size kwargs above); a ``beit*`` name
+    (e.g. ``beit_base_patch16_224``) when ``rel_pos_bias`` is set."""
+    rel_pos_bias: str = "none"
+    """BEiT's learnable relative position bias in attention: none | shared (one table for all blocks, BEiT
+    pretraining) | per_block. Exported as timm's ``Beit`` with a table per block (a shared one copied)."""
+    abs_pos: str = "sincos"
+    """Absolute positions added to the tokens: sincos (fixed 2D sin-cos, MAE) | none (BEiT pretraining, which
+    relies on the relative position bias alone)."""
 
 
 @dataclass
@@ -216,6 +223,11 @@ class TeacherConfig:
     """How the teacher's input is normalised: ``own`` = with the teacher's own statistics (``teacher.mean/std``
     or what its model records); ``data`` = with ``data.mean/std``, the very input the student gets (the
     official MILAN code feeds CLIP the ImageNet-normalised batch)."""
+    tokens: str | None = None
+    """Which tokens a CLIP teacher (open_clip, hf_clip) gives: proj (its embedding space: every token after the
+    final LayerNorm and the projection, 512-d for ViT-B/16; MILAN) | last_block (the raw output of the last
+    transformer block, 768-d for ViT-B/16; public MaskDistill reproductions). None = the teacher's default
+    (proj); other teachers take no choice."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for the teacher's model factory (e.g. timm ``img_size``)."""
 
@@ -700,6 +712,36 @@ def _check_data(cfg: Config) -> None:
         raise ConfigError(f"data.root={cfg.data.root!r}: dataset '{cfg.data.name}' reads no files; remove data.root")
 
 
+def _check_positions(m: ModelConfig) -> None:
+    """``model.rel_pos_bias`` / ``model.abs_pos`` values, and a ``model.timm_name`` of the family they export to."""
+    from timm.models import is_model, model_entrypoint
+
+    from semmim.models.vit import ABS_POS, REL_POS_BIAS
+
+    if m.rel_pos_bias not in REL_POS_BIAS:
+        raise ConfigError(f"model.rel_pos_bias={m.rel_pos_bias!r} is not one of {', '.join(REL_POS_BIAS)}")
+    if m.abs_pos not in ABS_POS:
+        raise ConfigError(f"model.abs_pos={m.abs_pos!r} is not one of {', '.join(ABS_POS)}")
+    if m.rel_pos_bias == "none" and m.abs_pos == "none":
+        raise ConfigError(
+            "model.abs_pos=none with model.rel_pos_bias=none leaves the encoder without any position information: "
+            "set model.abs_pos=sincos or model.rel_pos_bias=shared"
+        )
+    if not is_model(m.timm_name):
+        raise ConfigError(f"model.timm_name={m.timm_name!r} is not a timm architecture (`timm.list_models()`)")
+    beit = model_entrypoint(m.timm_name).__module__.endswith(".beit")
+    if m.rel_pos_bias != "none" and not beit:
+        raise ConfigError(
+            f"model.rel_pos_bias={m.rel_pos_bias} exports to timm's BEiT, but model.timm_name={m.timm_name} is not a "
+            "BEiT architecture: set model.timm_name=beit_base_patch16_224 (the model keys set its size)"
+        )
+    if m.rel_pos_bias == "none" and beit:
+        raise ConfigError(
+            f"model.timm_name={m.timm_name} is a BEiT architecture, which semmim exports only with a relative position "
+            "bias: set model.rel_pos_bias=shared, or a ViT name such as model.timm_name=vit_base_patch16_224"
+        )
+
+
 def validate(cfg: Config) -> None:
     """Reject impossible combinations before any work starts."""
     from semmim.registry import ENCODERS, METHODS, RegistryError
@@ -716,6 +758,7 @@ def validate(cfg: Config) -> None:
         )
     if m.embed_dim % m.num_heads != 0:
         raise ConfigError(f"model.embed_dim={m.embed_dim} is not divisible by model.num_heads={m.num_heads}")
+    _check_positions(m)
     if cfg.data.max_image_pixels is not None and cfg.data.max_image_pixels < 1:
         raise ConfigError(f"data.max_image_pixels must be >= 1 or null, got {cfg.data.max_image_pixels}")
     if cfg.data.batch_size < 1:

@@ -317,7 +317,13 @@ def with_python_teacher(cfg: Config, teacher: nn.Module) -> Config:
         for k, v in (("name", t.name), ("model", t.model), ("pretrained", t.pretrained), ("path", t.path))
         if v is not None and not (k == "name" and v in (PYTHON_TEACHER, "none"))
     }
-    ignored.update({k: v for k, v in (("image_size", t.image_size), ("mean", t.mean), ("std", t.std)) if v is not None})
+    ignored.update(
+        {
+            k: v
+            for k, v in (("image_size", t.image_size), ("mean", t.mean), ("std", t.std), ("tokens", t.tokens))
+            if v is not None
+        }
+    )
     if t.input_norm != "own":  # the Python teacher normalises with the statistics it was built with
         ignored["input_norm"] = t.input_norm
     if t.kwargs:
@@ -325,7 +331,7 @@ def with_python_teacher(cfg: Config, teacher: nn.Module) -> Config:
     if ignored and int(os.environ.get("RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0:
         what = ", ".join(f"teacher.{k}={v}" for k, v in ignored.items())
         print(f"[semmim] the teacher passed from Python replaces the config's {what}", flush=True)
-    t.name, t.model, t.pretrained, t.path, t.image_size, t.mean, t.std = PYTHON_TEACHER, *([None] * 6)
+    t.name, t.model, t.pretrained, t.path, t.image_size, t.mean, t.std, t.tokens = PYTHON_TEACHER, *([None] * 7)
     t.input_norm, t.kwargs = "own", {}
     return out
 

@@ -1,11 +1,12 @@
-"""BEiT's block-wise masking: rectangles of patches are masked until the target ratio is reached.
+"""BEiT's block-wise masking: rectangles of patches are masked until the target count is reached.
 
 Bao et al. 2021, "BEiT: BERT Pre-Training of Image Transformers", arXiv:2106.08254, Alg. 1; used at
 40% by MaskDistill (Peng et al. 2022, arXiv:2210.10615). Each block covers at least
 ``min_patches`` patches (16 where the grid allows) with an aspect ratio in
 ``[min_aspect, 1 / min_aspect]``. A block is accepted only if it adds new patches without
-overshooting the target, so the masked count never exceeds ``round(L * ratio)`` and falls short of it
-by less than one block.
+overshooting the target. When no block fits the remaining budget, random single patches are masked
+up to the target, as BEiT v2's generator does (Peng et al. 2022, arXiv:2208.06366), so every mask
+hides exactly ``round(L * ratio)`` patches.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ def _one_block_mask(
         if added == 0:
             break
         count += added
+    if count < target:  # no block fits what is left: random single patches make up the count (BEiT v2)
+        free = np.flatnonzero(~mask)
+        mask.flat[rng.choice(free, target - count, replace=False)] = True
     return mask
 
 
@@ -68,13 +72,14 @@ def block_masking(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> MaskOutput:
-    """Block-wise masks for ``n`` samples on a ``grid`` of patches.
+    """Block-wise masks for ``n`` samples on a ``grid`` of patches, each hiding exactly ``round(L * ratio)``.
 
     Blocks are clamped to the grid. When the whole budget is smaller than ``min_patches`` (tiny
-    grids or ratios), blocks of at least half the budget are used instead.
+    grids or ratios), blocks of at least half the budget are used instead. What the blocks leave of
+    the budget (usually less than one block) is made up with random single patches.
 
     Returns:
-        A :class:`MaskOutput`; ``ids_keep`` is None unless every sample masks the same count.
+        A :class:`MaskOutput`; every sample masks the same count, so its index tensors are filled in.
     """
     if not 0.0 < mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must lie in (0, 1), got {mask_ratio}")
@@ -98,7 +103,7 @@ def block_masking(
 
 @MASKERS.register("block")
 class BlockMasker:
-    """BEiT/MaskDistill: block-wise masking (blocks of >= 16 patches, aspect 0.3..1/0.3).
+    """BEiT/MaskDistill: block-wise masking (blocks of >= 16 patches, aspect 0.3..1/0.3), exact count.
 
     Args:
         mask_ratio: fraction of patches hidden, in (0, 1).
@@ -107,7 +112,7 @@ class BlockMasker:
     """
 
     needs_scores = False
-    uniform_count = False
+    uniform_count = False  # every mask hides the same count, but block masking stays a mask-token (BEiT) masker
 
     def __init__(self, mask_ratio: float = 0.4, min_patches: int = 16, min_aspect: float = 0.3) -> None:
         if not 0.0 < mask_ratio < 1.0:

@@ -354,6 +354,8 @@ def build_encoder(cfg: Config, mask_token: bool = False) -> ViTEncoder:
         layer_scale_init=m.layer_scale_init,
         mask_token=mask_token,
         timm_name=m.timm_name,
+        rel_pos_bias=m.rel_pos_bias,
+        abs_pos=m.abs_pos,
     )
 
 
@@ -490,6 +492,7 @@ def build_teacher(cfg: Config, teacher: nn.Module | None = None) -> nn.Module:
             "teacher=ModuleTeacher(...) to semmim.pretrain (also with resume=True) and to semmim.report.write_report "
             "(teachers={run_dir: teacher}); from the command line use a timm, open_clip or hf_clip teacher"
         )
+    choice = {} if t.tokens is None else {"tokens": t.tokens}  # CLIP teachers only (checked with the config)
     try:
         return TEACHERS.build(
             t.name,
@@ -499,6 +502,7 @@ def build_teacher(cfg: Config, teacher: nn.Module | None = None) -> nn.Module:
             image_size=t.image_size,
             mean=list(cfg.data.mean) if t.input_norm == "data" else t.mean,
             std=list(cfg.data.std) if t.input_norm == "data" else t.std,
+            **choice,
             **dict(t.kwargs),
         )
     except FileNotFoundError as e:

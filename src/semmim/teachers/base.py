@@ -34,6 +34,21 @@ OPENAI_CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.2757771
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
+CLIP_TOKENS: tuple[str, ...] = ("proj", "last_block")
+"""Which tokens a CLIP teacher gives (``teacher.tokens``): every token after the final LayerNorm and the
+projection (the CLIP embedding space; MILAN), or the raw output of the last transformer block (public
+MaskDistill reproductions)."""
+
+CLIP_TEACHERS: tuple[str, ...] = ("open_clip", "hf_clip")
+"""Registered teachers that take ``tokens``."""
+
+
+def check_clip_tokens(tokens: str) -> str:
+    """``tokens`` if it is one of :data:`CLIP_TOKENS`, else a ValueError naming them."""
+    if tokens not in CLIP_TOKENS:
+        raise ValueError(f"CLIP teacher tokens must be one of {', '.join(CLIP_TOKENS)}, got {tokens!r}")
+    return tokens
+
 
 @dataclass
 class TeacherOutput:
@@ -393,6 +408,7 @@ def check_teacher_config(tcfg: Any) -> None:
       fine: random weights in that checkpoint's architecture).
     * any teacher: ``input_norm=data`` (normalise with ``data.mean/std``) together with ``mean``/``std`` (the
       teacher's own statistics), and an ``input_norm`` other than ``own`` or ``data``.
+    * ``tokens`` (which tokens a CLIP teacher gives) for a teacher that is not open_clip or hf_clip.
 
     Raises:
         ConfigError: the message names both keys and how to keep one.
@@ -412,6 +428,19 @@ def check_teacher_config(tcfg: Any) -> None:
                 "teacher.input_norm=own"
             )
     name = getattr(tcfg, "name", None)
+    tokens = getattr(tcfg, "tokens", None)
+    if "tokens" in (getattr(tcfg, "kwargs", None) or {}):
+        raise ConfigError(
+            "teacher.kwargs.tokens: the choice of a CLIP teacher's tokens is teacher.tokens; move it there"
+        )
+    if tokens is not None:
+        if tokens not in CLIP_TOKENS:
+            raise ConfigError(f"teacher.tokens={tokens!r} is not one of {', '.join(CLIP_TOKENS)}")
+        if name not in CLIP_TEACHERS:
+            raise ConfigError(
+                f"teacher.tokens={tokens} chooses among a CLIP teacher's tokens ({', '.join(CLIP_TEACHERS)}); teacher "
+                f"{name!r} gives its own (a timm model its forward_features): remove teacher.tokens"
+            )
     model, pretrained, path = (getattr(tcfg, k, None) for k in ("model", "pretrained", "path"))
     if path is None or name in (None, "none", "module"):
         return

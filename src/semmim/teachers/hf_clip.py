@@ -3,7 +3,9 @@
 Like MILAN (Hou et al. 2022, arXiv:2208.06049) the targets are the last-layer tokens after the final
 LayerNorm (``post_layernorm``) and the image projection (``visual_projection``, when the checkpoint has
 one), for the CLS token and every patch token. ``transformers`` applies ``post_layernorm`` and the
-projection to the CLS token only, so the teacher applies them to all tokens itself.
+projection to the CLS token only, so the teacher applies them to all tokens itself. With
+``tokens="last_block"`` the targets are the raw ``last_hidden_state`` instead (before ``post_layernorm``;
+768-d for ViT-B/16), as in the public MaskDistill reproductions (Peng et al. 2022, arXiv:2210.10615).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from semmim.teachers.base import (
     OPENAI_CLIP_STD,
     Teacher,
     capture_input,
+    check_clip_tokens,
     cls_attention_row,
     looks_like_path,
     to_hw,
@@ -51,7 +54,8 @@ class HFCLIPTeacher(Teacher):
     """A frozen Hugging Face CLIP vision tower giving projected tokens and the CLS attention.
 
     Tokens are ``visual_projection(post_layernorm(h))`` for every token ``h`` of the last hidden state
-    (no projection for a plain ``CLIPVisionModel``), so token 0 equals ``image_embeds``.
+    (no projection for a plain ``CLIPVisionModel``), so token 0 equals ``image_embeds``; with
+    ``tokens="last_block"`` they are ``last_hidden_state`` as it is (width ``hidden_size``).
 
     Args:
         model: a ``CLIPModel``, ``CLIPVisionModelWithProjection`` or ``CLIPVisionModel``.
@@ -59,6 +63,7 @@ class HFCLIPTeacher(Teacher):
         mean: input mean (default OpenAI CLIP's).
         std: input std (default OpenAI CLIP's).
         name: model description for logs.
+        tokens: ``proj`` (``post_layernorm`` then the projection) or ``last_block`` (``last_hidden_state``).
     """
 
     vision: Any
@@ -71,11 +76,14 @@ class HFCLIPTeacher(Teacher):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         name: str = "hf_clip",
+        tokens: str = "proj",
     ) -> None:
         vision, projection = _split_hf_model(model)
+        choice = check_clip_tokens(tokens)
         cfg = vision.config
         width = int(cfg.hidden_size)
-        embed_dim = int(projection.out_features) if isinstance(projection, nn.Linear) else width
+        projected = isinstance(projection, nn.Linear) and choice == "proj"
+        embed_dim = int(projection.out_features) if projected else width
         super().__init__(
             embed_dim=embed_dim,
             image_size=to_hw(image_size if image_size is not None else cfg.image_size),
@@ -86,6 +94,7 @@ class HFCLIPTeacher(Teacher):
         )
         self.vision = vision
         self.projection = projection
+        self.tokens = choice
         self.config_image_size = to_hw(cfg.image_size)
         self.patch_size = to_hw(cfg.patch_size)
         self.native_grid = (
@@ -109,16 +118,17 @@ class HFCLIPTeacher(Teacher):
         )
 
     def extract(self, x: Tensor, need_attn: bool) -> tuple[Tensor, Tensor | None, tuple[int, int]]:
-        """Projected last-layer tokens (N, 1 + h*w, D) and the CLS attention (N, h*w)."""
+        """Projected (or raw) last-layer tokens (N, 1 + h*w, D) and the CLS attention (N, h*w)."""
         grid = (x.shape[-2] // self.patch_size[0], x.shape[-1] // self.patch_size[1])
         interpolate = tuple(x.shape[-2:]) != self.config_image_size
         last = self.vision.encoder.layers[-1]
         with capture_input(last, enabled=need_attn) as captured:
             out = self.vision(pixel_values=x, interpolate_pos_encoding=interpolate)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        tokens = self.vision.post_layernorm(hidden)
-        if self.projection is not None:
-            tokens = self.projection(tokens)
+        tokens = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        if self.tokens == "proj":
+            tokens = self.vision.post_layernorm(tokens)
+            if self.projection is not None:
+                tokens = self.projection(tokens)
         attn = None
         if need_attn:
             if captured.value is None:
@@ -206,7 +216,9 @@ def load_hf_clip(source: str, pretrained: bool = True, **kwargs: Any) -> nn.Modu
     return cls.from_pretrained(src, **kwargs)
 
 
-@TEACHERS.register("hf_clip", help="Hugging Face CLIP image encoder: all tokens after post_layernorm + projection")
+@TEACHERS.register(
+    "hf_clip", help="Hugging Face CLIP image encoder: all tokens after post_layernorm + projection, or the last block's"
+)
 def build_hf_clip_teacher(
     model: str | None = None,
     pretrained: str | bool | None = None,
@@ -214,6 +226,7 @@ def build_hf_clip_teacher(
     image_size: int | Sequence[int] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    tokens: str = "proj",
     **kwargs: Any,
 ) -> HFCLIPTeacher:
     """Build an :class:`HFCLIPTeacher` from a hub name or a ``save_pretrained`` directory.
@@ -225,6 +238,7 @@ def build_hf_clip_teacher(
         image_size: teacher input size; default the config's.
         mean: input mean; default the saved image processor's, else OpenAI CLIP's.
         std: input std; same defaults.
+        tokens: ``proj`` (after ``post_layernorm`` and the projection) or ``last_block`` (``last_hidden_state``).
         **kwargs: forwarded to ``from_pretrained`` (e.g. ``revision``, ``local_files_only``).
     """
     if model is not None and path is not None and model != path:
@@ -232,6 +246,7 @@ def build_hf_clip_teacher(
     source = path if path is not None else model
     if source is None:
         raise ValueError("hf_clip teacher: give model= (a hub name or a local directory)")
+    check_clip_tokens(tokens)
     load = not (pretrained is False or (isinstance(pretrained, str) and pretrained.lower() in ("false", "0", "no")))
     net = load_hf_clip(source, pretrained=load, **kwargs)
     own_mean, own_std = _read_processor_stats(source)
@@ -240,5 +255,6 @@ def build_hf_clip_teacher(
         image_size=image_size,
         mean=mean if mean is not None else own_mean,
         std=std if std is not None else own_std,
-        name=f"hf_clip {source}",
+        name=f"hf_clip {source}" + (f" ({tokens} tokens)" if tokens != "proj" else ""),
+        tokens=tokens,
     )

@@ -6,6 +6,10 @@ reconstruction targets. OpenCLIP's own ``VisionTransformer.forward`` only projec
 so :class:`OpenCLIPTeacher` runs the tower from its submodules (``conv1``, ``class_embedding``,
 ``positional_embedding``, ``ln_pre``, ``transformer``, ``ln_post``, ``proj``) and projects all tokens.
 
+With ``tokens="last_block"`` the teacher gives instead the raw output of the last transformer block
+(before ``ln_post``; 768-d for ViT-B/16), as the public MaskDistill reproductions do (Peng et al. 2022,
+arXiv:2210.10615).
+
 Only OpenCLIP's ``VisionTransformer`` tower without attentional pooling is supported; ResNet
 (``ModifiedResNet``) and timm towers raise :class:`NotImplementedError`.
 """
@@ -28,6 +32,7 @@ from semmim.teachers.base import (
     OPENAI_CLIP_STD,
     Teacher,
     capture_input,
+    check_clip_tokens,
     cls_attention_row,
     looks_like_path,
     to_hw,
@@ -66,7 +71,9 @@ class OpenCLIPTeacher(Teacher):
 
     Tokens are ``ln_post(x) @ proj`` for every position of the last layer (MILAN, arXiv:2208.06049).
     Token 0 is the model's image embedding: the projected CLS token for ``pool_type='tok'`` (equal to
-    ``encode_image``), the mean of the projected patch tokens for ``pool_type='avg'``.
+    ``encode_image``), the mean of the projected patch tokens for ``pool_type='avg'``. With
+    ``tokens="last_block"`` they are the last block's raw outputs ``x`` (width W), token 0 its CLS token
+    (``pool_type='tok'``) or the mean of its patch tokens.
 
     Args:
         model: an OpenCLIP ``CLIP`` model (its ``visual`` tower is kept, the text tower dropped) or the
@@ -76,6 +83,7 @@ class OpenCLIPTeacher(Teacher):
         mean: input mean; default the model's preprocess config, else OpenAI CLIP's.
         std: input std; default the model's preprocess config, else OpenAI CLIP's.
         name: model description for logs.
+        tokens: ``proj`` (``ln_post`` then ``proj``) or ``last_block`` (the last block's raw output).
     """
 
     visual: Any
@@ -87,12 +95,15 @@ class OpenCLIPTeacher(Teacher):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         name: str = "open_clip",
+        tokens: str = "proj",
     ) -> None:
         visual = _visual_tower(model)
         _check_supported(visual, name)
+        choice = check_clip_tokens(tokens)
         own_mean, own_std = _preprocess_stats(visual)
         proj = getattr(visual, "proj", None)
-        embed_dim = int(proj.shape[1]) if proj is not None else int(visual.positional_embedding.shape[-1])
+        width = int(visual.positional_embedding.shape[-1])
+        embed_dim = int(proj.shape[1]) if proj is not None and tokens == "proj" else width
         super().__init__(
             embed_dim=embed_dim,
             image_size=to_hw(image_size if image_size is not None else visual.image_size),
@@ -102,6 +113,7 @@ class OpenCLIPTeacher(Teacher):
             name=name,
         )
         self.visual = visual
+        self.tokens = choice
         self.patch_size = to_hw(visual.conv1.kernel_size)
         self.native_grid = (
             self.image_size[0] // self.patch_size[0],
@@ -158,7 +170,7 @@ class OpenCLIPTeacher(Teacher):
         )
 
     def extract(self, x: Tensor, need_attn: bool) -> tuple[Tensor, Tensor | None, tuple[int, int]]:
-        """Projected last-layer tokens (N, 1 + h*w, D_proj) and the CLS attention (N, h*w)."""
+        """Projected (or raw) last-layer tokens (N, 1 + h*w, D) and the CLS attention (N, h*w)."""
         v = self.visual
         feats = v.conv1(x)  # (N, W, h, w)
         grid = (int(feats.shape[-2]), int(feats.shape[-1]))
@@ -170,16 +182,22 @@ class OpenCLIPTeacher(Teacher):
         last = v.transformer.resblocks[-1]
         with capture_input(last, enabled=need_attn) as captured:
             tokens = v.transformer(tokens)  # takes and returns (N, T, W) whatever its batch_first
-        out = v.ln_post(tokens)
-        if v.proj is not None:
-            out = out @ v.proj
-        if getattr(v, "pool_type", "tok") == "avg":
-            if getattr(v, "final_ln_after_pool", False):
-                pooled = v.ln_post(tokens[:, 1:].mean(dim=1))
-                pooled = pooled @ v.proj if v.proj is not None else pooled
-            else:
-                pooled = out[:, 1:].mean(dim=1)
-            out = torch.cat([pooled.unsqueeze(1), out[:, 1:]], dim=1)
+        avg_pool = getattr(v, "pool_type", "tok") == "avg"
+        if self.tokens == "last_block":
+            out = tokens
+            if avg_pool:
+                out = torch.cat([out[:, 1:].mean(dim=1, keepdim=True), out[:, 1:]], dim=1)
+        else:
+            out = v.ln_post(tokens)
+            if v.proj is not None:
+                out = out @ v.proj
+            if avg_pool:
+                if getattr(v, "final_ln_after_pool", False):
+                    pooled = v.ln_post(tokens[:, 1:].mean(dim=1))
+                    pooled = pooled @ v.proj if v.proj is not None else pooled
+                else:
+                    pooled = out[:, 1:].mean(dim=1)
+                out = torch.cat([pooled.unsqueeze(1), out[:, 1:]], dim=1)
         attn = None
         if need_attn:
             blk_in = captured.value
@@ -222,7 +240,9 @@ def load_open_clip_weights(model: nn.Module, path: str | Path) -> None:
         )
 
 
-@TEACHERS.register("open_clip", help="OpenCLIP ViT image tower (MILAN): all tokens after ln_post and proj")
+@TEACHERS.register(
+    "open_clip", help="OpenCLIP ViT image tower (MILAN): all tokens after ln_post and proj, or the last block's"
+)
 def build_open_clip_teacher(
     model: str | None = None,
     pretrained: str | bool | None = None,
@@ -231,6 +251,7 @@ def build_open_clip_teacher(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     model_cfg: dict[str, Any] | None = None,
+    tokens: str = "proj",
     **kwargs: Any,
 ) -> OpenCLIPTeacher:
     """Build an :class:`OpenCLIPTeacher`.
@@ -244,6 +265,8 @@ def build_open_clip_teacher(
         std: input std override.
         model_cfg: instead of ``model``, an OpenCLIP model config (``embed_dim``, ``vision_cfg``,
             ``text_cfg``, ...) for a custom architecture, built with ``open_clip.model.CLIP``.
+        tokens: ``proj`` (every token after ``ln_post`` and ``proj``) or ``last_block`` (the raw output of
+            the last transformer block).
         **kwargs: forwarded to ``open_clip.create_model`` (or the ``CLIP`` constructor).
 
     Returns:
@@ -252,6 +275,7 @@ def build_open_clip_teacher(
     import open_clip
 
     check_loader_kwargs(kwargs, "open_clip teacher kwargs")
+    check_clip_tokens(tokens)
     if pretrained is True:
         raise ValueError("open_clip teacher: pretrained must be a tag such as 'openai' or a checkpoint file")
     tag = pretrained if isinstance(pretrained, str) and pretrained else None
@@ -278,4 +302,6 @@ def build_open_clip_teacher(
     if path is not None:
         load_open_clip_weights(clip, path)
         label += f" from {path}"
-    return OpenCLIPTeacher(clip, image_size=image_size, mean=mean, std=std, name=label)
+    if tokens != "proj":
+        label += f" ({tokens} tokens)"
+    return OpenCLIPTeacher(clip, image_size=image_size, mean=mean, std=std, name=label, tokens=tokens)
