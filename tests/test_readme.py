@@ -391,6 +391,7 @@ NEEDS: dict[str, dict[str, str]] = {
     "evaluation-1": {"runs/mae": "mae", "runs/milan": "milan", "runs/clip": "clip", "runs/supmim": "supmim"},
     "evaluation-2": {"runs/mae": "mae", "tiny_ade": "ade"},
     "evaluation-4": {"my_eval.yaml": "file:my_eval.yaml", "runs/mae": "mae"},
+    "evaluation-5": {"runs/mae": "mae", "runs/milan": "milan"},
     "image-text-data-1": {"my_captions.csv": "captions"},
     "python-api-1": {"runs/teacher": "teacher1"},
     "python-api-3": {"columns.yaml": "file:columns.yaml"},
