@@ -28,6 +28,7 @@ from semmim.eval.config import (
     EVAL_CONFIGS,
     RANDOM_PREFIX,
     EvalDataConfig,
+    SegConfig,
     choices_of,
     data_choices,
     explain_eval_config,
@@ -56,7 +57,7 @@ PROTOCOLS: dict[str, tuple[str, str, str]] = {
     "linear": ("linear probe on frozen features (MAE protocol: BatchNorm + linear, LARS)", "encoder", ""),
     "finetune": ("end-to-end fine-tuning (layer decay, drop path, mixup/cutmix, RandAugment)", "encoder", ""),
     "lowshot": ("linear probe or fine-tuning on 1%% / 10%% of the labels, several seeds", "encoder", ""),
-    "seg": ("semantic segmentation (linear or UPerNet-lite head), mIoU", "encoder", ""),
+    "seg": ("semantic segmentation (frozen quick protocol or fine-tuned UperNet), mIoU", "encoder", ""),
     "classify": (
         "top-1/top-5 of an exported classifier (supmim's classifier.safetensors)",
         "model",
@@ -169,7 +170,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--{key} is required (or --show to print the resolved config)")
     out = args.out
     if out is None and key == "encoder":
-        name = f"seg_{getattr(cfg, 'head', 'linear')}" if protocol == "seg" else protocol
+        from semmim.eval.seg import seg_result_name
+
+        name = seg_result_name(cfg) if isinstance(cfg, SegConfig) else protocol
         out = default_eval_out(target, name)
     metrics = _run(protocol, target, cfg, out)
     return emit_metrics(metrics, out, provenance(cfg, target, key))
@@ -301,6 +304,14 @@ def add_eval_parser(sub: Any) -> None:
             "overrides", nargs="*", metavar="key=value", help="config overrides (e.g. k=10 train_limit=1000)"
         )
         _add_key_flags(sp, cls)
+        if protocol == "seg":  # the old switch, refused with the way to the recipe (resolve_eval_config)
+            sp.add_argument(
+                "--finetune",
+                dest=KEY_PREFIX + "finetune",
+                action="store_true",
+                default=argparse.SUPPRESS,
+                help=argparse.SUPPRESS,
+            )
         for name in LEGACY_FLAGS.get(protocol, ()):
             sp.add_argument(
                 "--" + name.replace("_", "-"),
