@@ -26,13 +26,13 @@ from semmim.eval.seg import (
     LinearSegHead,
     SegMetric,
     SegModel,
-    UPerNetLite,
-    _hook_intermediates,
+    UPerNet,
     feature_indices,
     miou,
     seg_eval,
     vit_intermediates,
 )
+from semmim.eval.seg_common import _hook_intermediates
 
 # --------------------------------------------------------------------------------------------------
 # helpers
@@ -152,7 +152,7 @@ def test_hook_fallback_matches_forward_intermediates() -> None:
 @pytest.mark.parametrize("head_name", ["linear", "upernet"])
 def test_heads_on_tiny_encoder(tiny_teacher_dir: Path, head_name: str) -> None:
     enc, _, _ = load_encoder(tiny_teacher_dir)
-    head = LinearSegHead(48, 5) if head_name == "linear" else UPerNetLite(48, 5, channels=16)
+    head = LinearSegHead(48, 5) if head_name == "linear" else UPerNet(48, 5, channels=16)
     model = SegModel(enc, head, frozen=True).train()
     assert not enc.training and all(not p.requires_grad for p in enc.parameters())
     out = model(torch.randn(2, 3, 16, 16))  # 4x4 patch grid
@@ -165,7 +165,7 @@ def test_heads_on_tiny_encoder(tiny_teacher_dir: Path, head_name: str) -> None:
 @pytest.mark.parametrize(("img", "patch", "grid_sizes"), [(64, 8, [32, 16, 8, 4]), (8, 8, [4, 2, 1, 1])])
 def test_upernet_pyramid_and_grads(img: int, patch: int, grid_sizes: list[int]) -> None:
     enc = _small_vit(img, patch, depth=4)
-    head = UPerNetLite(32, 7, channels=8)
+    head = UPerNet(32, 7, channels=8)
     model = SegModel(enc, head, frozen=False).train()
     assert model.indices == [0, 1, 2, 3]
     x = torch.randn(2, 3, img, img)
@@ -341,6 +341,7 @@ def test_seg_eval_frozen_end_to_end(tiny_teacher_dir: Path, fake_fashion_root: P
     for key in ("protocol", "head", "miou", "pixel_acc", "per_class_iou", "classes", "steps", "train_loss"):
         assert key in out
     assert out["protocol"] == "seg" and out["head"] == "upernet" and out["steps"] == 2  # 8 images / 4 per batch
+    assert out["mode"] == "frozen" and out["channels"] == 8
     assert 0.0 <= out["miou"] <= 100.0 and 0.0 <= out["pixel_acc"] <= 100.0
     assert len(out["per_class_iou"]) == out["num_classes"] == 11 and math.isfinite(out["train_loss"])
     # the same run from the export path is seeded and reproducible
@@ -349,7 +350,7 @@ def test_seg_eval_frozen_end_to_end(tiny_teacher_dir: Path, fake_fashion_root: P
     assert a["miou"] == b["miou"] and a["train_loss"] == b["train_loss"]
 
 
-def test_seg_eval_finetune_and_resize(tiny_teacher_dir: Path, fake_fashion_root: Path) -> None:
+def test_seg_eval_frozen_resizes_the_encoder(tiny_teacher_dir: Path, fake_fashion_root: Path) -> None:
     enc, mean, std = load_encoder(tiny_teacher_dir)
     before = copy.deepcopy(enc.state_dict())
     out = seg_eval(
@@ -357,7 +358,6 @@ def test_seg_eval_finetune_and_resize(tiny_teacher_dir: Path, fake_fashion_root:
         SegConfig(
             root=str(fake_fashion_root),
             head="linear",
-            finetune=True,
             img_size=24,  # not the encoder's 16: position embeddings are resampled to a 6x6 grid
             epochs=1,
             batch_size=4,
@@ -370,7 +370,8 @@ def test_seg_eval_finetune_and_resize(tiny_teacher_dir: Path, fake_fashion_root:
         ),
     )
     assert out["img_size"] == 24 and enc.get_parameter("pos_embed").shape[1] == 1 + 36
-    assert not torch.equal(before["blocks.0.attn.qkv.weight"], enc.state_dict()["blocks.0.attn.qkv.weight"])
+    assert out["mode"] == "frozen" and out["lr"] == 1e-3  # lr: null is the frozen head's 1e-3
+    assert torch.equal(before["blocks.0.attn.qkv.weight"], enc.state_dict()["blocks.0.attn.qkv.weight"])
     with pytest.raises(ValueError, match="patch size"):
         cfg = SegConfig(root=str(fake_fashion_root), img_size=25, mean=mean, std=std, device="cpu", num_workers=0)
         seg_eval(enc, cfg)

@@ -61,7 +61,7 @@ PROTOCOLS: dict[str, tuple[str, str, str]] = {
     "linear": ("linear probe on frozen features (MAE protocol: BatchNorm + linear, LARS)", "encoder", ""),
     "finetune": ("end-to-end fine-tuning (layer decay, drop path, mixup/cutmix, RandAugment)", "encoder", ""),
     "lowshot": ("linear probe or fine-tuning on 1%% / 10%% of the labels, several seeds", "encoder", ""),
-    "seg": ("semantic segmentation (linear or UPerNet-lite head), mIoU", "encoder", ""),
+    "seg": ("semantic segmentation (frozen quick protocol or fine-tuned UperNet), mIoU", "encoder", ""),
     "classify": (
         "top-1/top-5 of an exported classifier (supmim's classifier.safetensors)",
         "model",
@@ -100,10 +100,12 @@ def default_eval_out(encoder: str, protocol: str) -> str | None:
 
 
 def eval_folder(protocol: str, cfg: Any) -> str:
-    """The name of a protocol's results folder in ``RUN/eval``: ``seg_<head>`` for segmentation,
+    """The name of a protocol's results folder in ``RUN/eval``: ``seg_<head>[_finetune]`` for segmentation,
     ``<protocol>_<recipe>`` for a recipe other than ``default``, else the protocol."""
     if protocol == "seg":
-        return f"seg_{getattr(cfg, 'head', 'linear')}"
+        from semmim.eval.seg import seg_result_name
+
+        return seg_result_name(cfg)
     recipe = getattr(cfg, RECIPE_KEY, DEFAULT_RECIPE)
     return protocol if recipe == DEFAULT_RECIPE else f"{protocol}_{recipe}"
 
@@ -324,6 +326,14 @@ def add_eval_parser(sub: Any) -> None:
             "overrides", nargs="*", metavar="key=value", help="config overrides (e.g. k=10 train_limit=1000)"
         )
         _add_key_flags(sp, cls, protocol)
+        if protocol == "seg":  # the old switch, refused with the way to the recipe (resolve_eval_config)
+            sp.add_argument(
+                "--finetune",
+                dest=KEY_PREFIX + "finetune",
+                action="store_true",
+                default=argparse.SUPPRESS,
+                help=argparse.SUPPRESS,
+            )
         for name in LEGACY_FLAGS.get(protocol, ()):
             sp.add_argument(
                 "--" + name.replace("_", "-"),

@@ -32,6 +32,7 @@ __all__ = [
     "ADE20KSeg",
     "FashionMNISTSeg",
     "build_seg_dataset",
+    "seg_source",
 ]
 
 IGNORE_INDEX = 255
@@ -39,6 +40,9 @@ IGNORE_INDEX = 255
 
 SEG_DATASETS = ("fashion_mnist", "ade20k")
 """Names :func:`build_seg_dataset` accepts."""
+
+FASHION_MNIST_SIZE = 28
+"""Height and width of a Fashion-MNIST image."""
 
 SegSample = dict[str, Any]
 
@@ -137,8 +141,8 @@ class FashionMNISTSeg(Dataset[SegSample]):
     def __len__(self) -> int:
         return self._len
 
-    def __getitem__(self, index: int) -> SegSample:
-        """Returns ``{"image": (in_chans, S, S) in [0, 1], "mask": (S, S) int64 in {0, 1 + label}, "index"}``."""
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample ``index`` at ``img_size``: image (in_chans, S, S) in [0, 1], mask (S, S) int64 in {0, 1 + label}."""
         index = check_index(index, len(self))
         gray = torch.from_numpy(np.array(self.base.data[index], dtype=np.float32)) / 255.0  # (28, 28)
         label = int(self.base.targets[index])
@@ -146,7 +150,12 @@ class FashionMNISTSeg(Dataset[SegSample]):
         image, mask = _resize_pair(gray[None], mask, (self.img_size, self.img_size))
         if self.in_chans == 3:
             image = image.expand(3, -1, -1).contiguous()
-        return {"image": image, "mask": mask, "index": index}
+        return image, mask
+
+    def __getitem__(self, index: int) -> SegSample:
+        """Returns ``{"image": (in_chans, S, S) in [0, 1], "mask": (S, S) int64 in {0, 1 + label}, "index"}``."""
+        image, mask = self.load(index)
+        return {"image": image, "mask": mask, "index": check_index(index, len(self))}
 
 
 def _read_label_png(path: Path) -> np.ndarray:
@@ -325,6 +334,23 @@ class ADE20KSeg(Dataset[SegSample]):
         if rng.random() < 0.5:
             image, mask = image.flip(-1), mask.flip(-1)
         return image.contiguous(), mask.contiguous()
+
+
+def seg_source(
+    name: str, root: str | os.PathLike[str] | None, split: str, in_chans: int, limit: int | None = None
+) -> FashionMNISTSeg | ADE20KSeg:
+    """A segmentation dataset whose ``load(i)`` gives a sample untransformed, at its own size.
+
+    Fashion-MNIST at its native :data:`FASHION_MNIST_SIZE`; ADE20K as stored (``reduce_zero_label``).
+    The fine-tuned recipe (:class:`semmim.data.seg_transforms.SegPipeline`) transforms these.
+    """
+    if name == "fashion_mnist":
+        return FashionMNISTSeg(root=root, split=split, img_size=FASHION_MNIST_SIZE, in_chans=in_chans, limit=limit)
+    if name == "ade20k":
+        if root is None:
+            raise ValueError("ADE20K needs root: the ADEChallengeData2016 folder (images/ and annotations/)")
+        return ADE20KSeg(root, split=split, in_chans=in_chans, limit=limit)
+    raise ValueError(f"unknown segmentation dataset '{name}'; choose one of {', '.join(SEG_DATASETS)}")
 
 
 def build_seg_dataset(

@@ -5,7 +5,7 @@
 * :func:`layer_decay_groups`: AdamW groups with layer-wise learning-rate decay (fine-tuning);
 * :class:`LARS`: the linear probe's optimiser;
 * :func:`cosine_lr`, :func:`set_lr`, :func:`clamp_warmup`, :func:`scaled_lr`: the per-step linear warmup +
-  half-cosine schedule and how it is applied.
+  half-cosine schedule and how it is applied; :func:`poly_lr`: the segmentation recipe's poly schedule.
 
 timm has neighbours of these, which are not used because they do not reproduce these numbers:
 ``timm.optim.Lars`` divides by ``||g|| + wd * ||w|| + eps``, adapts either every parameter or none (no
@@ -233,6 +233,31 @@ def cosine_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: float, mi
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def poly_lr(
+    step: int,
+    total_steps: int,
+    warmup_steps: int,
+    peak_lr: float,
+    power: float = 1.0,
+    min_lr: float = 0.0,
+    warmup_ratio: float = 1e-6,
+) -> float:
+    """Poly decay ``(peak_lr - min_lr) * (1 - step / total_steps) ** power + min_lr`` with a linear warmup.
+
+    During the warmup the poly value is scaled by ``warmup_ratio + (1 - warmup_ratio) * step / warmup_steps``
+    (mmcv's ``PolyLrUpdaterHook`` with ``warmup="linear"``, by iteration, as BEiT / MAE's ADE20K runs).
+
+    Examples:
+        >>> poly_lr(0, 100, 10, 1.0), poly_lr(10, 100, 10, 1.0), poly_lr(100, 100, 10, 1.0)
+        (1e-06, 0.9, 0.0)
+    """
+    progress = min(1.0, max(0.0, step / max(1, total_steps)))
+    lr = (peak_lr - min_lr) * (1.0 - progress) ** power + min_lr
+    if warmup_steps > 0 and step < warmup_steps:
+        lr *= warmup_ratio + (1.0 - warmup_ratio) * step / warmup_steps
+    return lr
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

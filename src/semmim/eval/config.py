@@ -21,7 +21,7 @@ Examples:
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -205,40 +205,115 @@ class LowshotConfig(FinetuneRecipe, FrozenFeatures, ProbeSchedule, SplitsConfig)
 
 @dataclass
 class SegConfig(SplitsConfig):
-    """``seg``: semantic segmentation (linear or UPerNet-lite head), mIoU."""
+    """``seg``: semantic segmentation, mIoU: a quick frozen-encoder protocol or the fine-tuned UperNet recipe.
+
+    ``mode: frozen`` (the default, quick) trains a linear or UperNet head on a frozen encoder for a few
+    epochs. ``mode: finetune`` is BEiT / MAE's ADE20K recipe (UperNet 160k, mmseg-free): the encoder is
+    trained end to end with layer-wise lr decay, an auxiliary FCN head, the ADE20K augmentation, poly
+    schedule and sliding-window inference; its defaults are the recipe's numbers (sources in the comments).
+    A key of the other mode is an error (:data:`SEG_MODE_KEYS`).
+    """
+
+    # Sources of the finetune defaults. [mae]: mmseg configs/mae/upernet_mae-base_fp16_8x2_512x512_160k_ade20k.py
+    # (MAE's ADE20K setting, He et al. 2021, arXiv:2111.06377, run with BEiT's code); [beit]: unilm
+    # beit/semantic_segmentation/configs/beit/upernet/upernet_beit_base_12_512_slide_160k_ade20k_pt.py (Bao et al.
+    # 2021, arXiv:2106.08254); [ade]: mmseg configs/_base_/datasets/ade20k.py; [160k]: mmseg schedule_160k.py.
 
     data: str = DEFAULT_DATA
     """fashion_mnist (derived pixel classes) | ade20k."""
     root: str | None = None
     """Dataset root (ade20k: the ADEChallengeData2016 folder); needs data."""
-    batch_size: int = 16
+    batch_size: int = 16  # [mae], [beit]: 8 GPUs x 2 images
     """Images per step (at least 2: BatchNorm in the head)."""
+    mode: str = "frozen"
+    """frozen (quick: frozen encoder + head) | finetune (the fine-tuned UperNet 160k recipe)."""
     head: str = "linear"
-    """linear | upernet."""
-    finetune: bool = False
-    """Train the encoder too (layer-wise lr decay)."""
+    """(frozen) linear | upernet; mode=finetune always trains UperNet + the auxiliary FCN head."""
     epochs: int = 10
-    """Passes over the training split (max_steps stops earlier; with max_steps set, 0 = run max_steps steps)."""
-    lr: float | None = None
-    """Peak lr of the head; null = 1e-3 frozen, 1e-4 fine-tuned."""
-    weight_decay: float = 0.05
-    """AdamW weight decay (not on biases, norms, tokens)."""
-    layer_decay: float = 0.65
-    """Per-block lr decay of the encoder when fine-tuning."""
+    """(frozen) Passes over the training split (with max_steps set, 0 = run max_steps steps)."""
     img_size: int | None = None
-    """Input size; null = the encoder's (ADE20K: e.g. 512)."""
-    channels: int = 256
-    """UPerNet channels."""
+    """(frozen) Input size; null = the encoder's."""
     max_steps: int | None = None
-    """Stop training after N optimiser steps."""
-    warmup_steps: int | None = None
-    """Linear warmup steps; null = 10% of the steps, at most 1500."""
+    """(frozen) Stop training after N optimiser steps."""
+    iters: int = 160000  # [160k], [mae], [beit]
+    """(finetune) Training iterations (the 160k schedule)."""
+    lr: float | None = None  # [mae]: 1e-4 ([beit] uses 7e-4 with relative position bias)
+    """Peak lr; null = 1e-3 (frozen head) or 1e-4 (finetune, MAE's ADE20K setting)."""
+    weight_decay: float = 0.05  # [mae], [beit]
+    """AdamW weight decay (not on biases, norms, tokens)."""
+    warmup_steps: int | None = None  # [mae], [beit]: warmup_iters=1500, linear from 1e-6 x lr
+    """Linear warmup steps; null = 10% of the steps, at most 1500 (frozen) or 1500 (finetune)."""
+    channels: int | None = None  # [mae], [beit]: UPerHead channels=768 for ViT-B (mmseg's base: 512)
+    """UperNet width; null = 256 (frozen) or the encoder's width (finetune: 768 for ViT-B, as BEiT / MAE)."""
+    layer_decay: float = 0.65  # [mae], [beit]: layer_decay_rate=0.65
+    """(finetune) Layer-wise lr decay of the encoder."""
+    drop_path: float = 0.1  # [mae], [beit]: drop_path_rate=0.1
+    """(finetune) Stochastic-depth rate of the encoder (linear over the blocks)."""
+    aux_weight: float = 0.4  # [mae], [beit]: FCNHead in_index=2, loss_weight=0.4
+    """(finetune) Loss weight of the auxiliary FCN head on the third pyramid level (0 = no auxiliary head)."""
+    aux_channels: int = 256  # [mae], [beit]: FCNHead channels=256, num_convs=1
+    """(finetune) Width of the auxiliary FCN head."""
+    poly_power: float = 1.0  # [mae], [beit]: policy=poly, power=1.0
+    """(finetune) Power of the poly lr decay."""
+    min_lr: float = 0.0  # [mae], [beit]
+    """(finetune) lr at the end of the poly decay."""
+    crop_size: int = 512  # [ade], [mae], [beit]
+    """(finetune) Training crop and sliding window (the encoder is resized to it; a multiple of the patch size)."""
+    scale: list[int] | None = None  # [ade]: (2048, 512) for crop 512 (mmseg: (2560, 640) for crop 640)
+    """(finetune) Resize box [long, short] (keep ratio); null = [4 x crop_size, crop_size] ([2048, 512])."""
+    ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])  # [ade]
+    """(finetune) Training rescale: the box scale is multiplied by r ~ U(ratio_range)."""
+    cat_max_ratio: float = 0.75  # [ade]
+    """(finetune) Re-draw a crop (up to 10 times) while one class fills this fraction of it (1 = off)."""
+    flip_prob: float = 0.5  # [ade]
+    """(finetune) Probability of a horizontal flip."""
+    photometric: bool = True  # [ade]: PhotoMetricDistortion with its defaults
+    """(finetune) Photometric distortion (brightness, contrast, saturation, hue; mmseg's)."""
+    slide_stride: int | None = None  # [mae], [beit]: slide 512 / stride 341 (640 / 426)
+    """(finetune) Sliding-window stride at test time; null = crop_size * 2 // 3 (341 for 512)."""
     seed: int = 0
     """Seed of everything random."""
     mean: list[float] | None = None
     """Input normalisation mean; null = the one recorded in the export (else ImageNet's)."""
     std: list[float] | None = None
     """Input normalisation std; null = the one recorded in the export (else ImageNet's)."""
+
+
+SEG_MODES = ("frozen", "finetune")
+"""``seg`` modes: the quick frozen protocol and the fine-tuned UperNet recipe."""
+
+SEG_MODE_KEYS: dict[str, tuple[str, ...]] = {
+    "frozen": ("head", "epochs", "img_size", "max_steps"),
+    "finetune": (
+        "iters",
+        "layer_decay",
+        "drop_path",
+        "aux_weight",
+        "aux_channels",
+        "poly_power",
+        "min_lr",
+        "crop_size",
+        "scale",
+        "ratio_range",
+        "cat_max_ratio",
+        "flip_prob",
+        "photometric",
+        "slide_stride",
+    ),
+}
+"""``seg`` keys that only one mode reads; setting one under the other mode is a :class:`ConfigError`."""
+
+_SEG_INSTEAD = {"epochs": "iters", "max_steps": "iters", "img_size": "crop_size", "iters": "epochs or max_steps"}
+
+SEG_RECIPE_WARMUP = 1500
+"""Warmup iterations of the fine-tuned recipe (BEiT / MAE: ``warmup_iters=1500``, linear from 1e-6 x lr)."""
+
+
+def unused_keys(cfg: EvalDataConfig) -> frozenset[str]:
+    """Keys of ``cfg`` that its run does not read (``seg``: the other mode's keys); left out of ``settings``."""
+    if not isinstance(cfg, SegConfig):
+        return frozenset()
+    return frozenset(k for mode, keys in SEG_MODE_KEYS.items() if mode != cfg.mode for k in keys)
 
 
 @dataclass
@@ -292,6 +367,8 @@ def choices_of(cls: type, key: str) -> tuple[str, ...] | None:
     """The values ``key`` of config class ``cls`` may take, or None for a free value."""
     if key == "pool" and cls is LowshotConfig:
         return ("cls", "mean")
+    if key == "mode" and cls is SegConfig:
+        return SEG_MODES
     return CHOICES.get(key)
 
 
@@ -343,15 +420,54 @@ _COUNTS_AT_LEAST: dict[str, int] = {
     "img_size": 1,
     "channels": 1,
     "encoder_batch_size": 1,
+    "iters": 1,
+    "aux_channels": 1,
+    "crop_size": 1,
+    "slide_stride": 1,
 }
-_NON_NEGATIVE = ("weight_decay", "mixup", "cutmix", "min_lr")
-_POSITIVE = ("temperature", "base_lr", "lr", "clip_grad")
+_NON_NEGATIVE = ("weight_decay", "mixup", "cutmix", "min_lr", "aux_weight")
+_POSITIVE = ("temperature", "base_lr", "lr", "clip_grad", "poly_power")
 
 
-def check_eval_config(cfg: C) -> C:
+def _check_seg(cfg: SegConfig, given: Collection[str]) -> None:
+    """``seg``: no key of the other mode (given, or changed from its default), and a possible recipe."""
+    defaults = SegConfig()
+    changed = {k for keys in SEG_MODE_KEYS.values() for k in keys if getattr(cfg, k) != getattr(defaults, k)}
+    for mode, keys in SEG_MODE_KEYS.items():
+        if mode == cfg.mode:
+            continue
+        for key in keys:
+            if key in given or key in changed:
+                instead = f" (mode={cfg.mode} uses {_SEG_INSTEAD[key]})" if key in _SEG_INSTEAD else ""
+                raise ConfigError(
+                    f"{key} is a mode={mode} key that seg mode={cfg.mode} does not read{instead}: drop it"
+                )
+    if cfg.mode != "finetune":
+        return
+    for key, n in (("scale", 2), ("ratio_range", 2)):
+        value = getattr(cfg, key)
+        if value is not None and (len(value) != n or any(v <= 0 for v in value)):
+            raise ConfigError(f"{key} must be {n} positive numbers, got {value}")
+    if cfg.ratio_range[0] > cfg.ratio_range[1]:
+        raise ConfigError(f"ratio_range must be [low, high] with low <= high, got {cfg.ratio_range}")
+    _in_range(cfg, "cat_max_ratio", 0.0, 1.0, open_low=True)
+    _in_range(cfg, "flip_prob", 0.0, 1.0)
+    if cfg.slide_stride is not None and cfg.slide_stride > cfg.crop_size:
+        raise ConfigError(
+            f"slide_stride={cfg.slide_stride} is larger than crop_size={cfg.crop_size}: windows would leave gaps"
+        )
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else SEG_RECIPE_WARMUP
+    if warmup >= cfg.iters:
+        raise ConfigError(
+            f"warmup_steps={warmup} covers the whole run of iters={cfg.iters}: set warmup_steps below iters"
+        )
+
+
+def check_eval_config(cfg: C, given: Collection[str] = ()) -> C:
     """Refuse impossible values of an evaluation config before any work; returns ``cfg`` normalised.
 
-    ``rand_augment: none`` (or ``''``) becomes ``None``.
+    ``rand_augment: none`` (or ``''``) becomes ``None``. ``given``: the keys the user set (a file, flags,
+    overrides); a ``seg`` key of the other mode is refused when given or changed from its default.
 
     Raises:
         ConfigError: one line naming the first wrong key and what it may be.
@@ -382,6 +498,8 @@ def check_eval_config(cfg: C) -> C:
             f"data='{cfg.data}' is not a segmentation dataset: choose one of {', '.join(SEGMENTATION_DATA)}."
             f"{_close(cfg.data, SEGMENTATION_DATA)}"
         )
+    if isinstance(cfg, SegConfig):
+        _check_seg(cfg, given)
     if "layer_decay" in names:
         _in_range(cfg, "layer_decay", 0.0, 1.0, open_low=True)
     if "drop_path" in names:
@@ -478,6 +596,11 @@ def resolve_eval_config(protocol: str, raw: Mapping[str, Any], where: str = "eva
         )
     if "data" in raw and raw["data"] is None:
         raw.pop("data")
+    if cls is SegConfig and "finetune" in raw:
+        raise ConfigError(
+            f"{where}: seg has no key 'finetune' any more: mode=finetune runs the fine-tuned UperNet recipe "
+            "(mode=frozen, the default, the quick frozen protocol)"
+        )
     if RECIPE_KEY in {f.name for f in fields(cls)}:
         name = raw.get(RECIPE_KEY)
         name = DEFAULT_RECIPE if name is None else name
@@ -492,7 +615,7 @@ def resolve_eval_config(protocol: str, raw: Mapping[str, Any], where: str = "eva
     cfg = OmegaConf.to_object(merged)
     assert isinstance(cfg, EvalDataConfig)
     try:
-        return check_eval_config(cfg)
+        return check_eval_config(cfg, given=raw.keys())
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
 
@@ -573,8 +696,8 @@ def provenance(cfg: EvalDataConfig, encoder: str | os.PathLike[str], key: str = 
     Returns:
         {"measured_on": {key (as given), key + "_path" (absolute), "data", "root" (absolute or None),
         "train_limit", "test_limit" or "split", "limit"}, "settings": every other config key that can
-        change the result (all but :data:`PLUMBING`), sorted}; for a protocol with recipes also
-        "recipe_overrides": the settings whose values depart from the recipe's ``{key: value}``.
+        change the result (all but :data:`PLUMBING` and :func:`unused_keys`), sorted}; for a protocol with
+        recipes also "recipe_overrides": the settings whose values depart from the recipe's ``{key: value}``.
     """
     values = eval_config_dict(cfg)
     measured: dict[str, Any] = {key: str(encoder), f"{key}_path": absolute_spec(encoder)}
@@ -583,7 +706,8 @@ def provenance(cfg: EvalDataConfig, encoder: str | os.PathLike[str], key: str = 
             measured[name] = values[name]
     if measured.get("root") is not None:
         measured["root"] = os.path.abspath(measured["root"])
-    settings = {k: v for k, v in sorted(values.items()) if k not in PLUMBING and k not in MEASURED_ON}
+    skip = PLUMBING | set(MEASURED_ON) | unused_keys(cfg)
+    settings = {k: v for k, v in sorted(values.items()) if k not in skip}
     out: dict[str, Any] = {"measured_on": measured, "settings": settings}
     if RECIPE_KEY in values:
         departed = recipe_overrides(cfg, protocol_of(cfg))
@@ -592,12 +716,16 @@ def provenance(cfg: EvalDataConfig, encoder: str | os.PathLike[str], key: str = 
 
 
 def explain_eval_config(cfg: EvalDataConfig) -> str:
-    """The config as YAML, each key followed by its help (``semmim eval <protocol> --show``)."""
+    """The config as YAML, each key followed by its help (``semmim eval <protocol> --show``); keys the run
+    does not read (:func:`unused_keys`) are left out."""
     import yaml
 
     docs = field_docs(type(cfg))
     lines = []
+    unused = unused_keys(cfg)
     for f in fields(cfg):
+        if f.name in unused:
+            continue
         value = yaml.safe_dump(getattr(cfg, f.name), default_flow_style=True, width=1000)
         text = f"{f.name}: {value.strip().removesuffix('...').strip()}"
         doc = docs.get(f.name, "")
