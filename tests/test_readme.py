@@ -221,6 +221,26 @@ EVAL_LIMITS: dict[str, list[str]] = {
     ],
     "lowshot": ["--train-limit", "1000", "--test-limit", "50", "--epochs", "1", "--num-workers", "0"],
     "seg": ["--train-limit", "16", "--test-limit", "8", "--epochs", "1", "--batch-size", "8", "--num-workers", "0"],
+    "seg_finetune": [
+        "--train-limit",
+        "8",
+        "--test-limit",
+        "2",
+        "--iters",
+        "2",
+        "--warmup-steps",
+        "1",
+        "--crop-size",
+        "32",
+        "--channels",
+        "8",
+        "--aux-channels",
+        "8",
+        "--batch-size",
+        "2",
+        "--num-workers",
+        "0",
+    ],
     "zeroshot": ["--limit", "32", "--num-workers", "0"],
     "classify": ["--limit", "32", "--num-workers", "0"],
 }
@@ -470,8 +490,9 @@ def rewrite(words: list[str], cwd: Path) -> tuple[str, list[str]]:
         if any(a.startswith("trainer.devices=") and a != "trainer.devices=1" for a in overrides):
             return "subprocess", argv
     if argv[:1] == ["eval"] and argv[1] in EVAL_LIMITS:
-        argv += EVAL_LIMITS[argv[1]]
-        if "ade20k" in argv:
+        finetune_seg = argv[1] == "seg" and "finetune" in argv  # --mode finetune reads other keys
+        argv += EVAL_LIMITS["seg_finetune" if finetune_seg else argv[1]]
+        if "ade20k" in argv and not finetune_seg:
             argv += ["--img-size", "32"]
         if "--cache-dir" not in argv and argv[1] in ("knn", "linear", "lowshot"):
             argv += ["--cache-dir", str(cwd / "feature_cache")]
