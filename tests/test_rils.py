@@ -248,3 +248,19 @@ def test_method_prototypes_and_gate_follow_caption_match(duplicates: bool, tmp_p
         assert torch.equal(proto_c, proto_i) and torch.equal(gate_c, gate_i)
     method.gate_correct = False
     assert method.prototypes_and_gate(image, text, captions)[1] is None
+
+
+@pytest.mark.slow
+def test_faithful_rils_run_checkpoints_its_text_tower_and_evaluates_zero_shot(tmp_path: Path) -> None:
+    """Through the engine: the trained tower is in the checkpoint and the export, and zero-shot rebuilds it."""
+    from semmim.engine import pretrain
+    from semmim.eval.config import ZeroshotConfig
+    from semmim.eval.zeroshot import zeroshot_eval
+
+    out = tmp_path / "run"
+    pretrain(load_config(None, faithful_overrides(write_tiny_open_clip(tmp_path / "tower"))), out)
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert any(k.startswith("text_encoder.model.transformer.") for k in ckpt["model"])
+    assert not any(k.startswith("text_proj.") for k in ckpt["model"])  # method.text_head=none
+    metrics = zeroshot_eval(out, ZeroshotConfig(data="synthetic", limit=40, num_workers=0))
+    assert metrics["n_test"] == 40 and 0 <= metrics["top1"] <= 100
