@@ -41,9 +41,11 @@ projection width E_t:
 * MaskDistill: teacher 1*[F_pe_t + d_t*F_block(T, D_t) + F_lin(T, D_t, E_t)]
                + 3*[d*F_block(T, D) + F_lin(L, D, E_t)] + 2*F_pe           (mask-token path: all tokens)
 * RILS:        unmasked pass 3*d*F_block(T, D) + 2*F_pe, masked pass 3*d*F_block(T_v, D) + 2*F_pe,
-               decoder (1 block of width D) 3*[F_lin(T_v, D, D) + F_block(T, D) + F_lin(T, D, E)],
-               projections / InfoNCE / KL over M captions (see :func:`rils_terms`); the locked text
-               tower's embeddings are cached per caption (0 FLOPs per step).
+               decoder (1 block of width D) 3*[F_lin(T_v, D, D) + F_block(T, D) + F_lin(T, D, D)]
+               and its L predictions through the image projection 3*F_lin(L, D, E)
+               (``kl_projection="shared"``; ``"separate"``: the decoder's head is F_lin(T, D, E) instead),
+               projections / InfoNCE / KL over M captions (see :func:`rils_terms`); a locked text
+               tower's embeddings are cached per caption (0 FLOPs per step; a trained tower is not counted).
 * supmim:      unmasked pass 3*d*F_block(T, D) + 2*F_pe + 3*F_lin(1, D, K), masked pass as MAE's
                encoder + MAE decoder of d_dec blocks.
 
@@ -182,6 +184,8 @@ class StepShape:
         text_dim: width of the (cached) text features (RILS).
         embed_dim: width of RILS's joint image-text space.
         captions: captions per batch (the batch size: RILS's prototypes and InfoNCE negatives).
+        kl_projection: RILS's ``method.kl_projection`` (shared: predictions of width D through the projection).
+        text_head: RILS's linear map from the text features to the joint space (``method.text_head=linear``).
         num_classes: supmim's classifier outputs.
         num_masks: masked views per image (``method.num_masks``; MAE, MILAN, MaskDistill).
     """
@@ -197,6 +201,8 @@ class StepShape:
     text_dim: int = 384
     embed_dim: int = 512
     captions: int = 1
+    kl_projection: str = "shared"
+    text_head: bool = True
     num_classes: int = 1000
     num_masks: int = 1
 
@@ -251,10 +257,11 @@ def _mae_decoder_terms(s: StepShape, out_dim: int, dim: int, depth: int) -> list
 def rils_terms(s: StepShape) -> list[FlopTerm]:
     """RILS's projections and losses over M = ``captions`` caption embeddings of width E."""
     e, d, m, length = s.embed_dim, s.encoder.embed_dim, s.captions, s.num_patches
+    text_head = [FlopTerm("text_proj", linear_flops(1, s.text_dim, e), NO_INPUT_GRAD)] if s.text_head else []
     return [
         FlopTerm("image_proj.pooled", linear_flops(1, d, e)),
         FlopTerm("image_proj.patches", linear_flops(length, d, e), FROZEN),  # detached KL target
-        FlopTerm("text_proj", linear_flops(1, s.text_dim, e), NO_INPUT_GRAD),
+        *text_head,
         FlopTerm("info_nce", 2 * linear_flops(1, e, m)),  # image->text and text->image logits
         FlopTerm("retrieval", linear_flops(1, e, m), FROZEN),
         FlopTerm("kl.student", linear_flops(length, e, m), NO_INPUT_GRAD),  # prototypes are detached
@@ -286,7 +293,10 @@ def method_flops(s: StepShape) -> FlopBreakdown:
     elif s.method == "rils":
         out.extend(_encoder_terms(s, t, "encoder.unmasked"))
         out.extend(_encoder_terms(s, tv, "encoder.masked"))
-        out.extend(_mae_decoder_terms(s, s.embed_dim, s.encoder.embed_dim, 1))
+        shared = s.kl_projection == "shared"
+        out.extend(_mae_decoder_terms(s, s.encoder.embed_dim if shared else s.embed_dim, s.encoder.embed_dim, 1))
+        if shared:  # the masked pass's predictions through the image projection (trained by the KL)
+            out.add("image_proj.predictions", linear_flops(s.num_patches, s.encoder.embed_dim, s.embed_dim))
         out.extend(rils_terms(s))
     elif s.method == "supmim":
         out.extend(_encoder_terms(s, t, "encoder.unmasked"))

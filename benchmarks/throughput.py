@@ -392,7 +392,7 @@ def recipe_overrides(
         out += ["teacher.name=timm", f"teacher.path={teacher_dir}", "teacher.model=null", "teacher.pretrained=null"]
         out += ["teacher.tokens=null"]  # the timm stand-in is built with the tokens' shape (teacher_shape)
     if method == "rils":
-        out += ["text.name=minilm", "text.model=null", "text.locked=true"]
+        out += ["text.name=minilm", "text.model=null", "text.locked=true", "method.text_head=linear"]
     if method == "supmim":
         out += ["method.num_classes=1000"]
     if num_masks > 1 and multi_mask(method):
@@ -423,6 +423,8 @@ def step_shape(method: str, cfg: Any, preset: ModelPreset, batch_size: int, text
         text_dim=text_dim,
         embed_dim=getattr(cfg.method, "embed_dim", 0),
         captions=batch_size,
+        kl_projection=getattr(cfg.method, "kl_projection", "shared"),
+        text_head=getattr(cfg.method, "text_head", "linear") == "linear",
         num_classes=getattr(cfg.method, "num_classes", None) or 1000,
         num_masks=int(cfg.method.num_masks),
     )

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -94,9 +95,20 @@ def _grad_cache_step(method: Any, batches: list[dict[str, Any]]) -> tuple[torch.
     return out["loss"], out["logs"]
 
 
-def test_rils_grad_cache_matches_one_batch() -> None:
-    """rils: the effective batch's InfoNCE, prototypes, gate and KL normalisation over 2 halves = 1 batch of 16."""
-    cfg = load_config(None, tiny_overrides("method.name=rils", *LANG, "decoder.depth=1", "method.gate_correct=true"))
+@pytest.mark.parametrize("variant", ["locked_separate", "faithful"])
+def test_rils_grad_cache_matches_one_batch(variant: str, tmp_path: Path) -> None:
+    """rils: the effective batch's InfoNCE, prototypes, gate and KL normalisation over 2 halves = 1 batch of 16,
+    with a locked sentence model and the decoder predicting joint-space tokens, and as published: a trainable
+    random CLIP text tower and the predictions through the shared image projection."""
+    if variant == "faithful":
+        from tests.test_rils import faithful_overrides, write_tiny_open_clip
+
+        over = faithful_overrides(write_tiny_open_clip(tmp_path / "tower"), "method.gate_correct=true")
+    else:
+        over = tiny_overrides(
+            "method.name=rils", *LANG, "decoder.depth=1", "method.gate_correct=true", "method.kl_projection=separate"
+        )
+    cfg = load_config(None, over)
     torch.manual_seed(0)
     method = build_method(cfg)
     method.masker = FixedMasker()
@@ -119,6 +131,9 @@ def test_rils_grad_cache_matches_one_batch() -> None:
     assert set(got) == set(ref)
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-6, msg=n)
+    if variant == "faithful":  # the text tower and the projection are trained through the cached gradients
+        assert any(n.startswith("text_encoder.model.transformer.") for n in got)
+        assert method.kl_projection == "shared" and "image_proj.weight" in got
 
 
 def test_rils_two_micro_batches_train_as_one_batch(tmp_path: Path, monkeypatch: Any) -> None:
@@ -161,24 +176,13 @@ def test_clip_two_gloo_processes_with_grad_cache_match_one_process(tmp_path: Pat
     _assert_same_weights(_weights(tmp_path / "two"), _weights(tmp_path / "one"))
 
 
-def test_grad_cache_resume_is_exact(tmp_path: Path, monkeypatch: Any) -> None:
+def test_grad_cache_resume_is_exact(tmp_path: Path) -> None:
     """A GradCache run interrupted in epoch 1 and resumed equals the uninterrupted run bit for bit.
 
-    The locked text tower's cache is filled one caption at a time here: it encodes a batch's new captions
-    together, and a resumed run (empty cache) groups them differently, which changes the last bits of the
-    text features with or without GradCache (a separate matter from what is tested here).
+    The resumed run's locked-tower cache starts empty and meets its captions in other groups than the
+    uninterrupted run did; their cached features are the same bits all the same (``encode_each``).
     """
-    import semmim.methods.clip as clip
     from tests.test_resume import Crash, _assert_same_run, _crash_at
-
-    features = clip.ImageTextModel.text_features
-
-    def one_at_a_time(self, captions, device):  # type: ignore[no-untyped-def]
-        for c in sorted(set(captions) - set(self._text_cache)):
-            self._text_cache[c] = self.text_encoder.encode([c])[0].float().cpu()
-        return features(self, captions, device)
-
-    monkeypatch.setattr(clip.ImageTextModel, "text_features", one_at_a_time)
 
     # 64 images / (batch 8 x accumulate 2) = 4 optimizer steps per epoch
     over = tiny_overrides(

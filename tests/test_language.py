@@ -13,7 +13,7 @@ from semmim.cli import main
 from semmim.config import load_config
 from semmim.engine.metrics import read_metrics
 from semmim.losses import info_nce, patch_text_kl
-from semmim.methods.rils import retrieval_correct
+from semmim.methods.rils import caption_rows, retrieval_correct
 from tests.conftest import tiny_overrides
 
 LANG = ("data.captions=templates", "method.embed_dim=16", "text.name=minilm", "text.locked=true")
@@ -77,7 +77,8 @@ def test_retrieval_gate_compares_caption_text() -> None:
     image = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     text = torch.tensor([[1.0, 0.0], [0.9, 0.1], [1.0, 0.0]])
     caps = ["a photo of a bag.", "a photo of a bag.", "a photo of a coat."]
-    gate = retrieval_correct(image, text, caps, caps)
+    same = torch.tensor(caption_rows(caps))
+    gate = retrieval_correct(image, text, torch.arange(3), same)
     # image 1 retrieves caption 0, which reads the same as its own: correct; image 2 retrieves a bag: wrong
     assert gate.tolist() == [1.0, 1.0, 0.0]
 

@@ -128,6 +128,47 @@ def test_minilm_missing_package(monkeypatch: pytest.MonkeyPatch) -> None:
         TEXT_ENCODERS.build("minilm", model="bert-base-uncased")
 
 
+def test_encode_each_gives_a_text_the_same_bits_whatever_is_encoded_with_it(minilm: TextEncoder) -> None:
+    """A locked tower's cache holds ``encode_each`` embeddings: a caption's numbers may not depend on which
+    captions were new in the same step (a resumed run groups them differently)."""
+    long = "a long caption about a red running shoe on a wooden floor next to a sleeping dog " * 3
+    texts = [SNEAKER, SHOE, DRESS, STOCKS, long]
+    others = [f"caption {i}: " + "a photo of something else " * (i % 7) for i in range(70)]  # > 1 chunk per length
+    alone = torch.cat([minilm.encode_each([t]) for t in texts])
+    together = minilm.encode_each(texts)
+    crowded = minilm.encode_each([*others[:33], *texts[::-1], *others[33:]])[33 : 33 + len(texts)].flip(0)
+    assert torch.equal(together, alone) and torch.equal(crowded, alone)
+    # the encoder's embedding all the same (padding changes nothing but float noise)
+    torch.testing.assert_close(together, minilm.encode(texts), atol=1e-5, rtol=0)
+    assert minilm.encode_each([]).shape == (0, 384)
+    # batched inference is what differs: its padding and batch size follow the other texts
+    batched = minilm.encode([*others[:33], *texts])[33:]
+    assert not torch.equal(batched, alone)
+
+
+def test_encode_each_fixed_context_and_fallback(tiny_bert_dir: Path) -> None:
+    """A fixed-context tower (open_clip) goes by chunks of its context; an encoder that pads to the longest
+    text without saying its token counts is run one text at a time."""
+    texts = ["a cat.", "a much longer sentence with many more tokens in it than the first.", "a dog on a mat."]
+    torch.manual_seed(0)
+    clip = build_text_encoder("open_clip", model_cfg=TINY_CLIP_CFG)
+    alone = torch.cat([clip.encode_each([t]) for t in texts])
+    assert torch.equal(clip.encode_each(texts), alone)
+    assert torch.equal(clip.encode_each([*texts, *(f"text {i}" for i in range(40))])[:3], alone)
+
+    class Plain(HFTextEncoder):
+        def token_counts(self, texts):  # type: ignore[no-untyped-def]
+            return None
+
+        def tokenize_padded(self, texts, length):  # type: ignore[no-untyped-def]
+            return self.tokenize(texts)  # pads to the longest text, not to ``length``
+
+    enc = build_text_encoder("hf", model=str(tiny_bert_dir))
+    plain = Plain(enc.model, enc.tokenizer)
+    alone = torch.cat([plain(plain.tokenize([t])) for t in texts]).detach()
+    assert torch.equal(plain.encode_each(texts), alone)
+
+
 # -- 2. lock ------------------------------------------------------------------------------------------
 def test_lock_freezes(tiny_bert: TextEncoder) -> None:
     assert tiny_bert.lock() is tiny_bert
@@ -185,8 +226,12 @@ def test_open_clip_tiny_matches_encode_text(tmp_path: Path) -> None:
     # a tokenized dict is accepted as well
     torch.testing.assert_close(enc(enc.tokenize(texts)), out, atol=0, rtol=0)
 
-    with pytest.raises(ValueError, match="context length"):
-        build_text_encoder("open_clip", model_cfg=TINY_CLIP_CFG, max_length=8)
+    # weights fix the context; a randomly initialised tower is built with the context asked for
+    with pytest.raises(ValueError, match=r"context of exactly 16 tokens.*max_length=8"):
+        build_text_encoder("open_clip", model_cfg=TINY_CLIP_CFG, path=str(ckpt), max_length=8)
+    short = build_text_encoder("open_clip", model_cfg=TINY_CLIP_CFG, max_length=8)
+    assert short.max_length == 8 and short.tokenize(texts)["input_ids"].shape == (3, 8)
+    assert short(texts).shape == (3, 24)
     with pytest.raises(FileNotFoundError, match=r"missing\.pt"):
         build_text_encoder("open_clip", model_cfg=TINY_CLIP_CFG, path=str(tmp_path / "missing.pt"))
 

@@ -239,9 +239,16 @@ class TextConfig:
     name: str = "minilm"
     """Registered text encoder: minilm | hf | open_clip."""
     model: str | None = None
+    """open_clip architecture (ViT-B-16-quickgelu, local-dir:DIR) or Hugging Face model (hub name or directory)."""
     pretrained: str | None = None
+    """open_clip pretrained tag or checkpoint file (null = random initialisation, to train with locked=false);
+    minilm/hf: false = random weights."""
     path: str | None = None
-    max_length: int = 64
+    """Local weights file (open_clip) or model directory (hf) to load."""
+    max_length: int | None = None
+    """Most tokens per caption; null = the tower's own (open_clip: its context length, 77 for CLIP; minilm: 256;
+    hf: the model's limit). A randomly initialised open_clip tower is built with this context length; one with
+    weights takes only its own."""
     locked: bool = True
     """Freeze the text tower (LiT, Zhai et al. 2022): its embeddings are cached per caption."""
 
@@ -658,6 +665,7 @@ _AT_LEAST: dict[str, int] = {
     "trainer.knn_train_limit": 1,
     "trainer.knn_test_limit": 1,
     "method.num_masks": 1,
+    "text.max_length": 1,
 }
 """Lower bounds of counts and intervals: a zero step count or interval is an error before any work (a
 ``None`` value means "not set" and is not checked)."""
@@ -793,6 +801,30 @@ def validate(cfg: Config) -> None:
     from semmim.teachers.base import check_teacher_config  # teacher keys that name two teachers / weights
 
     check_teacher_config(cfg.teacher)
+    if method_cls.uses_text(cfg):
+        _check_text(cfg.text)
+
+
+def _check_text(t: TextConfig) -> None:
+    """A text tower that cannot be what the ``text`` section asks: checked from the keys alone (no model built)."""
+    if t.name != "open_clip":
+        return
+    from semmim.text.openclip_text import open_clip_context_length
+
+    pretrained = t.pretrained is not None and t.pretrained.strip().lower() not in ("", "false", "none", "no", "0")
+    own = str(t.model or "").startswith(("hf-hub:", "local-dir:"))  # such a model may bring its weights
+    if t.locked and not (pretrained or t.path is not None or own):
+        raise ConfigError(
+            f"text.locked=true with text.pretrained and text.path unset: the open_clip tower '{t.model}' would stay at "
+            "its random initialisation; set text.pretrained (e.g. openai) or text.locked=false to train it"
+        )
+    if t.max_length is not None and (pretrained or t.path is not None):
+        context = open_clip_context_length(t.model)
+        if context is not None and context != t.max_length:
+            raise ConfigError(
+                f"text.max_length={t.max_length}: the pretrained open_clip tower '{t.model}' takes a context of "
+                f"exactly {context} tokens; remove text.max_length (null = the tower's own)"
+            )
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

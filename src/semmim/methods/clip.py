@@ -67,6 +67,9 @@ class ImageTextModel(Method):
         locked_text: freeze the text tower; its embeddings are then cached per caption.
         pool: image embedding from "cls" or "mean" of the patch tokens.
         mean, std: image input normalisation.
+        text_head: a linear map from the text tower's output to the joint space (``text_proj``); False = the
+            tower's output is the text embedding (its width must be ``embed_dim``; CLIP's own text transformer
+            ends in such a projection).
     """
 
     needs_captions = True
@@ -97,6 +100,7 @@ class ImageTextModel(Method):
         pool: str,
         mean: list[float],
         std: list[float],
+        text_head: bool = True,
     ) -> None:
         super().__init__(encoder, mean, std)
         if pool not in ("cls", "mean"):
@@ -108,20 +112,32 @@ class ImageTextModel(Method):
             text_encoder.lock()  # type: ignore[operator]
             self.frozen_prefixes = (*Method.frozen_prefixes, "text_encoder.")
         self.image_proj = nn.Linear(encoder.embed_dim, embed_dim, bias=False)
-        self.text_proj = nn.Linear(int(text_encoder.embed_dim), embed_dim, bias=False)  # type: ignore[arg-type]
         nn.init.normal_(self.image_proj.weight, std=encoder.embed_dim**-0.5)
-        nn.init.normal_(self.text_proj.weight, std=int(text_encoder.embed_dim) ** -0.5)  # type: ignore[arg-type]
+        text_dim = int(text_encoder.embed_dim)  # type: ignore[arg-type]
+        self.text_proj: nn.Module = nn.Identity()
+        if text_head:
+            self.text_proj = nn.Linear(text_dim, embed_dim, bias=False)
+            nn.init.normal_(self.text_proj.weight, std=text_dim**-0.5)
+        elif text_dim != embed_dim:
+            raise ConfigError(
+                f"method.text_head=none: the text tower gives {text_dim} values per caption, but method.embed_dim="
+                f"{embed_dim}; set method.embed_dim={text_dim} or method.text_head=linear"
+            )
         self.contrastive = InfoNCE(init_temperature)
         self._text_cache: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------ towers
     def text_features(self, captions: Sequence[str], device: torch.device) -> Tensor:
-        """(M,) captions -> (M, D_text) text-tower features (cached per caption when locked)."""
+        """(M,) captions -> (M, D_text) text-tower features (cached per caption when locked).
+
+        A cached caption's features depend on that caption alone, not on which captions were new in the same
+        step (``encode_each``), so a resumed run, whose cache starts empty, gets the same numbers.
+        """
         if not self.locked_text:
             return self.text_encoder(list(captions)).float()
-        missing = sorted({c for c in captions if c not in self._text_cache})
+        missing = list(dict.fromkeys(c for c in captions if c not in self._text_cache))
         if missing:
-            feats = self.text_encoder.encode(missing)  # type: ignore[operator]
+            feats = self.text_encoder.encode_each(missing)  # type: ignore[operator]
             self._text_cache.update({c: f.float().cpu() for c, f in zip(missing, feats, strict=True)})
         return torch.stack([self._text_cache[c] for c in captions]).to(device)
 

@@ -10,8 +10,9 @@ Importing this package registers the encoders in :data:`semmim.registry.TEXT_ENC
 Build one with
 ``build_text_encoder(name, model=..., pretrained=..., path=..., max_length=..., locked=..., normalize=...)``
 (or ``TEXT_ENCODERS.build(...)``) and call it as ``enc(list_of_strings)`` -> (N, D), or
-``enc.encode(texts)`` for batched, gradient-free inference. Embeddings are not L2-normalised unless
-``normalize=True``; ``enc.lock()`` freezes the encoder like a frozen teacher.
+``enc.encode(texts)`` for batched, gradient-free inference (``enc.encode_each(texts)`` when a text's
+embedding must not depend on the texts encoded with it, as in a cache). Embeddings are not L2-normalised
+unless ``normalize=True``; ``enc.lock()`` freezes the encoder like a frozen teacher.
 """
 
 from semmim.text.base import DEFAULT_TEXT_ENCODER, TextEncoder, TextInput, build_text_encoder

@@ -9,8 +9,9 @@ strings::
 
 Subclasses implement :meth:`TextEncoder.tokenize` (strings -> CPU tensors) and
 :meth:`TextEncoder.embed` (tokens on the module's device -> (N, D) embeddings); the base class handles
-device placement, locking (a frozen encoder, like a frozen teacher), optional L2 normalisation and
-batched inference (:meth:`TextEncoder.encode`).
+device placement, locking (a frozen encoder, like a frozen teacher), optional L2 normalisation,
+batched inference (:meth:`TextEncoder.encode`) and inference whose result for a text does not depend on
+the other texts encoded with it (:meth:`TextEncoder.encode_each`, for caches of locked towers).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from semmim.teachers.base import looks_like_path
 
 __all__ = [
     "DEFAULT_TEXT_ENCODER",
+    "EACH_ROWS",
     "TextEncoder",
     "TextInput",
     "build_text_encoder",
@@ -36,6 +38,12 @@ __all__ = [
 
 DEFAULT_TEXT_ENCODER = "minilm"
 """Name of the text encoder used when a config names none (offline all-MiniLM-L6-v2, D = 384)."""
+
+EACH_ROWS = 32
+"""Texts per forward pass of :meth:`TextEncoder.encode_each` (a chunk is always this many rows)."""
+
+EACH_MIN_TOKENS = 16
+"""Shortest padded length of :meth:`TextEncoder.encode_each` (lengths are 16, 32, 64, ... up to max_length)."""
 
 TextInput = str | Sequence[str] | Mapping[str, Tensor]
 """What :meth:`TextEncoder.forward` accepts: strings, or the output of :meth:`TextEncoder.tokenize`."""
@@ -97,6 +105,18 @@ class TextEncoder(nn.Module):
             A dict of CPU tensors of shape (N, L), e.g. ``input_ids`` and ``attention_mask``.
         """
         raise NotImplementedError
+
+    def token_counts(self, texts: Sequence[str]) -> list[int] | None:
+        """Subclass hook: tokens of each text after truncation, or ``None`` when :meth:`tokenize` always gives
+        :attr:`max_length` tokens (a fixed context, as CLIP's). An encoder that pads to the longest text
+        implements this and :meth:`tokenize_padded`, for :meth:`encode_each`.
+        """
+        return None
+
+    def tokenize_padded(self, texts: Sequence[str], length: int) -> dict[str, Tensor]:
+        """Subclass hook: like :meth:`tokenize`, but padded to exactly ``length`` tokens (each text has at most
+        that many, see :meth:`token_counts`). The default is :meth:`tokenize` (a fixed context)."""
+        return self.tokenize(texts)
 
     def embed(self, tokens: Mapping[str, Tensor]) -> Tensor:
         """Subclass hook: sentence embeddings for tokens already on the module's device.
@@ -187,6 +207,52 @@ class TextEncoder(nn.Module):
         if not chunks:
             return torch.empty(0, self.embed_dim, dtype=torch.float32)
         return torch.cat(chunks, dim=0)
+
+    @torch.no_grad()
+    def encode_each(self, texts: Sequence[str]) -> Tensor:
+        """Embed texts in eval mode, without gradients, so that a text's embedding depends on that text only.
+
+        Batched inference is not exact: padding to the longest text of a batch and the batch's size change
+        the last bits of every row. Here every forward pass has a shape fixed by the text alone: texts are
+        padded to the first of 16, 32, 64, ... (capped at :attr:`max_length`) that holds them, and texts of
+        one padded length go through in chunks of exactly :data:`EACH_ROWS` rows (the last chunk filled up
+        with copies). A caption cached by a locked tower therefore gets the same numbers whichever captions
+        were new in the same step (a resumed run equals the uninterrupted one). Encoders that pad otherwise
+        and say nothing of their token counts are run one text at a time.
+
+        Args:
+            texts: N strings.
+
+        Returns:
+            (N, D) float32 embeddings on the CPU.
+        """
+        items = list(texts)
+        out = torch.empty(len(items), self.embed_dim, dtype=torch.float32)
+        if not items:
+            return out
+        counts = self.token_counts(items)
+        groups: dict[int, list[int]] = {}
+        for i, n in enumerate(counts if counts is not None else [self.max_length] * len(items)):
+            length = EACH_MIN_TOKENS
+            while length < n:
+                length *= 2
+            groups.setdefault(min(length, self.max_length), []).append(i)
+        was_training = self.training
+        self.eval()
+        try:
+            for length, rows in groups.items():
+                for start in range(0, len(rows), EACH_ROWS):
+                    part = rows[start : start + EACH_ROWS]
+                    chunk = [items[i] for i in part] + [items[part[0]]] * (EACH_ROWS - len(part))
+                    tokens = self.tokenize_padded(chunk, length)
+                    if any(v.dim() < 2 or v.shape[1] != length for v in tokens.values()):  # pads otherwise
+                        for i in part:
+                            out[i] = self(self.tokenize([items[i]]))[0].cpu()
+                        continue
+                    out[part] = self(tokens)[: len(part)].cpu()
+        finally:
+            self.train(was_training)
+        return out
 
     def describe(self) -> str:
         """One line naming the model, its output width, token budget and state."""

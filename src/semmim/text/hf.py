@@ -63,9 +63,9 @@ class HFTextEncoder(TextEncoder):
         model: a ``transformers`` model returning ``last_hidden_state`` (``AutoModel`` output). For an
             encoder-decoder model the encoder (``get_encoder()``) is kept.
         tokenizer: the matching ``transformers`` tokenizer.
-        max_length: most tokens per text, special tokens included; default the smallest of the
-            tokenizer's ``model_max_length`` and the config's ``max_position_embeddings`` (512 if neither
-            is known).
+        max_length: most tokens per text, special tokens included; default (and largest allowed) the
+            smallest of the tokenizer's ``model_max_length`` and the config's ``max_position_embeddings``
+            (512 if neither is known).
         name: model description for :meth:`describe`.
         normalize: L2-normalise the embeddings (sentence-transformers' ``Normalize`` module).
 
@@ -91,9 +91,15 @@ class HFTextEncoder(TextEncoder):
         width = getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
         if width is None:
             raise ValueError(f"{name}: cannot tell the hidden size of {type(net).__name__} from its config")
+        limit = self._default_max_length(tokenizer, config)
+        if max_length is not None and int(max_length) > limit:
+            raise ValueError(
+                f"{name}: max_length={max_length} is more tokens than the model takes ({limit}); "
+                "leave it unset (null) for the model's own limit, or give at most that"
+            )
         super().__init__(
             embed_dim=int(width),
-            max_length=max_length if max_length is not None else self._default_max_length(tokenizer, config),
+            max_length=max_length if max_length is not None else limit,
             name=name,
             normalize=normalize,
         )
@@ -130,6 +136,16 @@ class HFTextEncoder(TextEncoder):
             max_length=self.max_length,
             return_tensors="pt",
         )
+        return {k: v for k, v in enc.items() if isinstance(v, Tensor)}
+
+    def token_counts(self, texts: Sequence[str]) -> list[int]:
+        """Tokens of each text, special tokens included, after truncation at :attr:`max_length`."""
+        ids = self.tokenizer(list(texts), padding=False, truncation=True, max_length=self.max_length)["input_ids"]
+        return [len(x) for x in ids]
+
+    def tokenize_padded(self, texts: Sequence[str], length: int) -> dict[str, Tensor]:
+        """As :meth:`tokenize`, padded to exactly ``length`` tokens (``length`` <= :attr:`max_length`)."""
+        enc = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=length, return_tensors="pt")
         return {k: v for k, v in enc.items() if isinstance(v, Tensor)}
 
     def embed(self, tokens: Mapping[str, Tensor]) -> Tensor:

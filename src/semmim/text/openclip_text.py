@@ -25,7 +25,12 @@ from semmim.export import load_state_dict_file
 from semmim.registry import TEXT_ENCODERS
 from semmim.text.base import TextEncoder, looks_like_path, parse_flag
 
-__all__ = ["OpenCLIPTextEncoder", "build_open_clip_text_encoder", "load_open_clip_text_weights"]
+__all__ = [
+    "OpenCLIPTextEncoder",
+    "build_open_clip_text_encoder",
+    "load_open_clip_text_weights",
+    "open_clip_context_length",
+]
 
 # parts of an open_clip model that ``encode_text`` does not use
 _NON_TEXT_PARTS = ("visual", "text_decoder", "logit_scale", "logit_bias")
@@ -62,6 +67,34 @@ def _tokenizer_from_cfg(text_cfg: Mapping[str, Any], context_length: int) -> Any
     if hf_name:
         return HFTokenizer(hf_name, context_length=context_length, tokenizer_mode=text_cfg.get("tokenizer_mode"))
     return SimpleTokenizer(context_length=context_length, **kwargs)
+
+
+def _as_dict(cfg: Any) -> dict[str, Any]:
+    """A ``text_cfg`` given as a mapping or a dataclass, as a dict."""
+    if cfg is None:
+        return {}
+    return dict(cfg) if isinstance(cfg, Mapping) else dict(vars(cfg))
+
+
+def _carries_weights(model: str) -> bool:
+    """Whether an OpenCLIP model name brings its own weights (``hf-hub:`` and ``local-dir:`` ones may)."""
+    return model.startswith(("hf-hub:", "local-dir:"))
+
+
+def open_clip_context_length(model: str | None) -> int | None:
+    """The context length of an OpenCLIP architecture from its config alone (no model built, no network):
+    a built-in name or ``local-dir:DIR``; ``None`` when it cannot be told this way (``hf-hub:``, unknown)."""
+    if not model or model.startswith("hf-hub:"):
+        return None
+    try:
+        import open_clip
+
+        cfg = open_clip.get_model_config(model)
+    except (OSError, ValueError, ImportError):
+        return None
+    if not isinstance(cfg, Mapping):
+        return None
+    return int(_as_dict(cfg.get("text_cfg")).get("context_length", 77))
 
 
 class OpenCLIPTextEncoder(TextEncoder):
@@ -171,9 +204,12 @@ def build_open_clip_text_encoder(
 
     Args:
         model: OpenCLIP architecture (``ViT-B-16``, ``hf-hub:...``, ``local-dir:...``).
-        pretrained: an OpenCLIP pretrained tag (``openai``, ``laion2b_s34b_b88k``) or a checkpoint file.
+        pretrained: an OpenCLIP pretrained tag (``openai``, ``laion2b_s34b_b88k``) or a checkpoint file;
+            unset = random initialisation (a tower trained from scratch, as RILS's).
         path: a local checkpoint file (full CLIP state dict) loaded after creation.
-        max_length: must equal the model's context length if given (text towers have a fixed context).
+        max_length: the context length. A randomly initialised tower (no ``pretrained``, no ``path``) is
+            built with it (default the architecture's own, 77 for CLIP); a tower with weights takes only its
+            own, so a different value is an error.
         locked: freeze the encoder; default ``False``.
         normalize: L2-normalise the embeddings; default ``False``.
         model_cfg: instead of ``model``, an OpenCLIP model config (``embed_dim``, ``vision_cfg``,
@@ -199,23 +235,29 @@ def build_open_clip_text_encoder(
     if path is not None and not Path(os.fspath(path)).expanduser().is_file():
         raise FileNotFoundError(f"open_clip text encoder checkpoint not found: {Path(os.fspath(path)).expanduser()}")
 
+    # a randomly initialised tower (no weights to load) is built with the context length asked for
+    context = int(max_length) if max_length is not None and tag is None and path is None else None
+    if model is not None and model_cfg is None and context is not None and _carries_weights(model):
+        context = None
     if model_cfg is not None:
         if tag is not None:
             raise ValueError("open_clip text encoder: a pretrained tag needs a model name, not model_cfg")
         from open_clip.model import CLIP, CustomTextCLIP
 
         cfg = {**model_cfg, **kwargs}
+        if context is not None:
+            cfg["text_cfg"] = {**_as_dict(cfg.get("text_cfg")), "context_length": context}
         cls = CustomTextCLIP if cfg.pop("custom_text", False) else CLIP
         clip = cls(**cfg)
-        text_cfg = cfg.get("text_cfg") or {}
-        if not isinstance(text_cfg, Mapping):
-            text_cfg = vars(text_cfg)
-        tokenizer = _tokenizer_from_cfg(text_cfg, int(clip.context_length))
+        tokenizer = _tokenizer_from_cfg(_as_dict(cfg.get("text_cfg")), int(clip.context_length))
         label = "open_clip custom"
     elif model is not None:
+        if context is not None:
+            kwargs = {**kwargs, "force_context_length": context}
         clip = open_clip.create_model(model, pretrained=tag, **kwargs)
-        tokenizer = open_clip.get_tokenizer(model)
-        label = f"open_clip {model}" + (f" ({tag})" if tag else "")
+        tokenizer = open_clip.get_tokenizer(model, context_length=context)
+        fresh = tag is None and path is None and not _carries_weights(model)
+        label = f"open_clip {model}" + (f" ({tag})" if tag else " (random init)" if fresh else "")
     else:
         raise ValueError("open_clip text encoder: give model= (an OpenCLIP architecture name) or model_cfg=")
     _strip_non_text(clip)
@@ -225,8 +267,8 @@ def build_open_clip_text_encoder(
     enc = OpenCLIPTextEncoder(clip, tokenizer, name=label, normalize=parse_flag(normalize, False))
     if max_length is not None and int(max_length) != enc.max_length:
         raise ValueError(
-            f"open_clip text encoder: {label} has a fixed context length of {enc.max_length} tokens; "
-            f"max_length={max_length} is not supported"
+            f"open_clip text encoder: {label} takes a context of exactly {enc.max_length} tokens (fixed by its "
+            f"weights or its model directory); max_length={max_length} does not fit (leave it unset: the tower's own)"
         )
     if parse_flag(locked, False):
         enc.lock()
