@@ -266,3 +266,20 @@ def test_a_saved_run_that_predates_a_default_loads_as_it_trained(
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
     assert load_run(tmp_path).cfg.decoder["prompt_norm"] is False
     assert "note" not in capsys.readouterr().err
+
+
+def test_a_saved_rils_run_keeps_its_separate_kl_head(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """RILS runs saved before method.kl_projection existed predicted joint-space tokens themselves."""
+    import yaml
+
+    from semmim.config import to_dict
+    from semmim.run import load_run
+    from tests.conftest import method_overrides
+
+    cfg = load_config(None, method_overrides("rils"))
+    assert cfg.method.kl_projection == "shared"
+    raw = to_dict(cfg)
+    del raw["method"]["kl_projection"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
+    assert load_run(tmp_path).cfg.method.kl_projection == "separate"
+    assert "method.kl_projection=separate" in capsys.readouterr().err

@@ -612,6 +612,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 #: predates it), and reading it with today's default would silently rebuild a different model.
 CHANGED_DEFAULTS: tuple[tuple[str, str | None, str, Any, str], ...] = (
     ("decoder", "prompting", "prompt_norm", True, "0.2"),
+    ("method", "rils", "kl_projection", "separate", "0.2"),
 )
 
 
