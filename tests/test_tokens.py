@@ -111,6 +111,21 @@ def test_kmeans_reseeds_dead_centroids() -> None:
     assert sorted(res.counts.tolist()) == [1, 3, 40]  # every code ends up in use
 
 
+def test_reservoir_keeps_a_seeded_uniform_sample_of_a_stream() -> None:
+    from semmim.tokenizers.build import Reservoir
+
+    def draw(seed: int) -> torch.Tensor:
+        r = Reservoir(200, seed)
+        for start in range(0, 4000, 128):  # blocks of rows 0..3999, the value of a row is its index
+            r.add(torch.arange(start, min(start + 128, 4000)).float()[:, None])
+        assert r.seen == 4000
+        return r.sample()[:, 0]
+
+    a, b, c = draw(0), draw(0), draw(1)
+    assert a.shape == (200,) and a.unique().numel() == 200 and torch.equal(a, b) and not torch.equal(a, c)
+    assert 1700 < a.mean().item() < 2300 and (a < 2000).sum().item() in range(70, 131)  # spread over the stream
+
+
 def test_code_usage_and_perplexity() -> None:
     assert code_usage(torch.tensor([5, 5, 0, 0])) == (0.5, pytest.approx(2.0))
     usage, ppl = code_usage(torch.tensor([1, 2, 3, 4]))
@@ -387,14 +402,15 @@ def reference_codes(s: dict[str, torch.Tensor], images: torch.Tensor, num_heads:
         q, k, v = F.linear(h, s[b + "attn.qkv.weight"], bias).reshape(n, -1, 3, num_heads, hd).permute(2, 0, 3, 1, 4)
         attn = ((q * hd**-0.5) @ k.transpose(-2, -1)).softmax(-1)
         o = (attn @ v).transpose(1, 2).reshape(n, -1, width)
-        x = x + F.linear(o, s[b + "attn.proj.weight"], s[b + "attn.proj.bias"])
+        g1, g2 = s.get(b + "gamma_1", torch.ones(width)), s.get(b + "gamma_2", torch.ones(width))  # LayerScale
+        x = x + g1 * F.linear(o, s[b + "attn.proj.weight"], s[b + "attn.proj.bias"])
         h = F.layer_norm(x, (width,), s[b + "norm2.weight"], s[b + "norm2.bias"], eps=1e-6)
-        x = x + F.linear(
-            F.gelu(F.linear(h, s[b + "mlp.fc1.weight"], s[b + "mlp.fc1.bias"])),
-            s[b + "mlp.fc2.weight"],
-            s[b + "mlp.fc2.bias"],
-        )
-    t = F.layer_norm(x[:, 1:], (width,), s["encoder.fc_norm.weight"], s["encoder.fc_norm.bias"], eps=1e-6)
+        h = F.linear(F.gelu(F.linear(h, s[b + "mlp.fc1.weight"], s[b + "mlp.fc1.bias"])), s[b + "mlp.fc2.weight"])
+        x = x + g2 * (h + s[b + "mlp.fc2.bias"])
+    if "encoder.fc_norm.weight" in s:  # mean pooling (the released tokenizers): fc_norm on the patch tokens
+        t = F.layer_norm(x[:, 1:], (width,), s["encoder.fc_norm.weight"], s["encoder.fc_norm.bias"], eps=1e-6)
+    else:  # no mean pooling: the final norm over all tokens, then the patch tokens
+        t = F.layer_norm(x, (width,), s["encoder.norm.weight"], s["encoder.norm.bias"], eps=1e-6)[:, 1:]
     z = F.linear(
         torch.tanh(F.linear(t, s["encode_task_layer.0.weight"], s["encode_task_layer.0.bias"])),
         s["encode_task_layer.2.weight"],
@@ -441,6 +457,21 @@ def test_vqkd_checkpoint_codes_equal_the_hand_computation(tmp_path: Path) -> Non
         )
     )
     assert torch.equal(st.target(images, st.grid).tokens, expected)
+
+
+def test_vqkd_variants_layer_scale_and_final_norm(tmp_path: Path) -> None:
+    """modeling_finetune's other switches: LayerScale (gamma_1/2 with init_values > 0), no mean pooling (norm)."""
+    state = tiny_vqkd_state(seed=1)
+    for i in range(2):
+        state[f"encoder.blocks.{i}.gamma_1"] = torch.rand(32) + 0.5
+        state[f"encoder.blocks.{i}.gamma_2"] = torch.rand(32) + 0.5
+    state["encoder.norm.weight"] = state.pop("encoder.fc_norm.weight")
+    state["encoder.norm.bias"] = state.pop("encoder.fc_norm.bias")
+    path = _save_pth(state, tmp_path / "vqkd_ls.pth")
+    method = build_method(load_config(None, _supmim_vq(f"method.target.path={path}", "method.target.num_heads=4")))
+    images = torch.rand(3, 3, 16, 16)
+    expected = reference_codes(state, images, num_heads=4)
+    assert torch.equal(method.target(images, method.grid).tokens, expected) and expected.unique().numel() > 3
 
 
 def test_vqkd_follows_the_student_grid_and_refuses_what_it_cannot_load(tmp_path: Path) -> None:

@@ -190,6 +190,7 @@ class Codebook:
         ``centroids`` replaces :attr:`centroids` (the same values on another device).
         """
         c = self.centroids if centroids is None else centroids
-        points = self.prepare(tokens).reshape(-1, self.dim)
-        ids, _ = assign(points, c.to(points.device, points.dtype))
+        with torch.autocast(device_type=tokens.device.type, enabled=False):  # float32 distances: no bf16 ties
+            points = self.prepare(tokens).reshape(-1, self.dim)
+            ids, _ = assign(points, c.to(points.device, torch.float32))
         return ids.view(*tokens.shape[:-1])

@@ -240,17 +240,22 @@ class VQKDTokenizer(nn.Module):
 
     @torch.no_grad()
     def features(self, images: Tensor) -> Tensor:
-        """(N, C, H, W) in [0, 1] -> (N, L, code_dim) l2-normalised projected patch features."""
+        """(N, C, H, W) in [0, 1] -> (N, L, code_dim) l2-normalised projected patch features.
+
+        The encoder follows any autocast in effect; the task layer runs in float32 (as ``VQKD.encode``).
+        """
         tokens = self.encoder.forward_features(self.preprocess(images))
         patches = tokens[:, self.encoder.num_prefix_tokens :]
         if self.mean_pooling:
             patches = self.encoder.fc_norm(patches)
-        return F.normalize(self.task_layer(patches.float()), dim=-1)
+        with torch.autocast(device_type=patches.device.type, enabled=False):
+            return F.normalize(self.task_layer(patches.float()), dim=-1)
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
-        """(N, C, H, W) in [0, 1] -> (N, L) int64 ids of the nearest codes (squared l2 distance)."""
+        """(N, C, H, W) in [0, 1] -> (N, L) int64 ids of the nearest codes (squared l2 distance, float32)."""
         z = self.features(images)
-        e = self.codebook.to(z.dtype)
-        d = z.pow(2).sum(-1, keepdim=True) + e.pow(2).sum(-1) - 2.0 * z @ e.T
-        return d.argmin(dim=-1)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            e = self.codebook.float()
+            d = z.pow(2).sum(-1, keepdim=True) + e.pow(2).sum(-1) - 2.0 * z @ e.T
+            return d.argmin(dim=-1)
