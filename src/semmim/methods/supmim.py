@@ -54,7 +54,8 @@ class SupMIMConfig(MethodConfig):
     mim_weight: float = 1.0
     """Total loss = cross-entropy + mim_weight * MIM loss (0 = supervised only)."""
     label_smoothing: float = 0.1
-    """Label smoothing of the cross-entropy."""
+    """Label smoothing of the classifier's cross-entropy (a token target's ``ce`` loss has its own
+    ``method.loss.label_smoothing``)."""
     mixup: float = 0.0
     """Mixup alpha (0 = off), applied on the device with timm's Mixup."""
     cutmix: float = 0.0

@@ -121,7 +121,7 @@ def kmeans(
         :class:`KMeansResult`.
 
     Examples:
-        >>> pts = torch.cat([torch.randn(50, 2) * 0.01 + c for c in ([5.0, 0.0], [0.0, 5.0])])
+        >>> pts = torch.cat([torch.randn(50, 2) * 0.01 + torch.tensor(c) for c in ([5.0, 0.0], [0.0, 5.0])])
         >>> res = kmeans(pts, 2, metric="l2", seed=0)
         >>> sorted(res.counts.tolist())
         [50, 50]
