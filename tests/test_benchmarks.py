@@ -270,3 +270,40 @@ def test_semantic_transfer_quick_run_and_resume(tmp_path: Path) -> None:
     again = semantic_transfer.main([*argv[:-2], "--variant", "lnt=method.target.norm=ln", "--seeds", "0"])
     assert len(again["runs"]) == 4 and len(again["commands"]) == 2
     assert all((Path(d) / "run.json").stat().st_mtime_ns == t for d, t in mtimes.items())
+
+
+def test_supmim_benchmark_configs_and_report(tmp_path: Path) -> None:
+    """benchmarks/supmim_fashion_mnist.py: each arm's overrides resolve, and the report compares arms per budget."""
+    import argparse
+
+    import supmim_fashion_mnist as sb
+
+    from semmim.config import find_config
+
+    cb = tmp_path / "cb.safetensors"
+    for target in sb.TARGETS:
+        over = sb.run_config(target, 100, 1, cb, None)
+        cfg = load_config(find_config("demo/supmim"), over)
+        assert cfg.trainer.max_steps == 100 and cfg.trainer.seed == 1
+        assert cfg.method.mim_weight == (0.0 if target == "none" else 1.0)
+        expected = {"none": "pixels", "pixels": "pixels", "features": "teacher_features", "codebook": "codebook"}
+        assert cfg.method.target["name"] == expected[target]
+        assert cfg.method.loss["name"] == {"codebook": "ce", "features": "smooth_l1"}.get(target, "mse")
+    runs = [
+        {"target": t, "steps": s, "seed": seed, "top1": top1 + seed, "knn_top1": 70.0, "seconds": 10.0}
+        for s in (100, 400)
+        for seed in (0, 1)
+        for t, top1 in (("none", 60.0), ("codebook", 58.0))
+    ]
+    args = argparse.Namespace(steps=[100, 400], targets=["none", "codebook"], knn_train=50, knn_test=10)
+    info = {"command": "cmd", "machine": "m", "teacher": "t", "teacher_knn": 80.0, "codebook": "c", "batch": 64}
+    sb.write_results(tmp_path, args, runs, info)
+    md = (tmp_path / "results.md").read_text()
+    assert "| 100 | + MIM, codebook tokens (ce) | 2 | 58.50 ± 0.71 (-2.00) | 70.00 ± 0.00 (+0.00) | 10 |" in md
+    summary = json.loads((tmp_path / "results.json").read_text())["summary"]
+    assert [(r["steps"], r["target"]) for r in summary] == [
+        (100, "none"),
+        (100, "codebook"),
+        (400, "none"),
+        (400, "codebook"),
+    ]

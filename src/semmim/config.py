@@ -169,9 +169,11 @@ class MethodConfig:
     masker: Any = None
     """Which patches are hidden: ``{name: random|block|semantic|<yours>, mask_ratio: ..., ...}``."""
     target: Any = None
-    """What is reconstructed: ``{name: pixels, norm_pix: true}`` or ``{name: teacher_features, norm: ...}``."""
+    """What is reconstructed: ``{name: pixels, norm_pix: true}``, ``{name: teacher_features, norm: ...}``, or token ids:
+    ``{name: codebook, path: ...}`` (k-means codes of a teacher's features), ``{name: vq, tokenizer|path: ...}``."""
     loss: Any = None
-    """How predictions are compared with targets: ``{name: mse|cosine|smooth_l1|<yours>, ...}``."""
+    """How predictions are compared with targets: ``{name: mse|cosine|smooth_l1|<yours>, ...}``; ``{name: ce,
+    label_smoothing: ...}`` for token ids."""
 
 
 @dataclass

@@ -323,7 +323,7 @@ def predict(method: Any, batch: Mapping[str, Any], seed: int) -> dict[str, Any]:
     """One masked forward pass of a MIM method and what the pictures need.
 
     Returns:
-        A dict with ``kind`` ("pixels" | "features" | None), ``mask`` (N, L) bool, ``pred`` (N, L, D),
+        A dict with ``kind`` ("pixels" | "features" | "tokens" | None), ``mask`` (N, L) bool, ``pred`` (N, L, D),
         ``teacher`` (N, L, D) feature targets (features), ``cls_attn`` (N, L) or None, ``x`` (N, C, H, W)
         student input, ``normalize_features`` (bool: the loss is a cosine, compare directions).
     """
@@ -343,6 +343,9 @@ def predict(method: Any, batch: Mapping[str, Any], seed: int) -> dict[str, Any]:
     loss_fn = getattr(method, "loss_fn", None)
     if target is not None and getattr(target, "kind", "features") == "pixels":
         res.update(kind="pixels", norm_pix=bool(getattr(target, "norm_pix", False)))
+        return res
+    if target is not None and getattr(target, "kind", "features") == "tokens":
+        res.update(kind="tokens")  # code ids: no reconstruction or feature picture
         return res
     if "target" in out:
         res.update(kind="features", teacher=_patch_tokens(out["target"].float(), length))
@@ -392,6 +395,9 @@ def run_pictures(
         return [], [f"no pictures: the forward pass failed ({type(e).__name__}: {e})"]
     if res["kind"] is None:
         return [], [f"no MIM pictures: method '{cfg.method.name}' gave no masked prediction"]
+    if res["kind"] == "tokens":
+        what = cfg.method.target["name"] if cfg.method.target else "token"
+        return [], [f"no MIM pictures: the target ({what}) is discrete code ids, which have no picture"]
     return _draw(cfg, method, batch["image"], res, out_dir, stem), []
 
 

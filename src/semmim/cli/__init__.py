@@ -6,11 +6,12 @@ semmim eval knn --encoder runs/mae --data fashion_mnist      (also: linear, fine
 semmim report runs/mae runs/milan --out runs/report
 semmim list
 semmim data shards --src fashion_mnist --out shards
+semmim codebook --config run.yaml --k 512          (k-means codes over a teacher's tokens)
 semmim demo --out runs/demo
 
 One module per command group: :mod:`semmim.cli.pretrain` (``pretrain``, ``list``), :mod:`semmim.cli.eval`,
-:mod:`semmim.cli.report`, :mod:`semmim.cli.data` and :mod:`semmim.cli.demo`. Each adds its parser and
-imports the library only when its command runs, so ``semmim --help`` is quick.
+:mod:`semmim.cli.report`, :mod:`semmim.cli.data`, :mod:`semmim.cli.codebook` and :mod:`semmim.cli.demo`. Each adds
+its parser and imports the library only when its command runs, so ``semmim --help`` is quick.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import os
 import sys
 
+from semmim.cli.codebook import add_codebook_parser
 from semmim.cli.config import add_config_parser
 from semmim.cli.data import add_data_parser
 from semmim.cli.demo import add_demo_parser
@@ -46,9 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_report_parser(sub)
     add_data_parser(sub)
+    add_codebook_parser(sub)
     add_demo_parser(sub)
     add_config_parser(sub)
-    for name in ("pretrain",):
+    for name in ("pretrain", "codebook"):
         add_import_argument(sub.choices[name])
     show = sub.choices["config"]._subparsers._group_actions[0].choices["show"]  # type: ignore[union-attr,index]
     add_import_argument(show)

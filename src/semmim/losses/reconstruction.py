@@ -17,7 +17,8 @@ def _check(pred: Tensor, target: Tensor, name: str) -> None:
         raise ValueError(f"{name}: prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
 
 
-def _masked_mean(per_token: Tensor, mask: Tensor | None) -> Tensor:
+def masked_mean(per_token: Tensor, mask: Tensor | None) -> Tensor:
+    """(N, L) per-token losses averaged over the masked tokens (True in ``mask``), or over all when ``mask`` is None."""
     if mask is None:
         return per_token.mean()
     if mask.shape != per_token.shape:
@@ -36,7 +37,7 @@ def masked_mse(pred: Tensor, target: Tensor, mask: Tensor | None) -> Tensor:
     """
     _check(pred, target, "mse")
     per_token = (pred.float() - target.float()).pow(2).mean(dim=-1)
-    return _masked_mean(per_token, mask)
+    return masked_mean(per_token, mask)
 
 
 def cosine_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -47,7 +48,7 @@ def cosine_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Ten
     """
     _check(pred, target, "cosine")
     cos = F.cosine_similarity(pred.float(), target.float(), dim=-1, eps=1e-6)
-    return _masked_mean(2.0 - 2.0 * cos, mask)
+    return masked_mean(2.0 - 2.0 * cos, mask)
 
 
 @LOSSES.register("mse")
@@ -79,7 +80,7 @@ def masked_smooth_l1(pred: Tensor, target: Tensor, mask: Tensor | None, beta: fl
     """
     _check(pred, target, "smooth_l1")
     per_token = F.smooth_l1_loss(pred.float(), target.float(), reduction="none", beta=beta).mean(dim=-1)
-    return _masked_mean(per_token, mask)
+    return masked_mean(per_token, mask)
 
 
 @LOSSES.register("smooth_l1")

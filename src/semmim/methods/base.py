@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from semmim.config import Config, ConfigError, MethodConfig, ModelConfig
 from semmim.models.vit import ViTEncoder
-from semmim.parts import SLOT_KEY, SLOT_REGISTRY, Lazy, build_part
+from semmim.parts import SLOT_KEY, SLOT_REGISTRY, Lazy, build_part, factory_params
 from semmim.registry import DECODERS, ENCODERS, LOSSES, MASKERS, TARGETS, TEACHERS
 
 
@@ -94,6 +94,11 @@ def _refuse(method: str, slot: str, name: str, why: str, ok: list[str]) -> Confi
     return ConfigError(f"{SLOT_KEY[slot]}={name!r} cannot be used by method '{method}': {why}{allowed}")
 
 
+def takes_teacher(target: Any) -> bool:
+    """Whether a registered target (class or factory) is built with a ``teacher`` (from the ``teacher`` section)."""
+    return "teacher" in factory_params(target)
+
+
 def as_float01(images: Tensor) -> Tensor:
     """uint8 images (0..255) -> float in [0, 1] on their device; float images pass through."""
     return images.float().div_(255.0) if images.dtype == torch.uint8 else images
@@ -110,7 +115,7 @@ class Method(nn.Module):
         mean, std: per-channel statistics the student's input is normalised with.
     """
 
-    frozen_prefixes: tuple[str, ...] = ("target.teacher.",)
+    frozen_prefixes: tuple[str, ...] = ("target.teacher.", "target.tokenizer.")
 
     # ------------------------------------------------------------------ what the method declares
     Options: ClassVar[type[MethodConfig]] = MethodConfig
@@ -121,7 +126,8 @@ class Method(nn.Module):
     """Its encoder: "visible" (MAE style, visible patches only: maskers must keep the same count per image,
     decoders take visible tokens), "mask_token" (BEiT style: any masker, per-token heads) or "full"."""
     target_kinds: ClassVar[tuple[str, ...]] = ()
-    """Kinds of target it reconstructs (a target class's ``kind``: "pixels" or "features")."""
+    """Kinds of target it reconstructs (a target class's ``kind``: "pixels", "features" or "tokens": discrete code
+    ids, predicted with a token loss such as ``ce``)."""
     masker_scores: ClassVar[bool] = False
     """It hands the target's CLS attention to the masker (so a masker with ``needs_scores`` works)."""
     multi_mask: ClassVar[bool] = False
@@ -150,16 +156,18 @@ class Method(nn.Module):
 
         ``parts`` are the resolved nodes of the other slots. Capabilities are class attributes of the parts:
         a masker's ``uniform_count`` / ``needs_scores``, a decoder's ``input``, a target's ``kind``, a loss's
-        ``kind`` (a part without the attribute gets the permissive default).
+        ``kind`` (a part without the attribute gets the permissive default). A target that takes a ``teacher``
+        gives the teacher's CLS attention; a token target pairs with a token loss (``kind == "tokens"``), every
+        other target with a reconstruction loss.
         """
+        target_node = parts.get("target")
+        target = TARGETS.get(target_node["name"]) if target_node else None
         if slot == "masker":
             if cls.encoder_kind == "visible" and not getattr(part, "uniform_count", True):
                 return "it hides a different number of patches per image, which a visible-only encoder cannot batch"
-            if getattr(part, "needs_scores", False):
-                target = parts.get("target")
-                kind = getattr(TARGETS.get(target["name"]), "kind", "features") if target else None
-                if not cls.masker_scores or kind != "features":
-                    return "it needs a teacher's CLS attention, which this method does not give its masker"
+            gives_attention = cls.masker_scores and target is not None and takes_teacher(target)
+            if getattr(part, "needs_scores", False) and not gives_attention:
+                return "it needs a teacher's CLS attention, which this method does not give its masker"
         elif slot == "decoder":
             want = "tokens" if cls.encoder_kind == "mask_token" else "visible"
             have = getattr(part, "input", "visible")
@@ -172,9 +180,16 @@ class Method(nn.Module):
             kind = getattr(part, "kind", "features")
             if kind not in cls.target_kinds:
                 return f"it is a {kind} target; this method reconstructs {' or '.join(cls.target_kinds)}"
-        elif slot == "loss" and getattr(part, "kind", "reconstruction") != "reconstruction":
-            kind = getattr(part, "kind", "?")
-            return f"it is a {kind} loss; this method needs a (pred, target, mask) reconstruction loss"
+        elif slot == "loss":
+            kind = getattr(part, "kind", "reconstruction")
+            tokens = target is not None and getattr(target, "kind", "features") == "tokens"
+            named = f"{SLOT_KEY['target']}={target_node['name']!r}" if target_node else "the target"
+            if kind == "tokens" and not tokens:
+                return f"it is a cross-entropy over token ids, but {named} gives continuous values"
+            if kind not in ("tokens", "reconstruction"):
+                return f"it is a {kind} loss; this method needs a (pred, target, mask) reconstruction loss"
+            if kind == "reconstruction" and tokens:
+                return f"it regresses continuous values, but {named} gives discrete token ids"
         return None
 
     @classmethod
@@ -206,9 +221,9 @@ class Method(nn.Module):
 
     @classmethod
     def uses_teacher(cls, cfg: Config) -> bool:
-        """Whether the ``teacher`` section is read (a feature target takes a teacher)."""
+        """Whether the ``teacher`` section is read (its target takes a teacher: teacher features, a codebook)."""
         target = cfg.method.target
-        return target is not None and getattr(TARGETS.get(target["name"]), "kind", "features") == "features"
+        return target is not None and takes_teacher(TARGETS.get(target["name"]))
 
     @classmethod
     def uses_text(cls, cfg: Config) -> bool:
@@ -389,6 +404,7 @@ def build_target(cfg: Config, teacher: nn.Module | None = None) -> Any:
         cfg.method.target,
         "method.target",
         patch_size=cfg.model.patch_size,
+        img_size=cfg.model.img_size,
         in_chans=cfg.model.in_chans,
         mean=list(cfg.data.mean),
         std=list(cfg.data.std),
@@ -427,6 +443,19 @@ def target_explained(loss_fn: Any, loss: Tensor, target: Tensor, mask: Tensor | 
             base = t.mean(dim=(0, 1), keepdim=True).expand(-1, t.shape[1], -1)
         ref = loss_fn(base.expand_as(t).contiguous(), t, mask).float()
         return 1.0 - loss.detach().float() / ref.clamp_min(1e-12)
+
+
+def masked_token_accuracy(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+    """Top-1 accuracy of (N, L, V) ``logits`` against (N, L) token ``ids`` over the masked tokens (no host sync).
+
+    Examples:
+        >>> logits = torch.tensor([[[2.0, 0.0], [2.0, 0.0], [0.0, 2.0]]])
+        >>> float(masked_token_accuracy(logits, torch.tensor([[0, 1, 1]]), torch.tensor([[True, True, False]])))
+        0.5
+    """
+    with torch.no_grad():
+        hit = (logits.argmax(-1) == ids) & mask
+        return hit.sum().float() / mask.sum().clamp_min(1).float()
 
 
 PYTHON_TEACHER = "module"

@@ -9,6 +9,11 @@ The smooth-L1 threshold defaults to ``beta = 2.0``: the normalised targets have 
 channel, so typical residuals lie in the quadratic zone (|e| < 2) as with MSE, while the linear zone
 above keeps rare large residuals early in training from dominating the gradient. Set
 ``method.loss.beta`` to change it.
+
+With a token target (``method.target=vq`` with BEiT v2's VQ-KD tokenizer, or a k-means ``codebook`` over the
+teacher's features) and ``method.loss=ce`` (the default for token targets) the same model is BEiT v2's
+masked image modeling (Peng et al. 2022, arXiv:2208.06366; without its extra CLS-pretraining head): the
+linear head predicts one logit per code at every masked position.
 """
 
 from __future__ import annotations
@@ -27,11 +32,12 @@ from semmim.methods.base import (
     build_loss,
     build_masker,
     build_target,
+    masked_token_accuracy,
     method_output,
     target_explained,
 )
 from semmim.models.vit import ViTEncoder
-from semmim.registry import METHODS
+from semmim.registry import METHODS, TARGETS
 
 
 @METHODS.register("maskdistill")
@@ -42,24 +48,27 @@ class MaskDistill(Method):
         encoder: ViT built with ``mask_token=True`` (BEiT style; LayerScale recommended).
         head: per-token predictor to the teacher width (a linear layer by default).
         masker: block-wise by default (any masker works: the encoder takes per-sample counts).
-        target: teacher-feature target (``norm=ln`` for MaskDistill).
-        loss: (pred, target, mask) -> scalar over masked patches.
+        target: teacher-feature target (``norm=ln`` for MaskDistill), or a token target (BEiT v2).
+        loss: (pred, target, mask) -> scalar over masked patches (``ce`` for token targets).
         mean, std: student input normalisation.
     """
 
     slots = ("masker", "decoder", "target", "loss")
     encoder_kind = "mask_token"
-    target_kinds = ("features",)
+    target_kinds = ("features", "tokens")
     masker_scores = True
     multi_mask = True
 
     @classmethod
     def default_parts(cls, model: ModelConfig, nodes: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        target = nodes.get("target")
+        name = target if isinstance(target, str) else (target or {}).get("name")
+        tokens = name is not None and name in TARGETS and getattr(TARGETS.get(str(name)), "kind", None) == "tokens"
         return {
             "masker": {"name": "block", "mask_ratio": 0.4},
             "decoder": {"name": "linear"},
             "target": {"name": "teacher_features", "norm": "ln"},
-            "loss": {"name": "smooth_l1", "beta": 2.0},
+            "loss": {"name": "ce"} if tokens else {"name": "smooth_l1", "beta": 2.0},
         }
 
     def __init__(
@@ -90,6 +99,10 @@ class MaskDistill(Method):
         mask = self.masker(x.shape[0], self.grid, device=x.device, scores=scores)
         tokens = self.encoder.forward_masked(x, mask.mask)  # (N * M, 1 + L, D)
         pred = self.head(tokens[:, 1:], mask)  # patch tokens only
+        if not target.is_floating_point():  # (N, L) code ids: logits over the vocabulary
+            loss = self.loss_fn(pred, target, mask.mask)
+            acc = masked_token_accuracy(pred, target, mask.mask)
+            return method_output(loss, pred=pred, target=target, mask=mask.mask, mim_acc=acc)
         patches = target.to(pred.dtype)
         loss = self.loss_fn(pred, patches, mask.mask)
         explained = target_explained(self.loss_fn, loss, patches, mask.mask, global_token=False)

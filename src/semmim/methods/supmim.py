@@ -2,10 +2,13 @@
 
 "Improve Supervised Representation Learning with Masked Image Modeling", arXiv:2312.00950. A ViT
 classifier is trained with labels on the unmasked image; at the same time a shallow transformer
-decoder (2 blocks by default) reconstructs the masked patches of a masked view from the same encoder
-(normalised pixels by default, teacher features selectable). The total loss is
-``CE + mim_weight * MIM``. At inference the model is a plain ViT classifier: the decoder is dropped,
-so there is no overhead, and the export loads into ``timm.create_model(..., num_classes=K)``.
+decoder (2 blocks by default) reconstructs the masked patches of a masked view from the same encoder.
+The paper reconstructs "image tokens" (discrete codes of a frozen tokenizer, predicted with a
+cross-entropy); here the target is selectable: normalised pixels (default, MSE), teacher features
+(smooth-L1), or token ids (``ce``) of a k-means ``codebook`` over a teacher's features or of a pretrained
+``vq`` tokenizer (BEiT v2's VQ-KD). The total loss is ``CE + mim_weight * MIM``. At inference the model
+is a plain ViT classifier: the decoder is dropped, so there is no overhead, and the export loads into
+``timm.create_model(..., num_classes=K)``.
 """
 
 from __future__ import annotations
@@ -29,11 +32,19 @@ from semmim.methods.base import (
     build_loss,
     build_masker,
     build_target,
+    masked_token_accuracy,
     method_output,
     target_explained,
 )
 from semmim.models.vit import ViTEncoder
 from semmim.registry import METHODS, TARGETS
+
+MIM_LOSSES: dict[str, dict[str, Any]] = {
+    "pixels": {"name": "mse"},
+    "features": {"name": "smooth_l1"},
+    "tokens": {"name": "ce"},
+}
+"""The default ``method.loss`` for each kind of target."""
 
 
 @dataclass
@@ -43,7 +54,8 @@ class SupMIMConfig(MethodConfig):
     mim_weight: float = 1.0
     """Total loss = cross-entropy + mim_weight * MIM loss (0 = supervised only)."""
     label_smoothing: float = 0.1
-    """Label smoothing of the cross-entropy."""
+    """Label smoothing of the classifier's cross-entropy (a token target's ``ce`` loss has its own
+    ``method.loss.label_smoothing``)."""
     mixup: float = 0.0
     """Mixup alpha (0 = off), applied on the device with timm's Mixup."""
     cutmix: float = 0.0
@@ -59,8 +71,8 @@ class SupervisedMIM(Method):
         head: linear classifier on the CLS token, (N, D) -> (N, K).
         decoder: shallow decoder for the masked view (MAE decoder, 2 blocks by default).
         masker: uniform-count masker for the masked view (random 75% by default).
-        target: a pixel or teacher-feature target.
-        mim_loss: (pred, target, mask) -> scalar over masked patches.
+        target: a pixel, teacher-feature or token target (codebook, vq).
+        mim_loss: (pred, target, mask) -> scalar over masked patches (``ce`` for token targets).
         mim_weight: weight of the MIM loss (0 trains the classifier alone, same code path otherwise).
         label_smoothing: for the cross-entropy when mixup/cutmix are off.
         mixup: a ``timm.data.Mixup`` applied on the device, or None.
@@ -71,19 +83,21 @@ class SupervisedMIM(Method):
     Options = SupMIMConfig
     data_keys = ("num_classes",)
     slots = ("masker", "decoder", "target", "loss")
-    target_kinds = ("pixels", "features")
+    target_kinds = ("pixels", "features", "tokens")
     _labels_checked = False
 
     @classmethod
     def default_parts(cls, model: ModelConfig, nodes: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         target = nodes.get("target")
         name = target if isinstance(target, str) else (target or {}).get("name", "pixels")
-        features = name is not None and getattr(TARGETS.get(str(name)), "kind", "features") == "features"
+        kind = getattr(TARGETS.get(str(name)), "kind", "features") if name is not None and name in TARGETS else "pixels"
         return {
             "masker": {"name": "random", "mask_ratio": 0.75},
             "decoder": {"name": "mae", "depth": 2},
-            "target": {"name": "teacher_features", "norm": "ln"} if features else {"name": "pixels", "norm_pix": True},
-            "loss": {"name": "smooth_l1"} if features else {"name": "mse"},
+            "target": {"name": "teacher_features", "norm": "ln"}
+            if kind == "features"
+            else {"name": "pixels", "norm_pix": True},
+            "loss": MIM_LOSSES.get(kind, {"name": "mse"}),
         }
 
     def __init__(
@@ -144,12 +158,17 @@ class SupervisedMIM(Method):
             return method_output(ce, ce=ce, acc=acc)
         mask = self.masker(x.shape[0], self.grid, device=x.device)
         latent = self.encoder.forward_visible(x, mask.ids_keep)
-        pred = self.decoder(latent, mask)[:, 1:]
-        target = self.target(imgs, self.grid).patches.to(pred.dtype)  # (N, L, D) of the (mixed) images
+        pred = self.decoder(latent, mask)[:, 1:]  # (N, L, D), or (N, L, V) logits for a token target
+        target = self.target(imgs, self.grid).patches  # (N, L, D) floats or (N, L) ids of the (mixed) images
+        if target.is_floating_point():
+            target = target.to(pred.dtype)
         mim = self.mim_loss(pred, target, mask.mask)
         logs = {"ce": ce, "acc": acc, "mim": mim}
-        if getattr(self.target, "kind", "features") == "features":
+        kind = getattr(self.target, "kind", "features")
+        if kind == "features":
             logs["target_explained"] = target_explained(self.mim_loss, mim, target, mask.mask, global_token=False)
+        elif kind == "tokens":
+            logs["mim_acc"] = masked_token_accuracy(pred, target, mask.mask)
         return method_output(ce + self.mim_weight * mim, pred=pred, target=target, mask=mask.mask, **logs)
 
     def export(self, out_dir: Path, extra: dict[str, str]) -> Path:

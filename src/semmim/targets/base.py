@@ -16,7 +16,8 @@ class TargetOutput:
 
     Attributes:
         tokens: (N, T, D) float32 targets: T = L patch tokens on the grid (row-major), or 1 + L when
-            ``global_token`` (token 0 is then a global token: a teacher's CLS).
+            ``global_token`` (token 0 is then a global token: a teacher's CLS). A token target (``kind ==
+            "tokens"``) gives (N, L) int64 code ids instead, in [0, its ``vocab_size``).
         global_token: token 0 is a global token.
         cls_attn: (N, L) attention of the teacher's CLS token to each patch (semantic-aware masking), or
             None (pixel targets; not requested; no CLS attention).
@@ -28,5 +29,5 @@ class TargetOutput:
 
     @property
     def patches(self) -> Tensor:
-        """(N, L, D): the patch tokens only."""
+        """(N, L, D) (or (N, L) ids): the patch tokens only."""
         return self.tokens[:, 1:] if self.global_token else self.tokens
