@@ -812,7 +812,7 @@ def _check_text(t: TextConfig) -> None:
     """A text tower that cannot be what the ``text`` section asks: checked from the keys alone (no model built)."""
     if t.name != "open_clip":
         return
-    from semmim.text.openclip_text import open_clip_context_length
+    from semmim.text.base import open_clip_context_length
 
     pretrained = t.pretrained is not None and t.pretrained.strip().lower() not in ("", "false", "none", "no", "0")
     own = str(t.model or "").startswith(("hf-hub:", "local-dir:"))  # such a model may bring its weights

@@ -33,6 +33,7 @@ __all__ = [
     "TextInput",
     "build_text_encoder",
     "looks_like_path",
+    "open_clip_context_length",
     "parse_flag",
 ]
 
@@ -281,3 +282,23 @@ def build_text_encoder(name: str = DEFAULT_TEXT_ENCODER, **kwargs: Any) -> TextE
     if not isinstance(enc, TextEncoder):
         raise TypeError(f"text encoder '{name}' built a {type(enc).__name__}, not a semmim TextEncoder")
     return enc
+
+
+def open_clip_context_length(model: str | None) -> int | None:
+    """The context length of an OpenCLIP architecture from its config alone (no model built, no network):
+    a built-in name or ``local-dir:DIR``; ``None`` when it cannot be told this way (``hf-hub:``, unknown)."""
+    if not model or model.startswith("hf-hub:"):
+        return None
+    try:
+        import open_clip
+
+        cfg = open_clip.get_model_config(model)
+    except (OSError, ValueError, ImportError):
+        return None
+    if not isinstance(cfg, Mapping):
+        return None
+    text_cfg = cfg.get("text_cfg")
+    if text_cfg is None:
+        text_cfg = {}
+    text = dict(text_cfg) if isinstance(text_cfg, Mapping) else dict(vars(text_cfg))
+    return int(text.get("context_length", 77))

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from semmim.config import check_loader_kwargs
 from semmim.export import load_state_dict_file
 from semmim.registry import TEXT_ENCODERS
-from semmim.text.base import TextEncoder, looks_like_path, parse_flag
+from semmim.text.base import TextEncoder, looks_like_path, open_clip_context_length, parse_flag
 
 __all__ = [
     "OpenCLIPTextEncoder",
@@ -79,22 +79,6 @@ def _as_dict(cfg: Any) -> dict[str, Any]:
 def _carries_weights(model: str) -> bool:
     """Whether an OpenCLIP model name brings its own weights (``hf-hub:`` and ``local-dir:`` ones may)."""
     return model.startswith(("hf-hub:", "local-dir:"))
-
-
-def open_clip_context_length(model: str | None) -> int | None:
-    """The context length of an OpenCLIP architecture from its config alone (no model built, no network):
-    a built-in name or ``local-dir:DIR``; ``None`` when it cannot be told this way (``hf-hub:``, unknown)."""
-    if not model or model.startswith("hf-hub:"):
-        return None
-    try:
-        import open_clip
-
-        cfg = open_clip.get_model_config(model)
-    except (OSError, ValueError, ImportError):
-        return None
-    if not isinstance(cfg, Mapping):
-        return None
-    return int(_as_dict(cfg.get("text_cfg")).get("context_length", 77))
 
 
 class OpenCLIPTextEncoder(TextEncoder):
