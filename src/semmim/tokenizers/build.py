@@ -115,6 +115,7 @@ def collect_tokens(
     max_tokens: int,
     seed: int,
     device: torch.device | str = "cpu",
+    progress: bool = False,
 ) -> tuple[Tensor, int]:
     """Stream ``loader`` through ``teacher``: a uniform sample of at most ``max_tokens`` conditioned patch tokens.
 
@@ -125,7 +126,12 @@ def collect_tokens(
 
     reservoir = Reservoir(max_tokens, seed)
     images = 0
-    for batch in loader:
+    batches: Any = loader
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(loader, desc="teacher tokens", unit="batch", leave=False)
+    for batch in batches:
         x = as_float01(batch["image"]).to(device)
         patches = teacher(x, grid).tokens[:, 1:]  # (N, L, D) on the student's grid, global token dropped
         reservoir.add(condition(patches, norm).flatten(0, 1))
@@ -167,6 +173,7 @@ def build_codebook(
         :class:`CodebookReport`.
     """
     from semmim.data.loader import build_dataset, build_loader
+    from semmim.eval.features import show_progress
     from semmim.methods.base import build_teacher
 
     check_options(k, iters, metric, norm, init, max_tokens)
@@ -183,7 +190,11 @@ def build_codebook(
         sampler=None,
         drop_last=False,
     )
-    tokens, images = collect_tokens(tm, loader, grid, norm, max_tokens, seed, device)
+    try:
+        progress = show_progress(len(dataset))
+    except TypeError:  # a stream of unknown length
+        progress = False
+    tokens, images = collect_tokens(tm, loader, grid, norm, max_tokens, seed, device, progress)
     if tokens.shape[0] < k:
         raise ConfigError(
             f"--k={k} codes but the data gave only {tokens.shape[0]} tokens ({images} images x {grid[0] * grid[1]}): "
