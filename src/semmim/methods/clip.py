@@ -111,12 +111,12 @@ class ImageTextModel(Method):
         if locked_text:
             text_encoder.lock()  # type: ignore[operator]
             self.frozen_prefixes = (*Method.frozen_prefixes, "text_encoder.")
-        self.image_proj = nn.Linear(encoder.embed_dim, embed_dim, bias=False)
-        nn.init.normal_(self.image_proj.weight, std=encoder.embed_dim**-0.5)
         text_dim = int(text_encoder.embed_dim)  # type: ignore[arg-type]
-        self.text_proj: nn.Module = nn.Identity()
-        if text_head:
-            self.text_proj = nn.Linear(text_dim, embed_dim, bias=False)
+        # both layers are made before either is initialised: the random draws keep their order of old
+        self.image_proj = nn.Linear(encoder.embed_dim, embed_dim, bias=False)
+        self.text_proj: nn.Module = nn.Linear(text_dim, embed_dim, bias=False) if text_head else nn.Identity()
+        nn.init.normal_(self.image_proj.weight, std=encoder.embed_dim**-0.5)
+        if isinstance(self.text_proj, nn.Linear):
             nn.init.normal_(self.text_proj.weight, std=text_dim**-0.5)
         elif text_dim != embed_dim:
             raise ConfigError(
