@@ -329,7 +329,7 @@ def test_seeded_dataset_numpy_transforms() -> None:
         return torch.from_numpy(np.random.rand(2)) + random.random() + torch.rand(1)
 
     base = SyntheticDataset(4, img_size=4)
-    ds = SeededDataset(base, seed=1, transform=noisy, seed_numpy=True)
+    ds = SeededDataset(base, seed=1, transform=noisy)
     np.random.seed(0)
     key = _np_key()
     a = ds[2]["image"]

@@ -38,11 +38,11 @@ from semmim.data.datasets import (
     SyntheticDataset,
     decode_image,
     pil_to_tensor01,
-    sample_seed,
 )
 from semmim.data.fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST, IdxFormatError, read_idx
 from semmim.data.loader import build_dataset, build_loader, describe
 from semmim.data.sampler import ResumableSampler
+from semmim.data.seeding import sample_seed, seeded
 from semmim.data.shards import (
     ShardStream,
     count_shard_samples,
@@ -86,6 +86,7 @@ __all__ = [
     "read_idx",
     "read_shard_manifest",
     "sample_seed",
+    "seeded",
     "subset_keeping_captions",
     "write_shards",
 ]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import random
 import stat
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -30,6 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from semmim.data.seeding import sample_seed, seeded
 from semmim.registry import DATASETS
 
 __all__ = [
@@ -612,20 +612,14 @@ def _skipped_by(dataset: Any) -> int:
     return 0
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A well-mixed 63-bit seed that depends only on ``(seed, epoch, index)`` (stable across runs)."""
-    digest = hashlib.blake2b(b"%d,%d,%d" % (int(seed), int(epoch), int(index)), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
 class SeededDataset(Dataset[Sample]):
     """Makes the augmentation of sample ``i`` in epoch ``e`` a function of ``(seed, e, i)`` only.
 
-    ``__getitem__`` decodes with ``dataset.load(i)`` and applies the transform after seeding torch's
-    CPU generator and Python's ``random`` (and, with ``seed_numpy=True``, NumPy's global generator)
-    from :func:`sample_seed`; the states are restored afterwards, so the caller's RNG is untouched. A
-    sample therefore looks the same whichever worker or process loads it, and a resumed run sees the
-    same augmentations. The cost is about 0.1 ms per sample (0.2 ms more with ``seed_numpy``).
+    ``__getitem__`` decodes with ``dataset.load(i)`` and applies the transform inside
+    :func:`semmim.data.seeding.seeded` (torch's CPU generator, Python's ``random`` and NumPy's global
+    generator seeded from ``(seed, epoch, i)``, restored afterwards), the primitive the WebDataset path
+    shares. A sample therefore looks the same whichever worker or process loads it, and a resumed run
+    sees the same augmentations. The cost is about 0.3 ms per sample.
 
     Call :meth:`set_epoch` before each epoch (in the main process; with ``persistent_workers=False``
     the workers get a fresh copy every epoch).
@@ -635,8 +629,7 @@ class SeededDataset(Dataset[Sample]):
         seed: base seed.
         transform: callable on a PIL image returning a (C, H, W) tensor; defaults to the dataset's
             own ``transform`` (and to a plain conversion when that is ``None``). Its randomness must
-            come from torch or ``random`` (or NumPy's global generator with ``seed_numpy=True``).
-        seed_numpy: also seed (and restore) NumPy's legacy global generator.
+            come from torch, ``random`` or NumPy's global generator.
 
     Examples:
         >>> ds = SeededDataset(SyntheticDataset(8, img_size=16), seed=0)
@@ -649,15 +642,12 @@ class SeededDataset(Dataset[Sample]):
         dataset: ImageDataset,
         seed: int = 0,
         transform: Transform | None = None,
-        *,
-        seed_numpy: bool = False,
     ) -> None:
         if not hasattr(dataset, "load"):
             raise TypeError(f"SeededDataset needs a dataset with a load(i) method, got {type(dataset).__name__}")
         self.dataset = dataset
         self.seed = int(seed)
         self.transform = transform if transform is not None else getattr(dataset, "transform", None)
-        self.seed_numpy = bool(seed_numpy)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -681,22 +671,8 @@ class SeededDataset(Dataset[Sample]):
         """
         index = check_index(index, len(self))
         img, label = self.dataset.load(index)
-        s = sample_seed(self.seed, self.epoch, index)
-        py_state = random.getstate()
-        np_state = np.random.get_state(legacy=False) if self.seed_numpy else None
-        with torch.random.fork_rng(devices=[]):
-            # Seed only the CPU generator: torch.manual_seed would also reseed CUDA generators,
-            # which fork_rng(devices=[]) does not restore.
-            torch.default_generator.manual_seed(s)
-            random.seed(s)
-            if np_state is not None:
-                np.random.seed(s & 0xFFFFFFFF)
-            try:
-                image = apply_transform(self.transform, img)
-            finally:
-                random.setstate(py_state)
-                if np_state is not None:
-                    np.random.set_state(np_state)
+        with seeded(self.seed, self.epoch, index):
+            image = apply_transform(self.transform, img)
         item: Sample = {"image": image, "label": int(label), "index": index, "skipped": _skipped_by(self.dataset)}
         caption = getattr(self.dataset, "caption", None)
         if callable(caption):

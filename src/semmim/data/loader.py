@@ -203,8 +203,7 @@ def build_dataset(
                 f"(unlabelled data); use a dataset with classes or leave data.captions unset"
             )
         dataset = ClassCaptions(dataset, seed=seed)
-    # timm's RandAugment picks its ops with NumPy's global generator: seed it per sample too
-    return SeededDataset(dataset, seed=seed, transform=transform, seed_numpy=bool(train and cfg.rand_augment))
+    return SeededDataset(dataset, seed=seed, transform=transform)
 
 
 def build_loader(

@@ -16,7 +16,6 @@ which :class:`SegPipeline` seeds per sample.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -27,7 +26,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from semmim.data.datasets import check_index, sample_seed
+from semmim.data.datasets import check_index
+from semmim.data.seeding import seeded
 from semmim.data.segmentation import IGNORE_INDEX
 
 __all__ = [
@@ -313,15 +313,8 @@ class SegPipeline(Dataset[dict[str, Any]]):
             assert self.scale is not None
             size = list(rescale_size(image.shape[-2], image.shape[-1], self.scale))
             return {"image": TF.resize(image, size, antialias=True).clamp(0.0, 1.0), "mask": mask, "index": index}
-        s = sample_seed(self.seed, self.epoch, index)
-        state = random.getstate()
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(s)
-            random.seed(s)
-            try:
-                img, msk = self.transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
-            finally:
-                random.setstate(state)
+        with seeded(self.seed, self.epoch, index):
+            img, msk = self.transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
         return {
             "image": img.as_subclass(Tensor).clamp(0.0, 1.0).contiguous(),
             "mask": msk.as_subclass(Tensor).contiguous(),

@@ -46,8 +46,6 @@ from itertools import chain
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
-import numpy as np
-import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -59,8 +57,8 @@ from semmim.data.datasets import (
     apply_transform,
     decode_image_file,
     image_mode_for,
-    sample_seed,
 )
+from semmim.data.seeding import seeded
 from semmim.data.summary import describe
 from semmim.registry import DATASETS
 
@@ -765,18 +763,8 @@ class ShardStream(IterableDataset[Sample]):
         aug = _sample_index(slot.key)
         if rnd:
             aug = _mix(aug, "repeat", rnd)
-        with torch.random.fork_rng(devices=[]):
-            s = sample_seed(self.seed, self.epoch, aug)
-            torch.default_generator.manual_seed(s)
-            py_state = random.getstate()
-            np_state = np.random.get_state(legacy=False)
-            random.seed(s)
-            np.random.seed(s % 2**32)  # timm's RandAugment draws its ops from NumPy's global generator
-            try:
-                tensor = apply_transform(self.transform, image)
-            finally:
-                random.setstate(py_state)
-                np.random.set_state(np_state)
+        with seeded(self.seed, self.epoch, aug):
+            tensor = apply_transform(self.transform, image)
         return {"image": tensor, "caption": caption, "label": label, "index": index, "skipped": skipped}
 
     def _where(self, state: _WorkerState) -> str:

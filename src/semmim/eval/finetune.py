@@ -204,8 +204,6 @@ def finetune_eval(
         raise ValueError(f"fine-tuning needs a map-style dataset, '{data}' gives {type(train_ds).__name__}")
     if train_indices is not None:
         train_ds = _restrict(train_ds, train_indices)
-    if hasattr(train_ds, "seed_numpy"):
-        train_ds.seed_numpy = True  # timm's RandAugment draws its ops from NumPy's global generator
     classes = list(getattr(train_ds, "classes", []) or [])
     if not classes:
         raise ValueError(f"fine-tuning needs a labelled dataset, but '{data}' has no classes")
