@@ -287,3 +287,40 @@ def test_registered(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(TEXT_ENCODERS._items, "_not_an_encoder", lambda **_: nn.Linear(1, 1))
     with pytest.raises(TypeError, match="not a semmim TextEncoder"):
         build_text_encoder("_not_an_encoder")
+
+
+def test_locked_caption_cache_is_bounded_and_never_changes_results(tiny_bert_dir: Path) -> None:
+    """``text.cache_size`` bounds the locked tower's caption cache (least recently used dropped first); a caption
+    encoded again after it was dropped gets the same bits, so the bound cannot change a run."""
+    from semmim.methods.clip import ImageTextModel
+    from semmim.models import ViTEncoder
+
+    def model(cache_size: int) -> ImageTextModel:
+        torch.manual_seed(0)
+        tower = TEXT_ENCODERS.build("hf", path=str(tiny_bert_dir), locked=True)
+        enc = ViTEncoder(img_size=8, patch_size=4, in_chans=1, embed_dim=16, depth=1, num_heads=2)
+        return ImageTextModel(enc, tower, 8, 0.07, True, "cls", [0.5], [0.5], text_cache_size=cache_size)
+
+    steps = [["a", "b", "c"], ["c", "d"], ["a", "e", "a"], ["b", "c"]]
+    unbounded, small, none = model(100), model(2), model(0)
+    for captions in steps:
+        want = unbounded.text_features(captions, torch.device("cpu"))
+        assert torch.equal(small.text_features(captions, torch.device("cpu")), want)
+        assert torch.equal(none.text_features(captions, torch.device("cpu")), want)
+        assert len(small._text_cache) <= 2 and len(none._text_cache) == 0
+    assert list(small._text_cache) == ["b", "c"]  # the last step's captions, most recent last
+    assert len(unbounded._text_cache) == 5
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["text.cache_size=-1"], "text.cache_size must be >= 0"),
+        (["text.locked=false", "text.cache_size=10"], "not read with text.locked=false"),
+    ],
+)
+def test_text_cache_size_errors(overrides: list[str], match: str) -> None:
+    from semmim.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, ["method.name=clip", "data.name=synthetic", *overrides])

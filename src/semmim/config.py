@@ -253,6 +253,10 @@ class TextConfig:
     weights takes only its own."""
     locked: bool = True
     """Freeze the text tower (LiT, Zhai et al. 2022): its embeddings are cached per caption."""
+    cache_size: int = 100_000
+    """Captions whose locked-tower embeddings are kept in memory, least recently used dropped first (about 1.5 KB
+    each at width 384; 0 = encode every caption every step). A dropped caption is encoded again to the same
+    numbers, so the bound never changes results. Only read with text.locked=true."""
 
 
 @dataclass
@@ -810,6 +814,13 @@ def validate(cfg: Config) -> None:
 
 def _check_text(t: TextConfig) -> None:
     """A text tower that cannot be what the ``text`` section asks: checked from the keys alone (no model built)."""
+    if t.cache_size < 0:
+        raise ConfigError(f"text.cache_size must be >= 0 (0 = no cache), got {t.cache_size}")
+    if not t.locked and t.cache_size != TextConfig.cache_size:
+        raise ConfigError(
+            f"text.cache_size={t.cache_size} is not read with text.locked=false (a trained tower's embeddings change "
+            "every step and are never cached); remove text.cache_size"
+        )
     if t.name != "open_clip":
         return
     from semmim.text.base import open_clip_context_length

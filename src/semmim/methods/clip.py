@@ -10,6 +10,7 @@ MaskDistill targets in the joint image-text space (all tokens projected, as CLIP
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,7 @@ class ImageTextModel(Method):
         embed_dim: width E of the joint space.
         init_temperature: initial temperature of the contrastive loss (learnable).
         locked_text: freeze the text tower; its embeddings are then cached per caption.
+        text_cache_size: most captions cached (least recently used dropped first; 0 = none).
         pool: image embedding from "cls" or "mean" of the patch tokens.
         mean, std: image input normalisation.
         text_head: a linear map from the text tower's output to the joint space (``text_proj``); False = the
@@ -101,6 +103,7 @@ class ImageTextModel(Method):
         mean: list[float],
         std: list[float],
         text_head: bool = True,
+        text_cache_size: int = 100_000,
     ) -> None:
         super().__init__(encoder, mean, std)
         if pool not in ("cls", "mean"):
@@ -124,22 +127,34 @@ class ImageTextModel(Method):
                 f"{embed_dim}; set method.embed_dim={text_dim} or method.text_head=linear"
             )
         self.contrastive = InfoNCE(init_temperature)
-        self._text_cache: dict[str, Tensor] = {}
+        self._text_cache: OrderedDict[str, Tensor] = OrderedDict()
+        self.text_cache_size = int(text_cache_size)
 
     # ------------------------------------------------------------------ towers
     def text_features(self, captions: Sequence[str], device: torch.device) -> Tensor:
         """(M,) captions -> (M, D_text) text-tower features (cached per caption when locked).
 
         A cached caption's features depend on that caption alone, not on which captions were new in the same
-        step (``encode_each``), so a resumed run, whose cache starts empty, gets the same numbers.
+        step (``encode_each``), so a resumed run, whose cache starts empty, and a caption encoded again after the
+        bounded cache dropped it get the same numbers.
         """
         if not self.locked_text:
             return self.text_encoder(list(captions)).float()
-        missing = list(dict.fromkeys(c for c in captions if c not in self._text_cache))
+        cache = self._text_cache
+        missing = list(dict.fromkeys(c for c in captions if c not in cache))
+        fresh: dict[str, Tensor] = {}
         if missing:
             feats = self.text_encoder.encode_each(missing)  # type: ignore[operator]
-            self._text_cache.update({c: f.float().cpu() for c, f in zip(missing, feats, strict=True)})
-        return torch.stack([self._text_cache[c] for c in captions]).to(device)
+            fresh = {c: f.float().cpu() for c, f in zip(missing, feats, strict=True)}
+        out = torch.stack([fresh[c] if c in fresh else cache[c] for c in captions]).to(device)
+        if self.text_cache_size:
+            for c in dict.fromkeys(captions):
+                if c in fresh:
+                    cache[c] = fresh[c]
+                cache.move_to_end(c)
+            while len(cache) > self.text_cache_size:
+                cache.popitem(last=False)
+        return out
 
     def embed_text(self, captions: Sequence[str], device: torch.device) -> Tensor:
         """(M,) captions -> (M, E) joint-space text embeddings (not normalised)."""
@@ -230,6 +245,7 @@ class CLIP(ImageTextModel):
             embed_dim=m.embed_dim,
             init_temperature=m.init_temperature,
             locked_text=cfg.text.locked,
+            text_cache_size=cfg.text.cache_size,
             pool=m.pool or "cls",
             mean=list(cfg.data.mean),
             std=list(cfg.data.std),

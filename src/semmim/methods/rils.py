@@ -157,9 +157,19 @@ class RILS(ImageTextModel):
         kl_projection: str = "shared",
         caption_match: str = "caption",
         text_head: bool = True,
+        text_cache_size: int = 100_000,
     ) -> None:
         super().__init__(
-            encoder, text_encoder, embed_dim, init_temperature, locked_text, pool, mean, std, text_head=text_head
+            encoder,
+            text_encoder,
+            embed_dim,
+            init_temperature,
+            locked_text,
+            pool,
+            mean,
+            std,
+            text_head=text_head,
+            text_cache_size=text_cache_size,
         )
         _check_choice("method.kl_projection", kl_projection, KL_PROJECTIONS)
         _check_choice("method.caption_match", caption_match, CAPTION_MATCHES)
@@ -313,6 +323,7 @@ class RILS(ImageTextModel):
             embed_dim=m.embed_dim,
             init_temperature=m.init_temperature,
             locked_text=cfg.text.locked,
+            text_cache_size=cfg.text.cache_size,
             student_temperature=m.student_temperature,
             teacher_temperature=m.teacher_temperature,
             kl_weight=m.kl_weight,
