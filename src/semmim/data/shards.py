@@ -643,7 +643,7 @@ class ShardStream(IterableDataset[Sample]):
         except ImageTooLargeError as err:
             return f"{err} (max_pixels; a decompression bomb?)"
         except Exception as err:  # PIL raises many types for corrupt data; all mean "bad sample"
-            return f"{type(err).__name__}: {err}"
+            return f"{type(err).__name__}: {re.sub(r' ?<[^<>]* at 0x[0-9a-f]+>', '', str(err))}"  # no addresses
         caption = raw.get("txt", b"").decode("utf-8", errors="replace")
         if self.require_captions and not caption.strip():
             return "no caption: the .txt part is missing or empty, and captions are required (require_captions)"
