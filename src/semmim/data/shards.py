@@ -421,11 +421,12 @@ class ShardStream(IterableDataset[Sample]):
     Exact length: when the shard counts are known (``manifest.json``, or counted from local tar headers),
     each shard yields exactly its count (lost samples are bad samples, a surplus is cut with a warning) and
     the rank yields exactly ``epoch_size()`` samples; with ``batch_size`` and ``drop_last`` a DataLoader
-    with any number of workers delivers exactly ``epoch_size() // batch_size`` batches per epoch. Worker
-    ``w`` yields ``b_w * batch_size`` samples, where the ``b_w`` split ``epoch_size() // batch_size``
-    batches in proportion to the workers' sample counts (largest remainder): a worker leaves out the end of
-    its stream, or repeats its stream from the start (another augmentation; repeats count no bad sample),
-    by less than one batch when ``num_samples`` is the shards' total.
+    with any number of workers delivers exactly ``epoch_size() // batch_size`` batches per epoch. The
+    rank's ``epoch_size()`` samples are split between its workers in proportion to their shards' counts
+    (largest remainder: each worker's own count when ``num_samples`` is the shards' total), each share is
+    rounded down to whole batches, and the largest partial batches are rounded up until the batches add
+    up. A worker thus leaves out the end of its stream, or repeats its stream from the start (with another
+    augmentation; a repeat counts no bad sample), by less than one batch when ``num_samples`` is the total.
 
     Resume: :meth:`state_dict` is ``{"epoch", "consumed"}`` of the worker (or main process) it runs in,
     the samples it has yielded this epoch; :meth:`load_state_dict` makes the next iteration pass over
@@ -602,9 +603,14 @@ class ShardStream(IterableDataset[Sample]):
                 f"rank {self.rank} of {self.world_size} has no samples in epoch {self.epoch} ({len(shards)} of the "
                 f"{len(self.urls)} shards), but the epoch is sized to {self.epoch_size()} samples per rank"
             )
-        unit = self.batch_size if self.batch_size and self.drop_last else 1
         per_worker = [sum(counts[u] for u in shards[w::num_workers]) for w in range(num_workers)]
-        return _share(per_worker, self.epoch_size() // unit)[worker] * unit
+        share = _share(per_worker, self.epoch_size())  # the shards' own counts when the epoch is their total
+        unit = self.batch_size if self.batch_size and self.drop_last else 1
+        batches = [n // unit for n in share]
+        by_rest = sorted(range(num_workers), key=lambda w: (-(share[w] % unit), w))
+        for w in by_rest[: self.epoch_size() // unit - sum(batches)]:  # the largest partial batches are filled up
+            batches[w] += 1
+        return batches[worker] * unit
 
     def _pipeline(self, worker: int, *, quiet: bool) -> wds.DataPipeline:
         """One pass over this worker's samples, undecoded, in the epoch's order."""
