@@ -10,7 +10,6 @@ import tarfile
 import warnings
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -18,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from semmim.cli.data import add_data_parser
 from semmim.config import DataConfig
@@ -34,7 +34,6 @@ from semmim.data import (
     class_prompts,
     expand_urls,
     pil_to_tensor01,
-    shards,
     subset_keeping_captions,
     write_shards,
 )
@@ -335,41 +334,38 @@ def test_shard_stream_ranks_epochs_and_resume(shard_dir: Path) -> None:
     e1 = _indices(stream)
     assert e1 != e0 and set(e1) == everything
     assert _indices(_stream(shard_dir, seed=8)) != e0
-    # resume: exactly the rest of the same epoch
+    # resume from a saved position: exactly the rest of the same epoch
     for k in (1, 17, 60, 99, 100):
-        resumed = _stream(shard_dir, epoch=1, resume_samples=k)
-        assert len(resumed) == 100 - k
-        assert _indices(resumed) == e1[k:]
-    # set_start, and a new epoch starts from the beginning again
-    stream.set_start(5)
-    assert _indices(stream) == e1[5:]
-    stream.set_epoch(2)
-    assert stream.start == 0 and len(_indices(stream)) == 100
-    # without a shuffle buffer whole shards are skipped unread
-    plain = _stream(shard_dir, shuffle_buffer=0)
-    full = _indices(plain)
-    plain.set_start(45)
-    assert _indices(plain) == full[45:]
+        resumed = _stream(shard_dir)
+        resumed.load_state_dict({"epoch": 1, "consumed": k})
+        assert _indices(resumed) == e1[k:] and resumed.state_dict() == {"epoch": 1, "consumed": 100}
+    # a new epoch starts from the beginning again
+    resumed.load_state_dict({"epoch": 1, "consumed": 5})
+    resumed.set_epoch(2)
+    assert len(_indices(resumed)) == 100
 
 
-def test_shard_stream_resume_with_workers(shard_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_shard_stream_resume_with_workers(shard_dir: Path) -> None:
     stream = _stream(shard_dir, batch_size=6, drop_last=True)
     stream.set_epoch(4)
 
-    def batches() -> list[list[int]]:
-        loader = DataLoader(stream, batch_size=6, num_workers=2, drop_last=True)
-        return [b["index"].tolist() for b in loader]
+    def loader(ds: ShardStream) -> StatefulDataLoader:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*set_vital.*")
+            return StatefulDataLoader(ds, batch_size=6, num_workers=2, drop_last=True, snapshot_every_n_steps=1)
 
-    full = batches()
+    full = [b["index"].tolist() for b in loader(stream)]
+    assert len(full) == 100 // 6
     for k in (3, len(full) - 2):  # the second one lies past the end of the smaller worker's share
-        stream.set_start(6 * k)
-        assert batches() == full[k:]
-    # without the loader's batch size the split between workers is unknown (checked in-process, as worker 0 of 2)
-    stream.set_start(6)
-    stream.batch_size = None
-    monkeypatch.setattr(shards, "get_worker_info", lambda: SimpleNamespace(id=0, num_workers=2))
-    with pytest.raises(ValueError, match="needs batch_size"):
-        next(iter(stream))
+        first = loader(stream)
+        it = iter(first)
+        for _ in range(k):
+            next(it)
+        state = first.state_dict()
+        del it
+        again = loader(_stream(shard_dir, batch_size=6, drop_last=True))
+        again.load_state_dict(state)
+        assert [b["index"].tolist() for b in again] == full[k:]
 
 
 def test_shard_stream_corrupt_samples(tmp_path: Path) -> None:
@@ -408,7 +404,7 @@ def test_shard_stream_corrupt_samples(tmp_path: Path) -> None:
     cut.mkdir()
     (cut / "t.tar").write_bytes(buf.getvalue()[: 2 * 512 + len(png.getvalue()) + 4000])
     with pytest.warns(RuntimeWarning, match="truncated or corrupt"):
-        items = list(ShardStream(cut, transform=None, shuffle=False, max_bad_fraction=0.5))
+        items = list(ShardStream(cut, transform=None, shuffle=False))
     assert [(it["index"], it["skipped"]) for it in items] == [(1, 0), (1, 1)]
 
 

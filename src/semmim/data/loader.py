@@ -89,7 +89,6 @@ def _build_shard_stream(
         in_chans=in_chans,
         batch_size=cfg.batch_size,
         drop_last=train,
-        max_bad_fraction=cfg.max_bad_fraction,
         require_captions=require_captions,
         max_pixels=cfg.max_image_pixels if cfg.max_image_pixels is not None else MAX_IMAGE_PIXELS,
     )
@@ -113,9 +112,10 @@ def build_dataset(
     ``webdataset`` is different: it returns a :class:`semmim.data.ShardStream` (an ``IterableDataset``,
     use it without a sampler) over the shards ``cfg.root``, split over the ranks of an initialised
     ``torch.distributed`` group, with ``cfg.shuffle_buffer`` and ``cfg.num_samples``; samples and
-    shards are shuffled only when ``train``. Resume it with ``set_epoch(e); set_start(samples)``. Its bad
-    samples (undecodable, lost to a truncated shard, too large, and with ``require_captions`` those without a
-    caption) are replaced and counted against ``cfg.max_bad_fraction`` (see :class:`ShardStream`).
+    shards are shuffled only when ``train``. Resume it through a ``StatefulDataLoader`` (its state holds each
+    worker's position). Its bad samples (undecodable, lost to a truncated shard, too large, and with
+    ``require_captions`` those without a caption) are replaced and marked in the items' ``"skipped"`` and
+    ``"bad"``, which the trainer checks against ``cfg.max_bad_fraction`` (see :class:`ShardStream`).
 
     Args:
         cfg: the data section of the run config.

@@ -10,6 +10,7 @@ continue exactly where a run stopped.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import os
@@ -909,9 +910,10 @@ class PretrainRecipe:
             if self.sampler is not None:
                 self.sampler.set_epoch(self.epoch)
                 self.sampler.set_start(self.batch_in_epoch * cfg.data.batch_size)
-            else:
-                self.stream.set_start(self.batch_in_epoch * cfg.data.batch_size)
             iterator = iter(self.loader)
+            if self.sampler is None:  # a resumed stream replays the batches it had delivered (until StatefulDataLoader)
+                for _ in itertools.islice(iterator, self.batch_in_epoch):
+                    pass
             self.running.zero_()
             self.pending = []
             self.skipped.zero_()
