@@ -114,6 +114,8 @@ def decode_image_bytes(
         else:
             out = decode_image(encoded, mode=read_mode, apply_exif_orientation=exif_transpose)
     assert isinstance(out, torch.Tensor)
+    if out.shape[0] != (3 if mode == "RGB" else 1):  # e.g. WebP ignores ImageReadMode.GRAY: let PIL convert
+        return pil_to_uint8(decode_image_file(io.BytesIO(data), mode, max_pixels, exif_transpose))
     return _to_uint8(out)
 
 

@@ -47,6 +47,15 @@ def resize_uint8(img: torch.Tensor, size: tuple[int, int], interpolation: str = 
     return out[0].contiguous()
 
 
+def _check_uint8(img: object) -> None:
+    if not isinstance(img, torch.Tensor) or img.dtype != torch.uint8 or img.ndim != 3:
+        got = f"{img.dtype} tensor of shape {tuple(img.shape)}" if isinstance(img, torch.Tensor) else type(img).__name__
+        raise TypeError(
+            f"expected a uint8 image tensor (C, H, W) from data.decode=torchvision, got a {got} "
+            "(a PIL image goes with the PIL transforms of semmim.data.transforms)"
+        )
+
+
 def _finish(img: torch.Tensor, uint8: bool) -> torch.Tensor:
     return img if uint8 else img.to(torch.float32).div_(255.0)
 
@@ -89,8 +98,7 @@ class TensorPretrainTransform:
         self.interpolation = interpolation
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        if img.dtype != torch.uint8 or img.ndim != 3:
-            raise TypeError(f"expected a uint8 image tensor (C, H, W), got {img.dtype} of shape {tuple(img.shape)}")
+        _check_uint8(img)
         top, left, h, w = T.RandomResizedCrop.get_params(img, list(self.scale), list(_RATIO))
         flip = self.hflip and bool(torch.rand(1) < 0.5)  # the draw RandomHorizontalFlip makes
         out = resize_uint8(img[:, top : top + h, left : left + w], (self.img_size, self.img_size), self.interpolation)
@@ -123,8 +131,7 @@ class TensorEvalTransform:
         self.interpolation = interpolation
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        if img.dtype != torch.uint8 or img.ndim != 3:
-            raise TypeError(f"expected a uint8 image tensor (C, H, W), got {img.dtype} of shape {tuple(img.shape)}")
+        _check_uint8(img)
         h, w = int(img.shape[-2]), int(img.shape[-1])
         # torchvision's Resize(int): the short side becomes `resize`, the long side int(resize * long / short)
         if h <= w:
