@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as nnf
 from torchvision import transforms as T
@@ -29,22 +30,34 @@ INTERPOLATIONS = ("bicubic", "bilinear")
 _RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
-def resize_uint8(img: torch.Tensor, size: tuple[int, int], interpolation: str = "bicubic") -> torch.Tensor:
-    """Resize a uint8 image with antialiasing (Pillow's filters).
+def resize_uint8(
+    img: torch.Tensor, size: tuple[int, int], interpolation: str = "bicubic", hflip: bool = False
+) -> torch.Tensor:
+    """Resize a uint8 image with antialiasing (Pillow's filters), optionally flipped horizontally.
+
+    The resize runs in channels-last layout (PyTorch's vectorised uint8 kernels; ``decode_jpeg`` returns
+    that layout already, so a crop box is copied row by row). The one transposition back to (C, H, W)
+    is done by NumPy, about 3x faster than ``Tensor.contiguous`` for 3-channel uint8, and the flip is
+    folded into it.
 
     Args:
         img: uint8 (C, H, W), any strides (a crop view is fine).
         size: output ``(height, width)``.
         interpolation: "bicubic" or "bilinear".
+        hflip: mirror the result left-right.
 
     Returns:
         uint8 (C, height, width), contiguous.
     """
     if tuple(img.shape[-2:]) == tuple(size):
-        return img.contiguous()
-    x = img.unsqueeze(0).contiguous(memory_format=torch.channels_last)  # the layout of the fast uint8 kernels
-    out = nnf.interpolate(x, size=size, mode=interpolation, antialias=True, align_corners=False)
-    return out[0].contiguous()
+        out = img
+    else:
+        x = img.unsqueeze(0).contiguous(memory_format=torch.channels_last)
+        out = nnf.interpolate(x, size=size, mode=interpolation, antialias=True, align_corners=False)[0]
+    arr = out.numpy()
+    if hflip:
+        arr = arr[:, :, ::-1]
+    return torch.from_numpy(np.ascontiguousarray(arr))
 
 
 def _check_uint8(img: object) -> None:
@@ -101,10 +114,8 @@ class TensorPretrainTransform:
         _check_uint8(img)
         top, left, h, w = T.RandomResizedCrop.get_params(img, list(self.scale), list(_RATIO))
         flip = self.hflip and bool(torch.rand(1) < 0.5)  # the draw RandomHorizontalFlip makes
-        out = resize_uint8(img[:, top : top + h, left : left + w], (self.img_size, self.img_size), self.interpolation)
-        if flip:
-            out = out.flip(-1)
-        return _finish(out, self.uint8)
+        box = img[:, top : top + h, left : left + w]
+        return _finish(resize_uint8(box, (self.img_size, self.img_size), self.interpolation, hflip=flip), self.uint8)
 
     def __repr__(self) -> str:
         return (
