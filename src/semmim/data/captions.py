@@ -41,9 +41,9 @@ from semmim.data.datasets import (
     SkipsBadFiles,
     SubsetDataset,
     Transform,
-    _decoder,
     apply_transform,
     check_index,
+    file_decoder,
     image_mode_for,
     sample_seed,
 )
@@ -280,7 +280,7 @@ class ManifestDataset(SkipsBadFiles, ImageDataset):
         decode: str = "pil",
     ) -> None:
         super().__init__(transform)
-        _decoder(decode)  # an unknown value fails here, not at the first load
+        file_decoder(decode)  # an unknown value fails here, not at the first load
         self.decode = decode
         mpath = Path(path).expanduser()
         if not mpath.exists():

@@ -293,15 +293,22 @@ def decode_image_file(
     return out.transpose(transpose) if transpose is not None else out
 
 
-def _decoder(decode: str) -> Callable[..., Decoded]:
-    """The file decoder of ``decode``: :func:`decode_image` (PIL) or ``tensor_decode.decode_image_tensor``."""
-    if decode == "pil":
-        return decode_image
-    if decode == "torchvision":
-        from semmim.data.tensor_decode import decode_image_tensor
+FILE_DECODERS: dict[str, Callable[..., Decoded]] = {"pil": decode_image}
+"""File decoders by ``data.decode`` value: ``f(path, mode, max_pixels=...) -> image``. ``torchvision`` is added
+by :mod:`semmim.data.tensor_decode` (imported with :mod:`semmim.data`)."""
 
-        return decode_image_tensor
-    raise ValueError(f"decode must be 'pil' or 'torchvision', got {decode!r}")
+
+def file_decoder(decode: str) -> Callable[..., Decoded]:
+    """The file decoder of ``decode`` ("pil" or "torchvision"); ``ValueError`` for another value."""
+    if decode not in FILE_DECODERS:
+        raise ValueError(f"decode must be one of {', '.join(FILE_DECODERS)}, got {decode!r}")
+    return FILE_DECODERS[decode]
+
+
+def read_regular_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of ``path`` if it is a regular file (a FIFO, socket or device raises ``OSError`` at once)."""
+    with _open_regular(path) as f:
+        return f.read()
 
 
 def _mix(index: int, attempt: int) -> int:
@@ -388,7 +395,7 @@ class SkipsBadFiles:
         """Decode sample ``index``; ``None`` (after :meth:`_mark_bad`) if it is broken."""
         path, label = self.samples[index]
         try:
-            return _decoder(self.decode)(path, self.mode, max_pixels=self.max_image_pixels), label
+            return file_decoder(self.decode)(path, self.mode, max_pixels=self.max_image_pixels), label
         except Exception as err:  # PIL raises many types for corrupt data; all mean "bad file"
             self._mark_bad(index, err)
             return None
@@ -475,7 +482,7 @@ class ImageFolderDataset(SkipsBadFiles, ImageDataset):
         decode: str = "pil",
     ) -> None:
         super().__init__(transform)
-        _decoder(decode)  # an unknown value fails here, not at the first load
+        file_decoder(decode)  # an unknown value fails here, not at the first load
         self.decode = decode
         path = Path(root).expanduser()
         if not path.exists():

@@ -35,9 +35,10 @@ from PIL import Image
 
 from semmim.data.datasets import (
     DEFAULT_MAX_IMAGE_PIXELS,
+    FILE_DECODERS,
     ImageTooLargeError,
-    _open_regular,
     decode_image_file,
+    read_regular_file,
 )
 
 __all__ = ["DECODES", "decode_conflict", "decode_image_bytes", "decode_image_tensor", "pil_to_uint8"]
@@ -133,11 +134,7 @@ def decode_image_tensor(
         >>> decode_image_tensor("cat.jpg").shape  # doctest: +SKIP
         torch.Size([3, 375, 500])
     """
-    if hasattr(path, "read"):
-        data = path.read()
-    else:
-        with _open_regular(path) as f:
-            data = f.read()
+    data = path.read() if hasattr(path, "read") else read_regular_file(path)
     if not data:
         raise OSError("empty file")
     return decode_image_bytes(data, mode, max_pixels, exif_transpose)
@@ -171,3 +168,6 @@ def decode_conflict(decode: str, dataset: str, dataset_cls: object, rand_augment
             f"on PIL images): set data.decode=pil, or remove data.rand_augment"
         )
     return None
+
+
+FILE_DECODERS["torchvision"] = decode_image_tensor
