@@ -277,3 +277,43 @@ def test_decode_bytes_from_a_file_object() -> None:
     Image.fromarray(photo(0)).save(buf, "JPEG", quality=90)
     buf.seek(0)
     assert decode_image_tensor(buf, "L").shape == (1, H, W)
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end: a training run on the fast path resumes exactly
+# --------------------------------------------------------------------------------------------------
+
+
+def test_pretrain_with_the_torchvision_decode_resumes_exactly(tmp_path: Path) -> None:
+    from semmim.engine import pretrain
+    from semmim.engine.metrics import read_metrics
+    from tests.conftest import tiny_overrides
+
+    root = folder(tmp_path / "photos", n=24)
+    overrides = tiny_overrides(
+        "data.name=imagefolder",
+        f"data.root={root}",
+        "data.decode=torchvision",
+        "data.uint8=true",
+        "trainer.max_steps=4",
+        "trainer.ckpt_every_n_steps=2",
+    )
+    cfg = load_config(None, overrides)
+    pretrain(cfg, tmp_path / "full")
+    assert load_config(tmp_path / "full" / "config.yaml").data.decode == "torchvision"
+    full = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "full")}
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_3(step: int, loss: float) -> None:
+        if step == 3:
+            raise Crash
+
+    with pytest.raises(Crash):
+        pretrain(cfg, tmp_path / "crashed", on_step=crash_at_3)
+    pretrain(cfg, tmp_path / "crashed", resume=True)
+    resumed = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "crashed")}
+    assert sorted(resumed) == sorted(full) == [1, 2, 3, 4]
+    for step in full:
+        assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), step
