@@ -53,7 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from semmim.config import DataConfig  # noqa: E402
-from semmim.data import ResumableSampler, TensorPretrainTransform, build_dataset, build_loader  # noqa: E402
+from semmim.data import TensorPretrainTransform, build_dataset, build_loader  # noqa: E402
 
 PACKAGE_PHOTOS = (
     ("sklearn", "datasets/images/china.jpg"),
@@ -162,7 +162,7 @@ def torchvision_loader(root: Path, args: argparse.Namespace, workers: int) -> It
 
 
 def semmim_loader(root: Path, args: argparse.Namespace, workers: int, arm: str) -> Iterable[Any]:
-    """semmim's own training input: build_dataset (seeded transforms) + ResumableSampler + build_loader."""
+    """semmim's own training input: build_dataset (seeded transforms) + build_loader, in a shuffled order."""
     cfg = DataConfig(
         name="imagefolder",
         root=str(root),
@@ -175,7 +175,7 @@ def semmim_loader(root: Path, args: argparse.Namespace, workers: int, arm: str) 
         ds.transform = TensorPretrainTransform(
             args.img_size, crop_scale=args.crop_scale, uint8=cfg.uint8, interpolation="bilinear"
         )
-    sampler = ResumableSampler(len(ds), seed=args.seed)
+    sampler = torch.utils.data.RandomSampler(ds, generator=torch.Generator().manual_seed(args.seed))
     return build_loader(
         ds, batch_size=args.batch_size, num_workers=workers, pin_memory=False, sampler=sampler, drop_last=False
     )
