@@ -1,4 +1,4 @@
-"""benchmarks/throughput.py, benchmarks/flops.py and benchmarks/semantic_transfer.py.
+"""benchmarks/throughput.py, flops.py, semantic_transfer.py and input_pipeline.py.
 
 The analytic FLOPs against FlopCounterMode, and tiny runs. No timing or accuracy is asserted: the tests check
 the formulas and that a run writes complete reports.
@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import flops  # noqa: E402
+import input_pipeline  # noqa: E402
 import semantic_transfer  # noqa: E402
 import throughput  # noqa: E402
 
@@ -308,3 +310,21 @@ def test_supmim_benchmark_configs_and_report(tmp_path: Path) -> None:
         (400, "none"),
         (400, "codebook"),
     ]
+
+
+def test_input_pipeline_tiny_run_writes_json_and_markdown(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    argv = ["--data", str(tmp_path / "photos"), "--images", "6", "--rounds", "1", "--batch-size", "3"]
+    argv += ["--img-size", "32", "--workers", "0", "--out", str(out)]
+    input_pipeline.main(argv)
+    photos = sorted((tmp_path / "photos").rglob("*.jpg"))
+    assert len(photos) == 6
+    assert {Image.open(p).size for p in photos} <= {(500, 375), (375, 500)}
+    report = json.loads((out / "results.json").read_text())
+    assert [r["arm"] for r in report["per_core"]] == list(input_pipeline.ARMS)
+    for row in report["per_core"]:
+        assert row["img_per_s"] > 0 and row["cores_for_target"] >= 1 and len(row["rounds"]) == 1
+    assert report["per_core"][0]["vs_baseline"] == 1.0
+    assert "decode: torchvision decode_jpeg" in report["stages"]
+    markdown = (out / "results.md").read_text()
+    assert "| semmim-tv-uint8 |" in markdown and "cores for 5000 img/s" in markdown

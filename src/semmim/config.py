@@ -277,6 +277,11 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     uint8: bool = False
     """Batches of uint8 images (4x less to collate and copy), turned into floats and normalised on the device."""
+    decode: str = "pil"
+    """How image files are decoded and augmented: ``pil`` (PIL images, torchvision transforms) or ``torchvision``
+    (``torchvision.io.decode_jpeg`` into uint8 tensors, crop / resize / flip on tensors; about 2x the images per
+    CPU core, see benchmarks/input_pipeline.py). ``torchvision`` is for the file datasets (imagefolder, manifest)
+    and does not combine with ``rand_augment``."""
     max_bad_fraction: float = 0.01
     """Stop with an error once more than this fraction of images failed to decode."""
     max_image_pixels: int | None = 64_000_000
@@ -725,6 +730,11 @@ def _check_data(cfg: Config) -> None:
         raise ConfigError(f"data.name: {e}") from None
     if cfg.data.root is not None and not getattr(dataset, "reads_files", True):
         raise ConfigError(f"data.root={cfg.data.root!r}: dataset '{cfg.data.name}' reads no files; remove data.root")
+    from semmim.data.tensor_decode import decode_conflict
+
+    conflict = decode_conflict(cfg.data.decode, cfg.data.name, dataset, cfg.data.rand_augment)
+    if conflict is not None:
+        raise ConfigError(conflict)
 
 
 def _check_positions(m: ModelConfig) -> None:

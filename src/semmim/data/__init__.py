@@ -50,9 +50,12 @@ from semmim.data.shards import (
     read_shard_manifest,
     write_shards,
 )
+from semmim.data.tensor_decode import DECODES, decode_image_tensor
+from semmim.data.tensor_transforms import TensorEvalTransform, TensorPretrainTransform
 from semmim.data.transforms import Clamp01, eval_transform, pretrain_transform
 
 __all__ = [
+    "DECODES",
     "DEFAULT_MAX_IMAGE_PIXELS",
     "FASHION_MNIST_CLASSES",
     "IMG_EXTENSIONS",
@@ -71,12 +74,15 @@ __all__ = [
     "ShardStream",
     "SubsetDataset",
     "SyntheticDataset",
+    "TensorEvalTransform",
+    "TensorPretrainTransform",
     "build_dataset",
     "build_loader",
     "caption_class_name",
     "class_prompts",
     "count_shard_samples",
     "decode_image",
+    "decode_image_tensor",
     "describe",
     "eval_transform",
     "expand_urls",

@@ -33,10 +33,9 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from semmim.data.datasets import (
     DEFAULT_MAX_IMAGE_PIXELS,
+    Decoded,
     ImageDataset,
     Sample,
     SkipsBadFiles,
@@ -44,6 +43,7 @@ from semmim.data.datasets import (
     Transform,
     apply_transform,
     check_index,
+    file_decoder,
     image_mode_for,
     sample_seed,
 )
@@ -252,6 +252,7 @@ class ManifestDataset(SkipsBadFiles, ImageDataset):
         in_chans: 3 decodes to RGB, 1 to grayscale.
         max_bad_fraction: tolerated fraction of missing or undecodable images.
         max_image_pixels: larger images (width x height, from the header) are undecodable files.
+        decode: "pil" (PIL images) or "torchvision" (uint8 tensors, see :mod:`semmim.data.tensor_decode`).
 
     Raises:
         FileNotFoundError: the manifest does not exist, or (too many of) its images are missing.
@@ -276,8 +277,11 @@ class ManifestDataset(SkipsBadFiles, ImageDataset):
         in_chans: int = 3,
         max_bad_fraction: float = 0.01,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        decode: str = "pil",
     ) -> None:
         super().__init__(transform)
+        file_decoder(decode)  # an unknown value fails here, not at the first load
+        self.decode = decode
         mpath = Path(path).expanduser()
         if not mpath.exists():
             raise FileNotFoundError(f"manifest file not found: {mpath}")
@@ -359,11 +363,12 @@ class ManifestDataset(SkipsBadFiles, ImageDataset):
     def _source(self) -> str:
         return str(self.path)
 
-    def load(self, index: int) -> tuple[Image.Image, int]:
+    def load(self, index: int) -> tuple[Decoded, int]:
         """Decode sample ``index`` (or the next decodable one if it is broken).
 
         Returns:
-            ``(image, label)``: a PIL image in mode "RGB" (or "L") and the label or ``-1``.
+            ``(image, label)``: a PIL image in mode "RGB" (or "L"), or a uint8 tensor (C, H, W) with
+            ``decode="torchvision"``, and the label or ``-1``.
         """
         image, label, _ = self.decode_first_good(check_index(index, len(self)))
         return image, label
@@ -459,7 +464,7 @@ class ClassCaptions(ImageDataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def load(self, index: int) -> tuple[Image.Image, int]:
+    def load(self, index: int) -> tuple[Decoded, int]:
         """The wrapped dataset's ``load(index)``."""
         index = check_index(index, len(self))
         img, label = self.dataset.load(index)

@@ -53,7 +53,10 @@ DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 The largest ImageNet images have about 12 megapixels; larger files are treated as broken files
 (``data.max_image_pixels``). Pillow's own ``Image.MAX_IMAGE_PIXELS`` (89 megapixels) still applies."""
 
-Transform = Callable[[Image.Image], torch.Tensor]
+Transform = Callable[[Any], torch.Tensor]
+"""A PIL image (or, with ``decode="torchvision"``, a uint8 tensor (C, H, W)) -> tensor (C, H, W)."""
+Decoded = Image.Image | torch.Tensor
+"""What ``load`` returns as the image: a PIL image, or a uint8 tensor (C, H, W) with ``decode="torchvision"``."""
 Sample = dict[str, Any]
 
 _MODES = {1: "L", 3: "RGB"}
@@ -81,9 +84,12 @@ def pil_to_tensor01(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous().float().div_(255.0)
 
 
-def apply_transform(transform: Transform | None, img: Image.Image) -> torch.Tensor:
+def apply_transform(transform: Transform | None, img: Decoded) -> torch.Tensor:
     """``transform(img)`` (a plain [0, 1] conversion when ``None``), checked to be a tensor."""
-    out = pil_to_tensor01(img) if transform is None else transform(img)
+    if transform is None:
+        out = img.float().div_(255.0) if isinstance(img, torch.Tensor) else pil_to_tensor01(img)
+    else:
+        out = transform(img)
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"the transform must return a tensor (C, H, W), got {type(out).__name__}")
     return out
@@ -110,11 +116,12 @@ class ImageDataset(Dataset[Sample]):
     def __len__(self) -> int:
         raise NotImplementedError
 
-    def load(self, index: int) -> tuple[Image.Image, int]:
+    def load(self, index: int) -> tuple[Decoded, int]:
         """Decode sample ``index`` without augmentation.
 
         Returns:
-            ``(image, label)``: a PIL image and an integer label (``-1`` when unlabelled).
+            ``(image, label)``: a PIL image (a uint8 tensor (C, H, W) for file datasets with
+            ``decode="torchvision"``) and an integer label (``-1`` when unlabelled).
         """
         raise NotImplementedError
 
@@ -286,6 +293,24 @@ def decode_image_file(
     return out.transpose(transpose) if transpose is not None else out
 
 
+FILE_DECODERS: dict[str, Callable[..., Decoded]] = {"pil": decode_image}
+"""File decoders by ``data.decode`` value: ``f(path, mode, max_pixels=...) -> image``. ``torchvision`` is added
+by :mod:`semmim.data.tensor_decode` (imported with :mod:`semmim.data`)."""
+
+
+def file_decoder(decode: str) -> Callable[..., Decoded]:
+    """The file decoder of ``decode`` ("pil" or "torchvision"); ``ValueError`` for another value."""
+    if decode not in FILE_DECODERS:
+        raise ValueError(f"decode must be one of {', '.join(FILE_DECODERS)}, got {decode!r}")
+    return FILE_DECODERS[decode]
+
+
+def read_regular_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of ``path`` if it is a regular file (a FIFO, socket or device raises ``OSError`` at once)."""
+    with _open_regular(path) as f:
+        return f.read()
+
+
 def _mix(index: int, attempt: int) -> int:
     """A well-mixed 63-bit number that depends only on ``(index, attempt)`` (stable across runs)."""
     digest = hashlib.blake2b(b"sub,%d,%d" % (int(index), int(attempt)), digest_size=8).digest()
@@ -322,6 +347,10 @@ class SkipsBadFiles:
     mode: str
     last_skipped: int = 0
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+    decode: str = "pil"
+    """``pil``: ``load`` returns PIL images; ``torchvision``: uint8 tensors (:mod:`semmim.data.tensor_decode`)."""
+    decodes: tuple[str, ...] = ("pil", "torchvision")
+    """The values of ``decode`` (``data.decode``) these datasets accept."""
 
     def _bad_total(self) -> int:
         """The number of files the tolerated fraction refers to."""
@@ -362,11 +391,11 @@ class SkipsBadFiles:
             if j != index:
                 yield j
 
-    def _try_decode(self, index: int) -> tuple[Image.Image, int] | None:
+    def _try_decode(self, index: int) -> tuple[Decoded, int] | None:
         """Decode sample ``index``; ``None`` (after :meth:`_mark_bad`) if it is broken."""
         path, label = self.samples[index]
         try:
-            return decode_image(path, self.mode, max_pixels=self.max_image_pixels), label
+            return file_decoder(self.decode)(path, self.mode, max_pixels=self.max_image_pixels), label
         except Exception as err:  # PIL raises many types for corrupt data; all mean "bad file"
             self._mark_bad(index, err)
             return None
@@ -380,7 +409,7 @@ class SkipsBadFiles:
                 return j
         raise RuntimeError(f"no image of {self._source()} could be decoded")
 
-    def decode_first_good(self, index: int) -> tuple[Image.Image, int, int]:
+    def decode_first_good(self, index: int) -> tuple[Decoded, int, int]:
         """Decode sample ``index`` or its substitute: ``(image, label, index served)``.
 
         Sets ``last_skipped`` (see the class docstring): summed per epoch by the trainer across workers and
@@ -426,6 +455,8 @@ class ImageFolderDataset(SkipsBadFiles, ImageDataset):
         in_chans: 3 decodes to RGB, 1 to grayscale.
         max_image_pixels: larger images (width x height, read from the header before decoding) are broken
             files; ``None`` = only Pillow's limit.
+        decode: "pil" (``load`` returns PIL images) or "torchvision" (uint8 tensors (C, H, W); pair it with
+            :mod:`semmim.data.tensor_transforms`).
 
     Raises:
         FileNotFoundError: ``root`` does not exist or holds no images.
@@ -448,8 +479,11 @@ class ImageFolderDataset(SkipsBadFiles, ImageDataset):
         max_bad_fraction: float = 0.01,
         in_chans: int = 3,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        decode: str = "pil",
     ) -> None:
         super().__init__(transform)
+        file_decoder(decode)  # an unknown value fails here, not at the first load
+        self.decode = decode
         path = Path(root).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"image folder not found: {path}")
@@ -502,11 +536,12 @@ class ImageFolderDataset(SkipsBadFiles, ImageDataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load(self, index: int) -> tuple[Image.Image, int]:
+    def load(self, index: int) -> tuple[Decoded, int]:
         """Decode sample ``index``, or its substitute if it is broken.
 
         Returns:
-            ``(image, label)``: a PIL image in mode "RGB" (or "L") and the class index or ``-1``.
+            ``(image, label)``: a PIL image in mode "RGB" (or "L"), or with ``decode="torchvision"`` a uint8
+            tensor (C, H, W), and the class index or ``-1``.
         """
         image, label, _ = self.decode_first_good(check_index(index, len(self)))
         return image, label
@@ -597,7 +632,7 @@ class SubsetDataset(ImageDataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def load(self, index: int) -> tuple[Image.Image, int]:
+    def load(self, index: int) -> tuple[Decoded, int]:
         return self.dataset.load(self.indices[check_index(index, len(self))])
 
 

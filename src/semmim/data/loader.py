@@ -16,6 +16,8 @@ from semmim.data.captions import ClassCaptions, subset_keeping_captions
 from semmim.data.datasets import DEFAULT_MAX_IMAGE_PIXELS, SeededDataset
 from semmim.data.shards import MAX_IMAGE_PIXELS, ShardStream
 from semmim.data.summary import describe
+from semmim.data.tensor_decode import decode_conflict
+from semmim.data.tensor_transforms import TensorEvalTransform, TensorPretrainTransform
 from semmim.data.transforms import eval_transform, pretrain_transform
 from semmim.registry import DATASETS
 
@@ -106,6 +108,9 @@ def build_dataset(
     Other registered datasets get the subset of ``root, split, img_size, in_chans, download,
     max_bad_fraction, max_image_pixels`` they accept.
 
+    ``cfg.decode == "torchvision"`` (``imagefolder``, ``manifest``) decodes files into uint8 tensors and
+    augments them with :mod:`semmim.data.tensor_transforms` instead of PIL and torchvision's PIL transforms.
+
     ``cfg.captions == "templates"`` captions a labelled dataset with class-name templates
     (:class:`semmim.data.ClassCaptions`); items of a dataset with captions have ``"caption": str``.
 
@@ -135,7 +140,18 @@ def build_dataset(
     captions = getattr(cfg, "captions", None)
     if captions is not None and captions not in CAPTION_SOURCES:
         raise ValueError(f"data.captions must be one of {', '.join(CAPTION_SOURCES)} or null, got {captions!r}")
-    if train:
+    decode = getattr(cfg, "decode", "pil")
+    conflict = decode_conflict(decode, name, DATASETS.get(name), cfg.rand_augment)
+    if conflict is not None:
+        raise ValueError(conflict)
+    transform: Any
+    if decode == "torchvision":
+        transform = (
+            TensorPretrainTransform(img_size, crop_scale=cfg.crop_scale, hflip=cfg.hflip, uint8=cfg.uint8)
+            if train
+            else TensorEvalTransform(img_size, uint8=cfg.uint8)
+        )
+    elif train:
         transform = pretrain_transform(
             img_size,
             crop_scale=tuple(cfg.crop_scale),
@@ -161,6 +177,7 @@ def build_dataset(
             "in_chans": in_chans,
             "max_bad_fraction": cfg.max_bad_fraction,
             "max_image_pixels": getattr(cfg, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS),
+            "decode": decode,
         }
     elif name == "imagefolder":
         kwargs = {
@@ -168,6 +185,7 @@ def build_dataset(
             "max_bad_fraction": cfg.max_bad_fraction,
             "in_chans": in_chans,
             "max_image_pixels": getattr(cfg, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS),
+            "decode": decode,
         }
     elif name == "fashion_mnist":
         kwargs = {"root": cfg.root, "split": cfg.split, "in_chans": in_chans, "download": cfg.download}
@@ -183,6 +201,7 @@ def build_dataset(
             "download": cfg.download,
             "max_bad_fraction": cfg.max_bad_fraction,
             "max_image_pixels": getattr(cfg, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS),
+            "decode": decode,
         }
         kwargs = _filtered(factory, candidates)
     dataset = DATASETS.build(name, **kwargs)

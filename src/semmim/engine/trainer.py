@@ -958,8 +958,8 @@ class PretrainRecipe:
                         input_bound_warned = True  # said once: the share is logged as data_wait_frac at every log step
                         print(
                             f"[semmim] input-bound: {wait_frac:.0%} of the step time is spent waiting for data "
-                            f"(data.num_workers={cfg.data.num_workers}); more workers, data.uint8=true or faster "
-                            "storage would speed this run up",
+                            f"(data.num_workers={cfg.data.num_workers}); more workers, data.uint8=true, "
+                            "data.decode=torchvision or faster storage would speed this run up",
                             flush=True,
                         )
                     extras = {
