@@ -253,9 +253,9 @@ def test_config_refuses_rand_augment_with_the_torchvision_decode() -> None:
         load_config(None, ["data.root=/x", "data.decode=torchvision", "data.rand_augment=rand-m9-mstd0.5-inc1"])
 
 
-@pytest.mark.parametrize("name", ["synthetic", "fashion_mnist", "webdataset"])
+@pytest.mark.parametrize("name", ["synthetic", "fashion_mnist"])
 def test_config_refuses_datasets_without_image_files(name: str) -> None:
-    needle = rf"data.decode=torchvision .* available for data.name=imagefolder or manifest; dataset '{name}' does"
+    needle = rf"data.decode=torchvision .* available for data.name=.*; dataset '{name}' does"
     with pytest.raises(ConfigError, match=needle + r" not support it: set data.decode=pil"):
         load_config(None, [f"data.name={name}", "data.decode=torchvision"])
 
@@ -269,6 +269,27 @@ def test_build_dataset_refuses_the_same_conflicts() -> None:
     with pytest.raises(ValueError, match="dataset 'synthetic' does not support it"):
         build_dataset(DataConfig(name="synthetic", limit=4, decode="torchvision"), img_size=16, in_chans=3)
     assert load_config(None, ["data.root=/x", "data.decode=torchvision"]).data.decode == "torchvision"
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_shards_with_the_torchvision_decode_match_the_pil_path(tmp_path: Path, train: bool) -> None:
+    """WebDataset shards decode their JPEG members with the same tensor path (same crops as PIL, within 1/255)."""
+    from semmim.data import write_shards
+
+    src = build_dataset(cfg(folder(tmp_path / "src")), img_size=32, in_chans=3, train=False)
+    write_shards(src, tmp_path / "shards", shard_size=3, image_format="png", progress=False)
+    shards = str(tmp_path / "shards")
+    kw = {"name": "webdataset", "root": shards, "num_samples": 6, "batch_size": 2, "uint8": True}
+    fast = build_dataset(DataConfig(**kw, decode="torchvision"), img_size=16, in_chans=3, train=train, seed=1)
+    slow = build_dataset(DataConfig(**kw), img_size=16, in_chans=3, train=train, seed=1)
+    assert fast.decode == "torchvision" and isinstance(
+        fast.transform, TensorPretrainTransform if train else TensorEvalTransform
+    )
+    a, b = list(fast), list(slow)
+    assert [x["index"] for x in a] == [x["index"] for x in b] and len(a) == 6
+    for x, y in zip(a, b, strict=True):
+        assert x["image"].dtype == torch.uint8 and x["image"].shape == (3, 16, 16)
+        assert (x["image"].double() - y["image"].double()).abs().mean() < 1.0
 
 
 def test_decode_bytes_from_a_file_object() -> None:

@@ -93,6 +93,7 @@ def _build_shard_stream(
         drop_last=train,
         require_captions=require_captions,
         max_pixels=cfg.max_image_pixels if cfg.max_image_pixels is not None else MAX_IMAGE_PIXELS,
+        decode=getattr(cfg, "decode", "pil"),
     )
 
 
@@ -108,7 +109,7 @@ def build_dataset(
     Other registered datasets get the subset of ``root, split, img_size, in_chans, download,
     max_bad_fraction, max_image_pixels`` they accept.
 
-    ``cfg.decode == "torchvision"`` (``imagefolder``, ``manifest``) decodes files into uint8 tensors and
+    ``cfg.decode == "torchvision"`` (``imagefolder``, ``manifest``, ``webdataset``) decodes files into uint8 tensors and
     augments them with :mod:`semmim.data.tensor_transforms` instead of PIL and torchvision's PIL transforms.
 
     ``cfg.captions == "templates"`` captions a labelled dataset with class-name templates

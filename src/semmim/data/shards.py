@@ -65,6 +65,7 @@ from semmim.data.datasets import (
 )
 from semmim.data.seeding import seeded
 from semmim.data.shard_writer import SHARD_MANIFEST, write_shards
+from semmim.data.tensor_decode import decode_image_bytes
 from semmim.registry import DATASETS
 
 __all__ = [
@@ -456,6 +457,8 @@ class ShardStream(IterableDataset[Sample]):
             train on captions, such as ``clip`` and ``rils``).
         max_pixels: largest image (width x height) decoded; a larger one is a bad sample.
         max_member_bytes: largest sample (its parts together) read into memory; a larger one is bad.
+        decode: "pil" (the image reaches the transform as a PIL image) or "torchvision" (decoded by
+            :func:`semmim.data.tensor_decode.decode_image_bytes` into a uint8 tensor, for the tensor transforms).
 
     Attributes:
         urls: the expanded shard list.
@@ -469,6 +472,7 @@ class ShardStream(IterableDataset[Sample]):
     """
 
     name = "webdataset"
+    decodes: tuple[str, ...] = ("pil", "torchvision")
 
     def __init__(
         self,
@@ -488,6 +492,7 @@ class ShardStream(IterableDataset[Sample]):
         require_captions: bool = False,
         max_pixels: int = MAX_IMAGE_PIXELS,
         max_member_bytes: int = MAX_MEMBER_BYTES,
+        decode: str = "pil",
     ) -> None:
         super().__init__()
         if world_size < 1:
@@ -516,6 +521,9 @@ class ShardStream(IterableDataset[Sample]):
         self.require_captions = bool(require_captions)
         self.max_pixels = int(max_pixels)
         self.max_member_bytes = int(max_member_bytes)
+        if decode not in self.decodes:
+            raise ValueError(f"decode must be one of {', '.join(self.decodes)}, got {decode!r}")
+        self.decode = decode
         self.epoch = int(epoch)
         self._resume = 0  # samples the next iteration passes over (load_state_dict)
         self._consumed = 0  # samples the current iteration has yielded (state_dict)
@@ -638,7 +646,11 @@ class ShardStream(IterableDataset[Sample]):
             label = int(raw["cls"].decode("utf-8").strip()) if raw.get("cls") else -1
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the explicit budget below
-                image = decode_image_file(io.BytesIO(raw[ext]), self.mode, self.max_pixels)
+                image: Any = (
+                    decode_image_bytes(raw[ext], self.mode, self.max_pixels)
+                    if self.decode == "torchvision"
+                    else decode_image_file(io.BytesIO(raw[ext]), self.mode, self.max_pixels)
+                )
         except ImageTooLargeError as err:
             return f"{err} (max_pixels; a decompression bomb?)"
         except Exception as err:  # PIL raises many types for corrupt data; all mean "bad sample"
@@ -769,3 +781,6 @@ def webdataset_stream(
         in_chans=in_chans,
         **kwargs,
     )
+
+
+webdataset_stream.decodes = ShardStream.decodes  # type: ignore[attr-defined]  # read by the data.decode check
