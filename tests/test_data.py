@@ -1,4 +1,4 @@
-"""Tests of the input pipeline: datasets, transforms, seeded augmentation, sampler and loaders."""
+"""Tests of the input pipeline: datasets, transforms, seeded augmentation, the training sampler and loaders."""
 
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ from semmim.data import (
     FashionMNIST,
     IdxFormatError,
     ImageFolderDataset,
-    ResumableSampler,
     SeededDataset,
     SubsetDataset,
     SyntheticDataset,
@@ -32,6 +31,7 @@ from semmim.data import (
     eval_transform,
     pretrain_transform,
     read_idx,
+    train_sampler,
 )
 from semmim.data import fashion_mnist as fm
 from semmim.registry import DATASETS
@@ -355,62 +355,45 @@ def test_synthetic_dataset() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+def _hand_order(n: int, seed: int, epoch: int, rank: int, world_size: int) -> list[int]:
+    """semmim's training order since 0.1 (the former ResumableSampler): randperm seeded seed + epoch,
+    truncated to a multiple of world_size, rank r takes indices[r::world_size]."""
+    g = torch.Generator()
+    g.manual_seed(seed + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    return order[: n - n % world_size][rank::world_size]
+
+
 @settings(max_examples=150, deadline=None)
-@given(
-    n=st.integers(0, 60),
-    world_size=st.integers(1, 4),
-    shuffle=st.booleans(),
-    drop_last=st.booleans(),
-    epoch=st.integers(0, 5),
-)
-def test_sampler_shards_disjoint_and_covering(
-    n: int, world_size: int, shuffle: bool, drop_last: bool, epoch: int
-) -> None:
+@given(n=st.integers(0, 60), world_size=st.integers(1, 4), epoch=st.integers(0, 5), seed=st.integers(0, 2**31))
+def test_train_sampler_keeps_the_order_and_splits_disjointly(n: int, world_size: int, epoch: int, seed: int) -> None:
+    """DistributedSampler's order equals the hand computation: runs keep their sample order across the change."""
     shards = []
     for rank in range(world_size):
-        s = ResumableSampler(n, shuffle=shuffle, seed=11, rank=rank, world_size=world_size, drop_last=drop_last)
+        s = train_sampler(range(n), seed=seed, rank=rank, world_size=world_size)
         s.set_epoch(epoch)
         shard = list(s)
-        assert len(shard) == len(s)
+        assert shard == _hand_order(n, seed, epoch, rank, world_size)
+        assert len(shard) == len(s) == n // world_size
         shards.append(shard)
-    assert len({len(sh) for sh in shards}) == 1  # equal shard sizes
     flat = [i for sh in shards for i in sh]
-    assert all(0 <= i < n for i in flat)
-    if drop_last:
-        assert len(flat) == len(set(flat)) == n - n % world_size
-    else:
-        assert set(flat) == set(range(n))
-        assert len(flat) == (-(-n // world_size) * world_size if n else 0)
-    if n % world_size == 0:
-        assert sorted(flat) == list(range(n))
+    assert len(flat) == len(set(flat)) == n - n % world_size and all(0 <= i < n for i in flat)
 
 
-def test_sampler_epochs_start_and_state() -> None:
-    s = ResumableSampler(100, seed=0)
+def test_train_sampler_epochs_and_state() -> None:
+    s = train_sampler(range(100), seed=0)
     e0 = list(s)
     assert sorted(e0) == list(range(100)) and e0 != list(range(100))
     assert list(s) == e0  # same epoch, same order
     s.set_epoch(1)
     e1 = list(s)
     assert e1 != e0 and sorted(e1) == list(range(100))
-    assert list(ResumableSampler(100, shuffle=False)) == list(range(100))
-
-    s.set_start(37)
-    assert len(s) == 63 and list(s) == e1[37:]
-    state = s.state_dict()
-    assert state == {"epoch": 1, "start": 37}
-    t = ResumableSampler(100, seed=0)
-    t.load_state_dict(state)
-    assert list(t) == e1[37:] and len(t) == 63
-    t.set_epoch(1)  # same epoch: keeps the start
-    assert len(t) == 63
-    t.set_epoch(2)  # new epoch: starts from the beginning
-    assert len(t) == 100 and t.state_dict() == {"epoch": 2, "start": 0}
-    r1 = ResumableSampler(10, shuffle=False, rank=1, world_size=3, drop_last=False)
-    r1.set_start(2)
-    assert list(r1) == [7, 0]
-    with pytest.raises(ValueError):
-        ResumableSampler(10, rank=2, world_size=2)
+    assert s.state_dict() == {"yielded": 100}
+    s.load_state_dict({"yielded": 37})  # the next pass starts at sample 37, the one after starts anew
+    assert list(s) == e1[37:]
+    assert list(s) == e1
+    r1 = train_sampler(range(10), seed=3, rank=1, world_size=3)
+    assert list(r1) == _hand_order(10, 3, 0, 1, 3)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -423,9 +406,9 @@ def test_loader_workers_match_main_process() -> None:
     ds.set_epoch(3)
 
     def batches(num_workers: int) -> list[dict[str, torch.Tensor]]:
-        sampler = ResumableSampler(len(ds), seed=4)
+        sampler = train_sampler(ds, seed=4)
         sampler.set_epoch(3)
-        sampler.set_start(4)
+        sampler.load_state_dict({"yielded": 4})
         loader = build_loader(ds, batch_size=5, num_workers=num_workers, pin_memory=True, sampler=sampler)
         return list(loader)
 

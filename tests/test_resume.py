@@ -151,6 +151,8 @@ def test_two_processes_resume_exactly_in_a_later_epoch(data: str, shards: Path, 
     assert done.returncode == 0, done.stderr[-3000:]
     first = _cli(out, "--config", "demo/mae", *common, "trainer.max_steps=6")
     assert first.returncode == 0, first.stderr[-3000:]
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["batch_in_epoch"], len(ckpt["loader"])) == (1, 2, 2)  # one loader state per rank
     resumed = _cli(out, "--resume", "trainer.max_steps=10")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming at step 6" in resumed.stdout and "trainer.max_steps 6 -> 10" in resumed.stdout

@@ -1,4 +1,4 @@
-"""The input pipeline: datasets, transforms, a resumable sampler and loader builders.
+"""The input pipeline: datasets, transforms, the training sampler and resumable loaders.
 
 Importing this package registers the ``imagefolder``, ``fashion_mnist``, ``synthetic``, ``manifest``
 (image–caption pairs listed in a CSV / JSONL file) and ``webdataset`` (tar shards, streamed) datasets
@@ -11,7 +11,7 @@ normalised here.
 Examples:
     >>> from semmim.config import DataConfig
     >>> ds = build_dataset(DataConfig(name="synthetic", limit=8), img_size=32, in_chans=3)
-    >>> sampler = ResumableSampler(len(ds), seed=0)
+    >>> sampler = train_sampler(ds, seed=0)
     >>> loader = build_loader(ds, batch_size=4, num_workers=0, pin_memory=False, sampler=sampler)
     >>> next(iter(loader))["image"].shape
     torch.Size([4, 3, 32, 32])
@@ -40,8 +40,7 @@ from semmim.data.datasets import (
     pil_to_tensor01,
 )
 from semmim.data.fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST, IdxFormatError, read_idx
-from semmim.data.loader import build_dataset, build_loader, describe
-from semmim.data.sampler import ResumableSampler
+from semmim.data.loader import build_dataset, build_loader, describe, train_sampler
 from semmim.data.seeding import sample_seed, seeded
 from semmim.data.shards import (
     ShardStream,
@@ -69,7 +68,6 @@ __all__ = [
     "ImageFolderDataset",
     "ImageTooLargeError",
     "ManifestDataset",
-    "ResumableSampler",
     "SeededDataset",
     "ShardStream",
     "SubsetDataset",
@@ -94,5 +92,6 @@ __all__ = [
     "sample_seed",
     "seeded",
     "subset_keeping_captions",
+    "train_sampler",
     "write_shards",
 ]

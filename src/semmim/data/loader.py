@@ -5,11 +5,14 @@ from __future__ import annotations
 import inspect
 import os
 import warnings
+from collections.abc import Sized
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from semmim.config import DataConfig
 from semmim.data.captions import ClassCaptions, subset_keeping_captions
@@ -21,7 +24,7 @@ from semmim.data.tensor_transforms import TensorEvalTransform, TensorPretrainTra
 from semmim.data.transforms import eval_transform, pretrain_transform
 from semmim.registry import DATASETS
 
-__all__ = ["CAPTION_SOURCES", "DEFAULT_SYNTHETIC_SIZE", "build_dataset", "build_loader", "describe"]
+__all__ = ["CAPTION_SOURCES", "DEFAULT_SYNTHETIC_SIZE", "build_dataset", "build_loader", "describe", "train_sampler"]
 
 DEFAULT_SYNTHETIC_SIZE = 1024
 """Size of the ``synthetic`` dataset when ``data.limit`` is not set."""
@@ -226,6 +229,26 @@ def build_dataset(
     return SeededDataset(dataset, seed=seed, transform=transform)
 
 
+def train_sampler(dataset: Sized, *, seed: int, rank: int = 0, world_size: int = 1) -> StatefulDistributedSampler:
+    """The training order of a map-style dataset: shuffled per epoch, split over ranks, resumable.
+
+    A :class:`torch.utils.data.DistributedSampler` (``shuffle=True, drop_last=True``): epoch ``e`` permutes
+    the indices with a generator seeded by ``seed + e``, drops the tail that does not split evenly, and rank
+    ``r`` of ``W`` takes ``indices[r::W]``. It is torchdata's ``StatefulDistributedSampler`` subclass, whose
+    ``state_dict()`` is ``{"yielded": samples drawn this epoch}``: a :func:`build_loader` loader saves and
+    restores it, and ``load_state_dict({"yielded": k})`` starts the next epoch pass at sample ``k``.
+    Call ``set_epoch(e)`` before each epoch.
+
+    Examples:
+        >>> s = train_sampler(range(10), seed=0, rank=1, world_size=2)
+        >>> len(s), sorted(set(s) | set(train_sampler(range(10), seed=0, rank=0, world_size=2)))[:3]
+        (5, [0, 1, 2])
+    """
+    return StatefulDistributedSampler(
+        cast(Any, dataset), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+    )
+
+
 def build_loader(
     dataset: Dataset[Any],
     *,
@@ -234,8 +257,13 @@ def build_loader(
     pin_memory: bool,
     sampler: Sampler[int] | None,
     drop_last: bool = True,
-) -> DataLoader[Any]:
-    """A DataLoader over ``dataset`` in ``sampler``'s order.
+) -> StatefulDataLoader:
+    """A resumable DataLoader over ``dataset`` in ``sampler``'s order (torchdata's ``StatefulDataLoader``).
+
+    ``loader.state_dict()`` is the position after the last batch it yielded: the sampler's position for a
+    map-style dataset, and for an ``IterableDataset`` each worker's ``dataset.state_dict()`` (taken inside the
+    worker with every batch); ``loader.load_state_dict(state)`` makes the next ``iter(loader)`` continue from
+    there. The state depends on ``num_workers`` (one entry per worker).
 
     Workers are not persistent, so :meth:`SeededDataset.set_epoch` called in the main process
     reaches them every epoch. Memory pinning is only requested when CUDA is available.
@@ -245,22 +273,24 @@ def build_loader(
         batch_size: samples per batch.
         num_workers: worker processes (0 loads in the main process).
         pin_memory: pin batches for faster host-to-device copies.
-        sampler: index order (e.g. :class:`semmim.data.ResumableSampler`); ``None`` = sequential.
+        sampler: index order (e.g. :func:`train_sampler`); ``None`` = sequential.
         drop_last: drop the last incomplete batch.
 
     Returns:
-        A DataLoader yielding ``{"image": (N, C, H, W), "label": (N,), "index": (N,)}``.
+        A ``StatefulDataLoader`` yielding ``{"image": (N, C, H, W), "label": (N,), "index": (N,)}``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=num_workers,
-        pin_memory=bool(pin_memory) and torch.cuda.is_available(),
-        drop_last=drop_last,
-        persistent_workers=False,
-    )
+    with warnings.catch_warnings():  # torchdata calls torch.set_vital, deprecated since torch 2.9
+        warnings.filterwarnings("ignore", message=".*set_vital.* is deprecated", category=UserWarning)
+        return StatefulDataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=num_workers,
+            pin_memory=bool(pin_memory) and torch.cuda.is_available(),
+            drop_last=drop_last,
+            persistent_workers=False,
+        )

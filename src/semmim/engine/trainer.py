@@ -10,7 +10,6 @@ continue exactly where a run stopped.
 from __future__ import annotations
 
 import copy
-import itertools
 import json
 import math
 import os
@@ -30,6 +29,7 @@ from torch.utils.data import IterableDataset
 from semmim import run as rundir
 from semmim.config import Config, ConfigError, load_saved_config, to_dict, to_yaml
 from semmim.engine.checkpoint import CheckpointError, ChecksummedCheckpointIO
+from semmim.engine.data_state import LOADER_KEY, ResumePosition, gather_loader_states, resume_position
 from semmim.engine.metrics import MetricsWriter
 from semmim.engine.optim import build_adamw, clamp_warmup, cosine_lr, scaled_lr, set_lr
 
@@ -56,7 +56,8 @@ def explained_warning(value: float, step: int) -> str:
 CKPT_DIR = rundir.CKPT_DIR
 LAST_CKPT = rundir.LAST_CKPT
 CKPT_KEYS = ("model", "optimizer", "step", "epoch", "batch_in_epoch")
-"""What a checkpoint must hold to be resumed."""
+"""What a checkpoint must hold to be resumed (``loader``, the per-rank data positions, is optional: a
+checkpoint written before it existed resumes by skipping ``batch_in_epoch`` batches)."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -470,6 +471,7 @@ class PretrainRecipe:
         self.changes = dict(changes or {})
         self.ckpt_path = rundir.ckpt_path(self.out)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.position: ResumePosition | None = None  # a resume's data position, applied when the loop starts
         self.bar: Any = None
         self.plain_log = False
         self.monitor: Any = None
@@ -535,7 +537,9 @@ class PretrainRecipe:
 
     def setup_data(self) -> None:
         """The dataset, its sampler and loader; the epoch and step counts, warmup and learning rate."""
-        from semmim.data import ResumableSampler, build_dataset, build_loader
+        from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+
+        from semmim.data import build_dataset, build_loader, train_sampler
         from semmim.methods import method_class
 
         cfg, t, world = self.cfg, self.cfg.trainer, self.world
@@ -550,7 +554,7 @@ class PretrainRecipe:
         )
         self.dataset = dataset
         self.streaming = isinstance(dataset, IterableDataset)
-        self.sampler: ResumableSampler | None = None
+        self.sampler: StatefulDistributedSampler | None = None
         self.stream: Any = dataset
         if self.streaming:  # WebDataset shards: the stream splits shards by rank and worker itself
             stream: Any = self.stream
@@ -564,10 +568,8 @@ class PretrainRecipe:
             stream.batch_size, stream.drop_last = cfg.data.batch_size, True
             self.shard_size = int(num_samples) // world
         else:
-            self.sampler = ResumableSampler(
-                len(dataset), shuffle=True, seed=t.seed, rank=self.rank, world_size=world, drop_last=True
-            )
-            self.shard_size = self.sampler.shard_size
+            self.sampler = train_sampler(dataset, seed=t.seed, rank=self.rank, world_size=world)
+            self.shard_size = self.sampler.num_samples
         self.loader = build_loader(
             dataset,
             batch_size=cfg.data.batch_size,
@@ -582,6 +584,7 @@ class PretrainRecipe:
         self.accumulate = accumulate
         batches_per_epoch = self.shard_size // cfg.data.batch_size
         self.steps_per_epoch = batches_per_epoch // accumulate
+        self.batches_per_epoch = self.steps_per_epoch * accumulate  # what the loop consumes of an epoch
         if self.steps_per_epoch < 1:
             raise ConfigError(
                 f"the dataset has {self.shard_size * world} images: {world} device(s) x data.batch_size="
@@ -677,7 +680,18 @@ class PretrainRecipe:
                 f"--resume: cannot load the checkpoint {self.ckpt_path} ({type(e).__name__}: {e}); it may be "
                 "truncated or written by an incompatible version"
             ) from e
-        self.step, self.epoch, self.batch_in_epoch = int(rest["step"]), int(rest["epoch"]), int(rest["batch_in_epoch"])
+        self.step = int(rest["step"])
+        self.position = resume_position(
+            rest,
+            rank=self.rank,
+            world=self.world,
+            batches_per_epoch=self.batches_per_epoch,
+            num_workers=self.cfg.data.num_workers,
+            streaming=self.streaming,
+        )
+        self.epoch, self.batch_in_epoch = self.position.epoch, self.position.batch_in_epoch
+        if self.position.note and self.is_main:
+            print(f"[semmim] resume: {self.position.note}", flush=True)
         if self.changes and self.is_main:
             print(
                 "[semmim] resuming with changed settings: "
@@ -711,9 +725,36 @@ class PretrainRecipe:
             "step": self.step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
+            LOADER_KEY: self.loader_states(),
             "config": to_dict(self.cfg),
         }
         _save_atomic(self.fabric, ckpt_path, state, self.step)
+
+    def loader_states(self) -> list[dict[str, Any]] | None:
+        """Every rank's loader state in the middle of an epoch (a collective call), ``None`` at its end."""
+        if not 0 < self.batch_in_epoch < self.batches_per_epoch:
+            return None
+        return gather_loader_states(self.loader.state_dict(), self.world)
+
+    def start_epoch(self) -> Iterator[dict[str, Any]]:
+        """The iterator over the current epoch; after a resume, continuing at ``batch_in_epoch``."""
+        self.dataset.set_epoch(self.epoch)
+        if self.sampler is not None:
+            self.sampler.set_epoch(self.epoch)
+        position, self.position = self.position, None
+        if position is None or position.batch_in_epoch == 0:
+            return iter(self.loader)
+        if position.loader is not None:
+            self.loader.load_state_dict(position.loader)
+            return iter(self.loader)
+        if self.sampler is not None:  # map-style: the position is the number of samples drawn this epoch
+            self.sampler.load_state_dict({"yielded": position.batch_in_epoch * self.cfg.data.batch_size})
+            return iter(self.loader)
+        iterator = iter(self.loader)  # a stream without a saved state: read the consumed batches again
+        for _ in range(position.batch_in_epoch):
+            if next(iterator, None) is None:
+                break
+        return iterator
 
     # ------------------------------------------------------------------ logging
     def start_lines(self) -> list[str]:
@@ -885,7 +926,7 @@ class PretrainRecipe:
     def train(self) -> RunResult:
         cfg, t, fabric, world = self.cfg, self.cfg.trainer, self.fabric, self.world
         is_main, accumulate, total_steps = self.is_main, self.accumulate, self.total_steps
-        per_epoch = self.steps_per_epoch * accumulate
+        per_epoch = self.batches_per_epoch
         self.plain_log = _wants_plain_log(bool(t.progress_bar))
         if is_main and not self.plain_log:
             from tqdm.auto import tqdm
@@ -906,14 +947,7 @@ class PretrainRecipe:
 
         self.model.train()
         while self.step < total_steps:
-            self.dataset.set_epoch(self.epoch)
-            if self.sampler is not None:
-                self.sampler.set_epoch(self.epoch)
-                self.sampler.set_start(self.batch_in_epoch * cfg.data.batch_size)
-            iterator = iter(self.loader)
-            if self.sampler is None:  # a resumed stream replays the batches it had delivered (until StatefulDataLoader)
-                for _ in itertools.islice(iterator, self.batch_in_epoch):
-                    pass
+            iterator = self.start_epoch()
             self.running.zero_()
             self.pending = []
             self.skipped.zero_()
