@@ -273,7 +273,11 @@ def decode_image_file(
     exif_transpose: bool = True,
 ) -> Image.Image:
     """:func:`decode_image` of an open binary file (e.g. a shard member's bytes in ``io.BytesIO``)."""
-    with Image.open(f) as img:
+    with warnings.catch_warnings():
+        if max_pixels is not None:  # our own budget, checked below, names the file and the key instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(f)
+    with img:
         width, height = img.size
         if max_pixels is not None and width * height > max_pixels:
             raise ImageTooLargeError(
