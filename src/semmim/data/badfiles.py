@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-__all__ = ["DataError", "EpochBadFiles", "bad_entry", "bad_reason", "one_line_error"]
+__all__ = ["DataError", "EpochBadFiles", "ImageTooLargeError", "bad_entry", "bad_reason", "one_line_error"]
 
 REASON_CHARS = 240
 """Longest reason kept in a ``"bad"`` entry (a corrupt file can make PIL write long messages)."""
@@ -30,6 +30,10 @@ class DataError(RuntimeError):
     """The data cannot be trained on (too many unreadable files, none decodable); the message is one line."""
 
 
+class ImageTooLargeError(ValueError):
+    """An image whose header announces more pixels than the decoding budget allows."""
+
+
 _FILE_OBJECT = re.compile(r" ?<_io\.\w+ name=[^>]*>")
 
 
@@ -40,11 +44,9 @@ def _one_line(text: str) -> str:
 def bad_reason(err: BaseException) -> str:
     """Why a file is bad, on one line: ``"OSError: cannot identify image file ..."``.
 
-    An :class:`~semmim.data.datasets.ImageTooLargeError` message already says what is wrong and is kept
+    An :class:`ImageTooLargeError` message already says what is wrong and is kept
     without its class name.
     """
-    from semmim.data.datasets import ImageTooLargeError
-
     text = _FILE_OBJECT.sub("", _one_line(str(err)))  # PIL names the open file object, not the path
     if isinstance(err, ImageTooLargeError) and text:
         reason = text

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from semmim.data.badfiles import DataError, bad_entry
+from semmim.data.badfiles import DataError, ImageTooLargeError, bad_entry
 from semmim.data.seeding import sample_seed, seeded
 from semmim.registry import DATASETS
 
@@ -198,10 +198,6 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     if img.mode == "P" and "transparency" in img.info:
         return img.convert("RGBA")
     return img
-
-
-class ImageTooLargeError(ValueError):
-    """An image whose header announces more pixels than the decoding budget allows."""
 
 
 def _pixel_count(n: int) -> str:
