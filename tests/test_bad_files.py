@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from semmim.config import load_config
@@ -245,3 +246,30 @@ def test_pillows_own_bomb_error_and_warning_never_escape(tmp_path: Path) -> None
     assert "DecompressionBombWarning" in items[1]["bad"]
     assert [it["skipped"] for it in items] == [1, 1, 0]
     assert all(it["image"].shape == (3, 8, 8) for it in items)
+
+
+class _MeanTokens(torch.nn.Module):
+    """A stand-in encoder: ``forward_features`` gives (N, 1 + 1, C) tokens (channel means)."""
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))[:, None, :].expand(-1, 2, -1)
+
+
+def test_feature_extraction_reads_the_bad_field_and_stops_over_one_percent(tmp_path: Path) -> None:
+    from torch.utils.data import DataLoader
+
+    from semmim.eval.features import extract_features
+
+    _folder(tmp_path / "one", {3: b"junk"})
+    _folder(tmp_path / "three", {3: b"junk", 7: b"", 30: b"GIF89a"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        loader = DataLoader(SeededDataset(ImageFolderDataset(tmp_path / "one")), batch_size=8, num_workers=2)
+        feats, labels = extract_features(_MeanTokens(), loader, [0.5] * 3, [0.25] * 3)
+        assert feats["cls"].shape == (N_FILES, 3) and labels.shape == (N_FILES,)
+        loader = DataLoader(SeededDataset(ImageFolderDataset(tmp_path / "three")), batch_size=8)
+        with pytest.raises(DataError) as info:
+            extract_features(_MeanTokens(), loader, [0.5] * 3, [0.25] * 3)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith("max_bad_fraction=0.01 allows 1 bad image per split of 44; 3 found")
+    assert msg.endswith(": fix or remove them") and "img07.png" in msg

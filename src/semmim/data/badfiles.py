@@ -71,6 +71,8 @@ class EpochBadFiles:
         max_bad_fraction: the tolerated share of bad files per epoch.
         epoch_size: samples in a full epoch on this rank (known before the epoch starts).
         key: the config key named in the error.
+        remedy: what the error advises (default: fix or remove the files, or raise ``key``).
+        per: what ``epoch_size`` counts, for the error ("epoch").
 
     Examples:
         >>> tally = EpochBadFiles(0.01, 44)
@@ -83,10 +85,19 @@ class EpochBadFiles:
         semmim.data.badfiles.DataError: data.max_bad_fraction=0.01 allows 1 bad image per epoch of 44; 2 found ...
     """
 
-    def __init__(self, max_bad_fraction: float, epoch_size: int, key: str = "data.max_bad_fraction") -> None:
+    def __init__(
+        self,
+        max_bad_fraction: float,
+        epoch_size: int,
+        key: str = "data.max_bad_fraction",
+        remedy: str | None = None,
+        per: str = "epoch",
+    ) -> None:
         self.max_bad_fraction = float(max_bad_fraction)
         self.epoch_size = int(epoch_size)
         self.key = key
+        self.remedy = remedy if remedy is not None else f"fix or remove them, or raise {key}"
+        self.per = per
         self.found: dict[str, str] = {}
         """Path -> ``"<path>: <reason>"``, in the order first met."""
 
@@ -107,17 +118,25 @@ class EpochBadFiles:
         """Forget the bad files (a new epoch starts)."""
         self.found.clear()
 
+    def record(self, bad: Iterable[str]) -> None:
+        """Record a batch's ``"bad"`` entries (empty strings are good items) without checking the limit."""
+        for entry in bad:
+            if entry:
+                self.found.setdefault(_path_of(entry), _one_line(entry))
+
+    def check(self) -> None:
+        """Raise :class:`DataError` (one line) when more distinct bad files than :attr:`limit` were recorded."""
+        if len(self.found) > self.limit:
+            raise DataError(self.message())
+
     def add(self, bad: Iterable[str]) -> None:
-        """Record a batch's ``"bad"`` entries (empty strings are good items).
+        """Record a batch's ``"bad"`` entries and check the limit.
 
         Raises:
             DataError: the epoch now holds more distinct bad files than :attr:`limit` (one line).
         """
-        for entry in bad:
-            if entry:
-                self.found.setdefault(_path_of(entry), _one_line(entry))
-        if len(self.found) > self.limit:
-            raise DataError(self.message())
+        self.record(bad)
+        self.check()
 
     def message(self) -> str:
         """The one-line over-the-limit error naming the key, the count, the limit and the first files."""
@@ -126,8 +145,8 @@ class EpochBadFiles:
         more = f" and {n - SHOWN} more" if n > SHOWN else ""
         images = "image" if limit == 1 else "images"
         return (
-            f"{self.key}={self.max_bad_fraction:g} allows {limit} bad {images} per epoch of {self.epoch_size}; "
-            f"{n} found so far: {', '.join(shown)}{more}: fix or remove them, or raise {self.key}"
+            f"{self.key}={self.max_bad_fraction:g} allows {limit} bad {images} per {self.per} of {self.epoch_size}; "
+            f"{n} found so far: {', '.join(shown)}{more}: {self.remedy}"
         )
 
 
