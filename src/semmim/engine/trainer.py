@@ -785,15 +785,15 @@ class PretrainRecipe:
     def _report_skipped(self, samples: int) -> None:
         """Sum this (part of an) epoch's unreadable files over ranks, print and record them; too many stop the run."""
         tally = self.bad_files
-        counts = torch.tensor([float(len(tally)), float(samples)], device=self.fabric.device)
-        counts[0] += self.skipped.float()
+        # named bad files are gathered and counted once over the ranks; unnamed ones (items with only "skipped")
+        # are summed
+        counts = torch.stack([self.skipped.float(), torch.tensor(float(samples), device=self.fabric.device)])
         entries = tally.entries
-        total = counts
         if self.world > 1:
-            total = self.fabric.all_reduce(counts, reduce_op="sum")  # type: ignore[assignment]
+            counts = self.fabric.all_reduce(counts, reduce_op="sum")  # type: ignore[assignment]
             entries = _gather_entries(entries)
-        n_bad, n_seen = (int(v) for v in total.tolist())
-        tally.reset()
+        n_unnamed, n_seen = (int(v) for v in counts.tolist())
+        n_bad = len(entries) + n_unnamed
         if n_bad == 0:
             return
         cfg, epoch = self.cfg, self.epoch
@@ -1083,14 +1083,17 @@ class PretrainRecipe:
 
 
 def _gather_entries(entries: list[str]) -> list[str]:
-    """The bad-file entries of every rank, in rank order (each rank reads its own indices: no duplicates)."""
+    """The distinct bad-file entries of every rank, in rank order."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return entries
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, entries)
-    return [e for part in gathered for e in (part or [])]
+    merged = EpochBadFiles(1.0, 0)  # a file two ranks both read (a padded sampler) is counted once
+    for part in gathered:
+        merged.record(part or [])
+    return merged.entries
 
 
 def _safe_rows(out: Path) -> list[dict[str, Any]]:
