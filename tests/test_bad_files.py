@@ -7,7 +7,10 @@ came at the end of the run, as a worker traceback.
 from __future__ import annotations
 
 import json
+import os
 import struct
+import subprocess
+import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -273,3 +276,30 @@ def test_feature_extraction_reads_the_bad_field_and_stops_over_one_percent(tmp_p
     msg = str(info.value)
     assert "\n" not in msg and msg.startswith("max_bad_fraction=0.01 allows 1 bad image per split of 44; 3 found")
     assert msg.endswith(": fix or remove them") and "img07.png" in msg
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_count_the_distinct_bad_files_of_the_epoch(tmp_path: Path) -> None:
+    """Each rank counts its own share; the end-of-epoch line gathers the names over the ranks."""
+    paths = _folder(tmp_path / "imgs", {5: b"junk", **TWO_BAD})
+    overrides = _overrides(
+        tmp_path / "imgs",
+        "data.num_workers=1",
+        "data.max_bad_fraction=0.2",  # 4 per rank's 22
+        "trainer.max_steps=5",  # one epoch: 2 ranks x 5 batches of 4
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    cmd = [sys.executable, "-W", "ignore", "-m", "semmim.cli", "pretrain", "--config", "demo/mae"]
+    proc = subprocess.run(
+        [*cmd, "--out", str(tmp_path / "run"), *overrides], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seeds = load_config(None, overrides).trainer.seed
+    order = ResumableSampler(N_FILES, shuffle=True, seed=seeds).epoch_indices()[:40]  # what the 2 ranks read
+    expected = sorted(str(paths[i]) for i in (5, *TWO_BAD) if i in order)
+    (event,) = _events(tmp_path / "run")
+    assert event["skipped_images"] == len(expected) and event["samples"] == 40
+    assert sorted(e.partition(": ")[0] for e in event["bad_files"]) == expected
+    assert f"epoch 0: skipped {len(expected)} unreadable image(s) in 40 samples" in proc.stdout
