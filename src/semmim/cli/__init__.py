@@ -106,8 +106,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if isinstance(e, KeyError) and e.args:
             e = type(e)(e.args[0])
-        print(f"semmim {args.command}: error: {e}", file=sys.stderr)
+        print(f"semmim {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _one_line(err: BaseException) -> str:
+    """The error as one line; one re-raised from a DataLoader worker keeps only its original last line."""
+    from semmim.data.badfiles import one_line_error
+
+    return one_line_error(err)
 
 
 if __name__ == "__main__":

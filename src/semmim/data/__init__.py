@@ -5,8 +5,9 @@ Importing this package registers the ``imagefolder``, ``fashion_mnist``, ``synth
 in :data:`semmim.registry.DATASETS`. Items of datasets with captions also have ``"caption": str``.
 
 Every item is ``{"image": FloatTensor (C, H, W) in [0, 1], "label": int (-1 = unlabelled),
-"index": int}``; a batch is ``{"image": (N, C, H, W), "label": (N,), "index": (N,)}``. Images are not
-normalised here.
+"index": int, "skipped": int, "bad": str}``; a batch is ``{"image": (N, C, H, W), "label": (N,),
+"index": (N,), "skipped": (N,), "bad": list[str]}``. ``"bad"`` names the broken file an item replaced
+(``"<path>: <reason>"``, or ``""``; see :mod:`semmim.data.badfiles`). Images are not normalised here.
 
 Examples:
     >>> from semmim.config import DataConfig
@@ -17,6 +18,7 @@ Examples:
     torch.Size([4, 3, 32, 32])
 """
 
+from semmim.data.badfiles import DataError, EpochBadFiles, one_line_error
 from semmim.data.captions import (
     TEMPLATES,
     CaptionSubset,
@@ -62,6 +64,8 @@ __all__ = [
     "CaptionSubset",
     "Clamp01",
     "ClassCaptions",
+    "DataError",
+    "EpochBadFiles",
     "FashionMNIST",
     "IdxFormatError",
     "ImageDataset",
@@ -85,6 +89,7 @@ __all__ = [
     "eval_transform",
     "expand_urls",
     "has_captions",
+    "one_line_error",
     "pil_to_tensor01",
     "pretrain_transform",
     "read_idx",

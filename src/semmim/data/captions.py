@@ -239,9 +239,9 @@ class ManifestDataset(SkipsBadFiles, ImageDataset):
 
     Images listed but missing on disk are skipped with one warning that counts them. Like
     :class:`semmim.data.ImageFolderDataset`, a file that fails to decode is skipped at load time
-    (a deterministic substitute is returned, with its own caption). Missing and undecodable files together
-    may number at most ``max(1, max_bad_fraction * rows)``; beyond that a ``RuntimeError`` (or, at
-    construction, ``FileNotFoundError``) stops the run.
+    (a deterministic substitute is returned, with its own caption, and the item names the broken file in
+    ``"bad"``; the trainer applies ``max_bad_fraction`` to the distinct broken files of each epoch). More
+    than ``max(1, max_bad_fraction * rows)`` missing files stop at construction with ``FileNotFoundError``.
 
     Args:
         path: the manifest file (``.csv``, ``.tsv``, ``.jsonl`` / ``.ndjson``; another suffix is sniffed).
@@ -334,7 +334,7 @@ class ManifestDataset(SkipsBadFiles, ImageDataset):
         self.targets = [t for _, t in samples]
         self.missing_files = missing
         self.bad_files: list[str] = list(missing)
-        self._bad_index: set[int] = set()
+        self._bad_index: dict[int, str] = {}
         if not samples:
             shown = ", ".join(missing[:3])
             raise FileNotFoundError(

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from semmim.data.badfiles import DataError, ImageTooLargeError, bad_entry
 from semmim.data.seeding import sample_seed, seeded
 from semmim.registry import DATASETS
 
@@ -206,8 +207,9 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return img
 
 
-class ImageTooLargeError(ValueError):
-    """An image whose header announces more pixels than the decoding budget allows."""
+def _pixel_count(n: int) -> str:
+    """``"4096 pixels"``, or ``"144 Mpx"`` from a million pixels on."""
+    return f"{n} pixels" if n < 1_000_000 else f"{n / 1e6:.0f} Mpx"
 
 
 _EXIF_ORIENTATION = 0x0112
@@ -274,11 +276,16 @@ def decode_image_file(
     exif_transpose: bool = True,
 ) -> Image.Image:
     """:func:`decode_image` of an open binary file (e.g. a shard member's bytes in ``io.BytesIO``)."""
-    with Image.open(f) as img:
+    with warnings.catch_warnings():
+        if max_pixels is not None:  # our own budget, checked below, names the file and the key instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(f)
+    with img:
         width, height = img.size
         if max_pixels is not None and width * height > max_pixels:
             raise ImageTooLargeError(
-                f"{width}x{height} = {width * height} pixels, more than data.max_image_pixels={max_pixels}"
+                f"{width}x{height} = {_pixel_count(width * height)}, more than data.max_image_pixels={max_pixels} "
+                "(a decompression bomb?)"
             )
         img.load()
         orientation = 1
@@ -322,30 +329,31 @@ _HASH_ATTEMPTS = 16
 
 
 class SkipsBadFiles:
-    """Decoding of image files listed in ``samples`` that skips and counts broken files.
+    """Decoding of image files listed in ``samples`` that skips broken files and names them.
 
     A broken file (corrupt, truncated, empty, not a regular file, larger than ``max_image_pixels``, a
-    decompression bomb) is warned about once, remembered, and replaced by a substitute: the first
-    decodable sample among pseudo-random candidates that depend only on the broken index (then a scan
-    from a pseudo-random start), so different broken indices are served as different images, and the
-    same index always gets the same substitute, in every run and worker (exact resume). More than
-    ``max_bad_files`` broken files stop the run with a ``RuntimeError`` listing some. Used by the file
+    decompression bomb) is warned about once, remembered with its reason, and replaced by a substitute:
+    the first decodable sample among pseudo-random candidates that depend only on the broken index (then a
+    scan from a pseudo-random start), so different broken indices are served as different images, and the
+    same index always gets the same substitute, in every run and worker (exact resume). Used by the file
     datasets (image folders, manifests).
 
-    Counting rule: after each load, ``last_skipped`` is 1 when the *requested* index is a broken file
-    (whether found now or known from before) and 0 otherwise; broken files met while looking for a
-    substitute are warned about and remembered but not counted there. Every index is requested by
-    exactly one worker once per epoch, so the per-item counts summed over an epoch, over all workers and
-    ranks, are exactly the number of distinct broken files among the indices the epoch requested (with
-    ``drop_last``, a broken file in the dropped tail is not counted that epoch).
+    After each load, ``last_skipped`` is 1 and ``last_bad`` is ``"<path>: <reason>"`` when the *requested*
+    index is a broken file (found now or known from before), else 0 and ``""``; broken files met while
+    looking for a substitute are warned about and remembered but not reported there.
+    :class:`SeededDataset` puts both in its items (``"skipped"``, ``"bad"``), and the trainer counts the
+    distinct bad files of each epoch in the main process (:class:`semmim.data.badfiles.EpochBadFiles`) and
+    stops the run when they are more than ``data.max_bad_fraction`` allows. A dataset never raises that error
+    itself; it raises :class:`~semmim.data.badfiles.DataError` only when no file at all can be decoded.
     """
 
     samples: list[tuple[str, int]]
     bad_files: list[str]
-    _bad_index: set[int]
+    _bad_index: dict[int, str]
     max_bad_fraction: float
     mode: str
     last_skipped: int = 0
+    last_bad: str = ""
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
     decode: str = "pil"
     """``pil``: ``load`` returns PIL images; ``torchvision``: uint8 tensors (:mod:`semmim.data.tensor_decode`)."""
@@ -362,21 +370,19 @@ class SkipsBadFiles:
 
     @property
     def max_bad_files(self) -> int:
-        """How many undecodable files are tolerated before a ``RuntimeError``."""
+        """How many undecodable files ``max_bad_fraction`` tolerates among all the files."""
         return max(1, int(self.max_bad_fraction * self._bad_total()))
 
     def _mark_bad(self, index: int, err: BaseException) -> None:
         path = self.samples[index][0]
-        self._bad_index.add(index)
+        entry = bad_entry(path, err)
+        self._bad_index[index] = entry
         self.bad_files.append(path)
-        warnings.warn(f"skipping unreadable image {path}: {type(err).__name__}: {err}", RuntimeWarning, stacklevel=4)
-        if len(self.bad_files) > self.max_bad_files:
-            shown = ", ".join(self.bad_files[:5]) + (", ..." if len(self.bad_files) > 5 else "")
-            raise RuntimeError(
-                f"{len(self.bad_files)} of {self._bad_total()} images of {self._source()} are missing or failed to "
-                f"decode, more than data.max_bad_fraction={self.max_bad_fraction} allows ({self.max_bad_files}): "
-                f"{shown}"
-            )
+        warnings.warn(f"skipping unreadable image {entry}", RuntimeWarning, stacklevel=4)
+
+    def bad_entry_of(self, index: int) -> str:
+        """``"<path>: <reason>"`` of sample ``index`` if it is known to be broken, else ``""``."""
+        return self._bad_index.get(index, "")
 
     def _candidates(self, index: int) -> Iterator[int]:
         """The substitutes tried, in order, for a broken ``index`` (never ``index`` itself)."""
@@ -400,6 +406,13 @@ class SkipsBadFiles:
             self._mark_bad(index, err)
             return None
 
+    def _none_decodable(self) -> DataError:
+        shown = ", ".join(list(self._bad_index.values())[:3])
+        return DataError(
+            f"no image of {self._source()} could be decoded ({len(self._bad_index)} of {len(self.samples)} "
+            f"tried, e.g. {shown})"
+        )
+
     def served_index(self, index: int) -> int:
         """The sample served for ``index`` as far as is known: itself, or its first substitute not known broken."""
         if index not in self._bad_index:
@@ -407,27 +420,29 @@ class SkipsBadFiles:
         for j in self._candidates(index):
             if j not in self._bad_index:
                 return j
-        raise RuntimeError(f"no image of {self._source()} could be decoded")
+        raise self._none_decodable()
 
     def decode_first_good(self, index: int) -> tuple[Decoded, int, int]:
         """Decode sample ``index`` or its substitute: ``(image, label, index served)``.
 
-        Sets ``last_skipped`` (see the class docstring): summed per epoch by the trainer across workers and
-        ranks through the item's ``"skipped"`` field.
+        Sets ``last_skipped`` and ``last_bad`` (see the class docstring).
+
+        Raises:
+            DataError: no sample can be decoded.
         """
-        self.last_skipped = 0
+        self.last_skipped, self.last_bad = 0, ""
         if index not in self._bad_index:
             got = self._try_decode(index)
             if got is not None:
                 return got[0], got[1], index
-        self.last_skipped = 1  # the requested file is broken: counted by whoever requested it, once
+        self.last_skipped, self.last_bad = 1, self._bad_index[index]  # reported by the item that asked for it
         for j in self._candidates(index):
             if j in self._bad_index:
                 continue
-            got = self._try_decode(j)  # a broken candidate is counted when its own index is requested
+            got = self._try_decode(j)  # a broken candidate is reported when its own index is requested
             if got is not None:
                 return got[0], got[1], j
-        raise RuntimeError(f"no image of {self._source()} could be decoded")
+        raise self._none_decodable()
 
 
 @DATASETS.register("imagefolder", help="Images in root/<class>/<img> (labelled) or a flat folder (unlabelled)")
@@ -442,16 +457,15 @@ class ImageFolderDataset(SkipsBadFiles, ImageDataset):
     fails to decode (corrupt, truncated, empty, no longer a regular file, more than ``max_image_pixels``
     pixels, a decompression bomb) is skipped: a warning names it (once), it is recorded in
     ``bad_files``, and a deterministic substitute that depends on the index is returned instead (see
-    :class:`SkipsBadFiles`, also for how broken files are counted). Once more than ``max(1,
-    max_bad_fraction * len(self))`` files have failed, a ``RuntimeError`` stops the run. Each
-    DataLoader worker keeps its own count. Images are turned upright by their EXIF orientation.
+    :class:`SkipsBadFiles`, also for how broken files are reported to the trainer, which applies
+    ``max_bad_fraction`` per epoch). Images are turned upright by their EXIF orientation.
 
     Args:
         root: the folder.
         transform: callable on a PIL image returning a (C, H, W) tensor; ``None`` = plain conversion.
         labels: ``True`` requires class subfolders; ``False`` reads every image below ``root``
             with label ``-1``; ``None`` auto-detects (class subfolders if any contain images).
-        max_bad_fraction: tolerated fraction of undecodable files.
+        max_bad_fraction: tolerated fraction of undecodable files per epoch (checked by the trainer).
         in_chans: 3 decodes to RGB, 1 to grayscale.
         max_image_pixels: larger images (width x height, read from the header before decoding) are broken
             files; ``None`` = only Pillow's limit.
@@ -531,7 +545,7 @@ class ImageFolderDataset(SkipsBadFiles, ImageDataset):
         self.samples = samples
         self.targets = [t for _, t in samples]
         self.bad_files: list[str] = []
-        self._bad_index: set[int] = set()
+        self._bad_index: dict[int, str] = {}
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -636,15 +650,15 @@ class SubsetDataset(ImageDataset):
         return self.dataset.load(self.indices[check_index(index, len(self))])
 
 
-def _skipped_by(dataset: Any) -> int:
-    """Broken files the innermost file dataset passed over for its last ``load`` (0 for other datasets)."""
+def _bad_of_last_load(dataset: Any) -> tuple[int, str]:
+    """``(skipped, bad)`` of the innermost file dataset's last ``load`` (``(0, "")`` for other datasets)."""
     for _ in range(8):  # wrappers (subsets, captions) keep the file dataset in ``.dataset``
         if hasattr(dataset, "last_skipped"):
-            return int(dataset.last_skipped)
+            return int(dataset.last_skipped), str(getattr(dataset, "last_bad", ""))
         dataset = getattr(dataset, "dataset", None)
         if dataset is None:
             break
-    return 0
+    return 0, ""
 
 
 class SeededDataset(Dataset[Sample]):
@@ -700,15 +714,19 @@ class SeededDataset(Dataset[Sample]):
         return list(getattr(self.dataset, "classes", []))
 
     def __getitem__(self, index: int) -> Sample:
-        """Returns ``{"image": (C, H, W) float tensor in [0, 1], "label": int, "index": int}``.
+        """Returns ``{"image": (C, H, W) float tensor in [0, 1], "label": int, "index": int, "skipped": int,
+        "bad": str}``.
 
-        When the wrapped dataset has ``caption(i) -> str``, the item also has ``"caption": str``.
+        ``"skipped"`` is 1 and ``"bad"`` is ``"<path>: <reason>"`` when the file of ``index`` is broken and the
+        image is its substitute (see :class:`SkipsBadFiles`), else 0 and ``""``. When the wrapped dataset has
+        ``caption(i) -> str``, the item also has ``"caption": str``.
         """
         index = check_index(index, len(self))
         img, label = self.dataset.load(index)
         with seeded(self.seed, self.epoch, index):
             image = apply_transform(self.transform, img)
-        item: Sample = {"image": image, "label": int(label), "index": index, "skipped": _skipped_by(self.dataset)}
+        skipped, bad = _bad_of_last_load(self.dataset)
+        item: Sample = {"image": image, "label": int(label), "index": index, "skipped": skipped, "bad": bad}
         caption = getattr(self.dataset, "caption", None)
         if callable(caption):
             item["caption"] = str(caption(index))

@@ -28,6 +28,7 @@ from torch.utils.data import IterableDataset
 
 from semmim import run as rundir
 from semmim.config import Config, ConfigError, load_saved_config, to_dict, to_yaml
+from semmim.data.badfiles import DataError, EpochBadFiles, one_line_error
 from semmim.engine.checkpoint import CheckpointError, ChecksummedCheckpointIO
 from semmim.engine.data_state import LOADER_KEY, ResumePosition, gather_loader_states, resume_position
 from semmim.engine.metrics import MetricsWriter
@@ -481,7 +482,12 @@ class PretrainRecipe:
     # ------------------------------------------------------------------ setup
     def run(self) -> RunResult:
         self.setup()
-        return self.train()
+        try:
+            return self.train()
+        except DataError as e:  # one re-raised by the DataLoader carries the worker's traceback: keep one line
+            if "\n" not in str(e):
+                raise
+            raise DataError(one_line_error(e)) from None
 
     def setup(self) -> None:
         """Everything before the first step; every check that can fail runs here."""
@@ -801,21 +807,52 @@ class PretrainRecipe:
             rest = " ".join(f"{k} {v}" for k, v in shown.items())
             print(f"[semmim] step {self.step}/{self.total_steps} epoch {self.epoch} {rest}", flush=True)
 
+    def _count_bad(self, batch: dict[str, Any]) -> None:
+        """Add a batch's bad files to the epoch's distinct ones; stop at the batch that crosses the limit.
+
+        Items name the file they replaced in ``"bad"`` (``"<path>: <reason>"``); a file counts once per epoch
+        however many workers meet it. Items with only a ``"skipped"`` count are summed on the device instead
+        and checked at the end of the epoch.
+        """
+        if "bad" in batch:
+            try:
+                self.bad_files.add(batch["bad"])
+            except DataError:
+                if self.bar is not None:
+                    self.bar.close()
+                raise
+        elif "skipped" in batch:
+            self.skipped += batch["skipped"].sum()
+
     def _report_skipped(self, samples: int) -> None:
-        """Sum the unreadable files of this (part of an) epoch over workers and ranks; too many stop the run."""
+        """Sum this (part of an) epoch's unreadable files over ranks, print and record them; too many stop the run."""
+        tally = self.bad_files
+        # named bad files are gathered and counted once over the ranks; unnamed ones (items with only "skipped")
+        # are summed
         counts = torch.stack([self.skipped.float(), torch.tensor(float(samples), device=self.fabric.device)])
-        total = self.fabric.all_reduce(counts, reduce_op="sum") if self.world > 1 else counts
-        n_bad, n_seen = (int(v) for v in total.tolist())  # type: ignore[union-attr]
+        entries = tally.entries
+        if self.world > 1:
+            counts = self.fabric.all_reduce(counts, reduce_op="sum")  # type: ignore[assignment]
+            entries = _gather_entries(entries)
+        n_unnamed, n_seen = (int(v) for v in counts.tolist())
+        n_bad = len(entries) + n_unnamed
         if n_bad == 0:
             return
         cfg, epoch = self.cfg, self.epoch
         if self.is_main:
-            print(f"[semmim] epoch {epoch}: skipped {n_bad} unreadable image(s) in {n_seen} samples", flush=True)
-            self.writer.note({"epoch": epoch, "step": self.step, "skipped_images": n_bad, "samples": n_seen})
-        if n_bad > max(1, cfg.data.max_bad_fraction * n_seen):
-            raise RuntimeError(
-                f"epoch {epoch}: {n_bad} of {n_seen} images could not be decoded, more than "
-                f"data.max_bad_fraction={cfg.data.max_bad_fraction} allows; the warnings above name the files"
+            names = [e.partition(": ")[0] for e in entries]
+            shown = f" ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})" if names else ""
+            print(f"[semmim] epoch {epoch}: skipped {n_bad} unreadable image(s) in {n_seen} samples{shown}", flush=True)
+            self.writer.note(
+                {"epoch": epoch, "step": self.step, "skipped_images": n_bad, "samples": n_seen, "bad_files": entries}
+            )
+        whole = EpochBadFiles(cfg.data.max_bad_fraction, tally.epoch_size * self.world)
+        if n_bad > whole.limit:
+            raise DataError(
+                f"epoch {epoch}: {n_bad} images could not be decoded, more than data.max_bad_fraction="
+                f"{cfg.data.max_bad_fraction:g} allows ({whole.limit} per epoch of {whole.epoch_size}); "
+                f"{'; '.join(entries[:3]) or 'the warnings above name them'}: fix or remove them, or raise "
+                "data.max_bad_fraction"
             )
 
     def _check_nonfinite(self, state: tuple[int, int, float] | None) -> None:
@@ -848,6 +885,7 @@ class PretrainRecipe:
         Returns:
             (the method's outputs, whether this micro-batch completes an optimizer step).
         """
+        self._count_bad(batch)  # before the batch trains: the run stops at the batch that crosses the limit
         t, accumulate = self.cfg.trainer, self.accumulate
         micro = self.batch_in_epoch % accumulate
         last_micro = micro == accumulate - 1
@@ -862,8 +900,6 @@ class PretrainRecipe:
                 loss = outputs["loss"]
                 self.fabric.backward(loss / accumulate)
             self.running += loss.detach() / accumulate
-        if "skipped" in batch:
-            self.skipped += batch["skipped"].sum()
         self.batch_in_epoch += 1
         return outputs, last_micro
 
@@ -943,6 +979,7 @@ class PretrainRecipe:
         window_start = t_start
         self.running = torch.zeros((), device=fabric.device)
         self.skipped = torch.zeros((), device=fabric.device, dtype=torch.long)
+        self.bad_files = EpochBadFiles(cfg.data.max_bad_fraction, self.shard_size)
         monitor = self.monitor
 
         self.model.train()
@@ -951,6 +988,7 @@ class PretrainRecipe:
             self.running.zero_()
             self.pending = []
             self.skipped.zero_()
+            self.bad_files.reset()
             epoch_samples = 0
             ended_early = False
             while self.batch_in_epoch < per_epoch and self.step < total_steps:
@@ -1078,6 +1116,20 @@ class PretrainRecipe:
             images_per_s = float(np.median([r["images_per_s"] for r in rows]))
         last_loss = float(last_loss_t.item()) if last_loss_t is not None else float("nan")
         return RunResult(out, self.step, last_loss, encoder_path, images_per_s, elapsed)
+
+
+def _gather_entries(entries: list[str]) -> list[str]:
+    """The distinct bad-file entries of every rank, in rank order."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return entries
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, entries)
+    merged = EpochBadFiles(1.0, 0)  # a file two ranks both read (a padded sampler) is counted once
+    for part in gathered:
+        merged.record(part or [])
+    return merged.entries
 
 
 def _safe_rows(out: Path) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from semmim.data.badfiles import EpochBadFiles
 from semmim.eval.common import encoder_geometry, eval_loader, labelled_split, load_encoder
 from semmim.eval.config import encoder_batch
 from semmim.export import resolve_encoder_file
@@ -32,6 +33,10 @@ __all__ = [
     "pool_tokens",
     "show_progress",
 ]
+
+EVAL_MAX_BAD_FRACTION = 0.01
+"""Feature extraction stops (:class:`~semmim.data.badfiles.DataError`) when more of the images than this share
+(at least 1) were unreadable and replaced by substitutes."""
 
 PROGRESS_MIN_IMAGES = 2048
 """Feature extraction of fewer images than this never shows a progress bar."""
@@ -76,7 +81,8 @@ def extract_features(
 
     Args:
         encoder: any module with ``forward_features`` giving (N, 1 + L, D) tokens (timm ViTs, semmim encoders).
-        loader: yields dicts with "image" (N, C, H, W) in [0, 1] and "label" (N,).
+        loader: yields dicts with "image" (N, C, H, W) in [0, 1] and "label" (N,) (and "bad", the unreadable
+            files the items replaced: more than :data:`EVAL_MAX_BAD_FRACTION` of them raise ``DataError``).
         mean, std: the input normalisation the encoder was trained with.
         pool: "cls" (token 0), "mean" (mean of the patch tokens) or "both" (one pass, both poolings).
         device: where the encoder runs.
@@ -99,13 +105,17 @@ def extract_features(
         from tqdm.auto import tqdm
 
         batches = tqdm(loader, desc="features", unit="batch", leave=False, file=sys.stderr)
+    bad = EpochBadFiles(EVAL_MAX_BAD_FRACTION, 0, key="max_bad_fraction", remedy="fix or remove them", per="split")
     for batch in batches:
+        bad.record(batch.get("bad", ()))
         x = (batch["image"].to(device) - m) / s
         tokens = encoder.forward_features(x)  # type: ignore[operator]
         for p, f in pool_tokens(tokens, pools).items():
             feats[p].append(f.cpu())
         labels.append(batch["label"].long().cpu())
     encoder.train(was_training)
+    bad.epoch_size = sum(len(y) for y in labels)
+    bad.check()  # substitutes for more than 1% of the images would bias the evaluation
     return {p: torch.cat(f) for p, f in feats.items()}, torch.cat(labels)
 
 
