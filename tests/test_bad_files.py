@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from semmim.config import load_config
-from semmim.data import DataError, EpochBadFiles, ImageFolderDataset, ResumableSampler, SeededDataset, one_line_error
+from semmim.data import DataError, EpochBadFiles, ImageFolderDataset, SeededDataset, one_line_error, train_sampler
 from semmim.engine.metrics import read_metrics
 from semmim.engine.trainer import pretrain
 from tests.conftest import tiny_overrides
@@ -130,9 +130,14 @@ def test_epoch_tally_counts_a_file_once_however_many_items_name_it() -> None:
     assert EpochBadFiles(0.0, 10).limit == 1  # one bad file is always tolerated
 
 
+def _order(seed: int) -> list[int]:
+    """The training order of epoch 0 of the 44 files in one process."""
+    return list(train_sampler(range(N_FILES), seed=seed))
+
+
 def _crossing_batch(cfg_seed: int, bad: list[int]) -> int:
     """The batch of epoch 0 in which the second of ``bad`` is requested (the sampler's order)."""
-    order = ResumableSampler(N_FILES, shuffle=True, seed=cfg_seed).epoch_indices()
+    order = _order(cfg_seed)
     positions = sorted(order.index(i) for i in bad)
     return positions[1] // BATCH
 
@@ -141,7 +146,7 @@ def _crossing_batch(cfg_seed: int, bad: list[int]) -> int:
 def test_crossing_the_limit_stops_at_that_batch_with_one_line_naming_the_files(tmp_path: Path, workers: int) -> None:
     overrides = _overrides(tmp_path / "imgs", f"data.num_workers={workers}", "data.max_bad_fraction=0.01")
     cfg = load_config(None, [*overrides, "trainer.max_steps=22"])
-    order = ResumableSampler(N_FILES, shuffle=True, seed=cfg.trainer.seed).epoch_indices()
+    order = _order(cfg.trainer.seed)
     bad = {order[1]: b"", order[9]: b"GIF89a broken"}  # requested in batches 0 and 2 of the 11 of epoch 0
     paths = _folder(tmp_path / "imgs", bad)
     assert _crossing_batch(cfg.trainer.seed, list(bad)) == 2
@@ -158,6 +163,37 @@ def test_crossing_the_limit_stops_at_that_batch_with_one_line_naming_the_files(t
     # stopped when batch 2 arrived: the 2 batches before it trained, nothing after it did
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
     assert _events(tmp_path / "run") == []  # not at the end of the epoch
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_run_resumed_mid_epoch_still_counts_the_files_met_before_the_checkpoint(tmp_path: Path, workers: int) -> None:
+    """The checkpoint keeps each rank's bad files of the epoch so far: the one met in batch 0 and the one in
+    batch 2 together cross the limit of 1, although the crash came between them."""
+    from semmim.engine.data_state import BAD_FILES_KEY
+    from tests.test_resume import Crash, _crash_at
+
+    overrides = _overrides(
+        tmp_path / "imgs",
+        f"data.num_workers={workers}",
+        "data.max_bad_fraction=0.01",
+        "trainer.max_steps=22",
+        "trainer.ckpt_every_n_steps=1",
+    )
+    cfg = load_config(None, overrides)
+    order = _order(cfg.trainer.seed)
+    bad = {order[1]: b"", order[9]: b"GIF89a broken"}  # requested in batches 0 and 2
+    paths = _folder(tmp_path / "imgs", bad)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(Crash):
+            pretrain(cfg, tmp_path / "run", on_step=_crash_at(2))  # the checkpoint of step 1: batch 0 read
+        ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        assert int(ckpt["step"]) == 1
+        assert [e.partition(": ")[0] for e in ckpt[BAD_FILES_KEY][0]] == [str(paths[order[1]])]
+        with pytest.raises(DataError, match="allows 1 bad image per epoch of 44; 2 found so far: ") as info:
+            pretrain(load_config(None, overrides), tmp_path / "run", resume=True)
+    assert str(paths[order[1]]) in str(info.value) and str(paths[order[9]]) in str(info.value)
+    assert [r["step"] for r in read_metrics(tmp_path / "run")][-1] == 2  # stopped when batch 2 arrived
 
 
 def _cli_error_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str], *overrides: str) -> list[str]:
@@ -297,7 +333,7 @@ def test_two_gloo_ranks_count_the_distinct_bad_files_of_the_epoch(tmp_path: Path
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     seeds = load_config(None, overrides).trainer.seed
-    order = ResumableSampler(N_FILES, shuffle=True, seed=seeds).epoch_indices()[:40]  # what the 2 ranks read
+    order = _order(seeds)[:40]  # what the 2 ranks read
     expected = sorted(str(paths[i]) for i in (5, *TWO_BAD) if i in order)
     (event,) = _events(tmp_path / "run")
     assert event["skipped_images"] == len(expected) and event["samples"] == 40

@@ -55,6 +55,7 @@ from torch.utils.data import IterableDataset
 from webdataset.tariterators import group_by_keys
 from webdataset.utils import pytorch_worker_info
 
+from semmim.data.badfiles import DataError
 from semmim.data.datasets import (
     ImageTooLargeError,
     Sample,
@@ -707,7 +708,7 @@ class ShardStream(IterableDataset[Sample]):
             if not isinstance(loaded, str):
                 return loaded
         shown = ", ".join(shards[:3]) + (", ..." if len(shards) > 3 else "")
-        raise RuntimeError(
+        raise DataError(
             f"no good sample in shard(s) {shown} (rank {self.rank}, epoch {self.epoch}): all are bad (undecodable, "
             f"too large, lost or without a required caption), so none can replace them; the warnings name them"
         )

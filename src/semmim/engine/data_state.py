@@ -18,6 +18,8 @@ from semmim.config import ConfigError
 
 LOADER_KEY = "loader"
 """The checkpoint entry holding the per-rank loader states (a list indexed by rank, or ``None``)."""
+BAD_FILES_KEY = "bad_files"
+"""Checkpoint key: every rank's bad files met in the current epoch before the checkpoint (``None`` at its end)."""
 
 
 def loader_workers(state: Mapping[str, Any]) -> int:
@@ -32,8 +34,9 @@ def loader_workers(state: Mapping[str, Any]) -> int:
     return 0
 
 
-def gather_loader_states(state: dict[str, Any], world: int) -> list[dict[str, Any]]:
-    """Every rank's loader state, indexed by rank (a collective call: every rank must make it)."""
+def gather_loader_states(state: Any, world: int) -> list[Any]:
+    """Every rank's loader state (or another picklable value), indexed by rank (a collective call: every rank must
+    make it)."""
     if world == 1:
         return [state]
     import torch.distributed as dist

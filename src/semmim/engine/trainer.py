@@ -30,7 +30,7 @@ from semmim import run as rundir
 from semmim.config import Config, ConfigError, load_saved_config, to_dict, to_yaml
 from semmim.data.badfiles import DataError, EpochBadFiles, one_line_error
 from semmim.engine.checkpoint import CheckpointError, ChecksummedCheckpointIO
-from semmim.engine.data_state import LOADER_KEY, ResumePosition, gather_loader_states, resume_position
+from semmim.engine.data_state import BAD_FILES_KEY, LOADER_KEY, ResumePosition, gather_loader_states, resume_position
 from semmim.engine.metrics import MetricsWriter
 from semmim.engine.optim import build_adamw, clamp_warmup, cosine_lr, scaled_lr, set_lr
 
@@ -473,6 +473,7 @@ class PretrainRecipe:
         self.ckpt_path = rundir.ckpt_path(self.out)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.position: ResumePosition | None = None  # a resume's data position, applied when the loop starts
+        self.resumed_bad: list[str] = []  # the bad files this rank had met in the resumed epoch before the checkpoint
         self.bar: Any = None
         self.plain_log = False
         self.monitor: Any = None
@@ -696,6 +697,9 @@ class PretrainRecipe:
             streaming=self.streaming,
         )
         self.epoch, self.batch_in_epoch = self.position.epoch, self.position.batch_in_epoch
+        saved_bad = rest.get(BAD_FILES_KEY)
+        if self.batch_in_epoch and isinstance(saved_bad, list) and len(saved_bad) == self.world:
+            self.resumed_bad = [str(e) for e in saved_bad[self.rank]]
         if self.position.note and self.is_main:
             print(f"[semmim] resume: {self.position.note}", flush=True)
         if self.changes and self.is_main:
@@ -732,6 +736,7 @@ class PretrainRecipe:
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             LOADER_KEY: self.loader_states(),
+            BAD_FILES_KEY: self.bad_file_states(),
             "config": to_dict(self.cfg),
         }
         _save_atomic(self.fabric, ckpt_path, state, self.step)
@@ -741,6 +746,13 @@ class PretrainRecipe:
         if not 0 < self.batch_in_epoch < self.batches_per_epoch:
             return None
         return gather_loader_states(self.loader.state_dict(), self.world)
+
+    def bad_file_states(self) -> list[list[str]] | None:
+        """Every rank's bad files of the current epoch so far (a collective call), ``None`` at its end: a run
+        resumed mid-epoch still counts the files met before the checkpoint against ``data.max_bad_fraction``."""
+        if not 0 < self.batch_in_epoch < self.batches_per_epoch:
+            return None
+        return gather_loader_states(self.bad_files.entries, self.world)
 
     def start_epoch(self) -> Iterator[dict[str, Any]]:
         """The iterator over the current epoch; after a resume, continuing at ``batch_in_epoch``."""
@@ -989,7 +1001,9 @@ class PretrainRecipe:
             self.pending = []
             self.skipped.zero_()
             self.bad_files.reset()
-            epoch_samples = 0
+            self.bad_files.record(self.resumed_bad)  # a resumed epoch: the files met before the checkpoint
+            self.resumed_bad = []
+            epoch_samples = self.batch_in_epoch * cfg.data.batch_size
             ended_early = False
             while self.batch_in_epoch < per_epoch and self.step < total_steps:
                 t0 = time.perf_counter()
