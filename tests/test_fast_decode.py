@@ -323,15 +323,10 @@ def test_pretrain_with_the_torchvision_decode_resumes_exactly(tmp_path: Path) ->
     assert load_config(tmp_path / "full" / "config.yaml").data.decode == "torchvision"
     full = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "full")}
 
-    class Crash(Exception):
-        pass
-
-    def crash_at_3(step: int, loss: float) -> None:
-        if step == 3:
-            raise Crash
+    from tests.test_resume import Crash, _crash_at
 
     with pytest.raises(Crash):
-        pretrain(cfg, tmp_path / "crashed", on_step=crash_at_3)
+        pretrain(cfg, tmp_path / "crashed", on_step=_crash_at(3))
     pretrain(cfg, tmp_path / "crashed", resume=True)
     resumed = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "crashed")}
     assert sorted(resumed) == sorted(full) == [1, 2, 3, 4]
