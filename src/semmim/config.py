@@ -232,6 +232,10 @@ class TeacherConfig:
     (proj); other teachers take no choice."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for the teacher's model factory (e.g. timm ``img_size``)."""
+    cache: str | None = None
+    """A directory written by ``semmim teacher cache``: the targets are cut from the teacher's stored token maps of
+    the full images (RoIAlign to each view's crop box, then its flip) and no teacher runs during training (methods
+    milan and maskdistill with method.target=teacher_features)."""
 
 
 @dataclass

@@ -45,7 +45,7 @@ from semmim.registry import DECODERS, LOSSES, MASKERS, TARGETS, Registry, Regist
 SLOT_CONTEXT: dict[str, tuple[str, ...]] = {
     "masker": (),
     "decoder": ("grid_size", "encoder_dim", "out_dim"),
-    "target": ("patch_size", "img_size", "in_chans", "mean", "std", "teacher"),
+    "target": ("patch_size", "img_size", "in_chans", "mean", "std", "teacher", "teacher_cache"),
     "loss": (),
 }
 """Arguments of each kind of part that the method supplies (never set in a config node)."""

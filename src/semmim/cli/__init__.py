@@ -7,6 +7,7 @@ semmim report runs/mae runs/milan --out runs/report
 semmim list
 semmim data shards --src fashion_mnist --out shards
 semmim codebook --config run.yaml --k 512          (k-means codes over a teacher's tokens)
+semmim teacher cache --config run.yaml --out DIR   (the teacher's token maps, for teacher.cache=DIR)
 semmim demo --out runs/demo
 
 One module per command group: :mod:`semmim.cli.pretrain` (``pretrain``, ``list``), :mod:`semmim.cli.eval`,
@@ -27,6 +28,7 @@ from semmim.cli.demo import add_demo_parser
 from semmim.cli.eval import add_eval_parser, default_eval_out
 from semmim.cli.pretrain import add_list_parser, add_pretrain_parser
 from semmim.cli.report import add_report_parser
+from semmim.cli.teacher import add_teacher_parser
 from semmim.config import ConfigError, configs_dir, shipped_configs
 from semmim.config import find_config as resolve_config
 
@@ -49,12 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_parser(sub)
     add_data_parser(sub)
     add_codebook_parser(sub)
+    add_teacher_parser(sub)
     add_demo_parser(sub)
     add_config_parser(sub)
     for name in ("pretrain", "codebook"):
         add_import_argument(sub.choices[name])
     show = sub.choices["config"]._subparsers._group_actions[0].choices["show"]  # type: ignore[union-attr,index]
     add_import_argument(show)
+    cache = sub.choices["teacher"]._subparsers._group_actions[0].choices["cache"]  # type: ignore[union-attr,index]
+    add_import_argument(cache)
     for choice in sub.choices.values():  # every --help page shows the defaults
         if choice.formatter_class is argparse.HelpFormatter:
             choice.formatter_class = argparse.ArgumentDefaultsHelpFormatter

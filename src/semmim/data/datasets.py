@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 
 from semmim.data.badfiles import DataError, ImageTooLargeError, bad_entry
 from semmim.data.seeding import sample_seed, seeded
+from semmim.data.transforms import transform_geometry
 from semmim.registry import DATASETS
 
 __all__ = [
@@ -698,6 +699,8 @@ class SeededDataset(Dataset[Sample]):
         self.seed = int(seed)
         self.transform = transform if transform is not None else getattr(dataset, "transform", None)
         self.epoch = 0
+        self.geometry = False
+        """Items also carry their view's crop geometry (``"crop"``, ``"flip"``): set for a cached teacher."""
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch (also forwarded to the wrapped dataset when it has ``set_epoch``)."""
@@ -719,14 +722,29 @@ class SeededDataset(Dataset[Sample]):
 
         ``"skipped"`` is 1 and ``"bad"`` is ``"<path>: <reason>"`` when the file of ``index`` is broken and the
         image is its substitute (see :class:`SkipsBadFiles`), else 0 and ``""``. When the wrapped dataset has
-        ``caption(i) -> str``, the item also has ``"caption": str``.
+        ``caption(i) -> str``, the item also has ``"caption": str``. With :attr:`geometry` set, items also have
+        ``"crop"`` (a FloatTensor ``(x0, y0, x1, y1)``: the crop box in the original image's normalised
+        coordinates) and ``"flip"`` (bool), from a transform that reports them (the pretraining transforms); the
+        image is the same as without.
         """
         index = check_index(index, len(self))
         img, label = self.dataset.load(index)
+        geometry = None
         with seeded(self.seed, self.epoch, index):
-            image = apply_transform(self.transform, img)
+            if self.geometry and self.transform is not None:
+                image, geometry = transform_geometry(self.transform, img)
+            else:
+                image = apply_transform(self.transform, img)
         skipped, bad = _bad_of_last_load(self.dataset)
         item: Sample = {"image": image, "label": int(label), "index": index, "skipped": skipped, "bad": bad}
+        if self.geometry:
+            if geometry is None:
+                raise TypeError(
+                    f"the transform {self.transform!r} does not report its crop geometry, which a cached teacher "
+                    "(teacher.cache) needs: use the pretraining transform (random resized crop + flip)"
+                )
+            item["crop"] = torch.tensor(geometry.box, dtype=torch.float32)
+            item["flip"] = bool(geometry.flip)
         caption = getattr(self.dataset, "caption", None)
         if callable(caption):
             item["caption"] = str(caption(index))

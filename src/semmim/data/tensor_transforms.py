@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as nnf
 from torchvision import transforms as T
 
-from semmim.data.transforms import EVAL_CROP_MIN_SIZE
+from semmim.data.transforms import EVAL_CROP_MIN_SIZE, CropGeometry, crop_box
 
 __all__ = ["INTERPOLATIONS", "TensorEvalTransform", "TensorPretrainTransform", "resize_uint8"]
 
@@ -111,11 +111,16 @@ class TensorPretrainTransform:
         self.interpolation = interpolation
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        return self.with_geometry(img)[0]
+
+    def with_geometry(self, img: torch.Tensor) -> tuple[torch.Tensor, CropGeometry]:
+        """uint8 (C, H, W) -> (the view, its :class:`semmim.data.transforms.CropGeometry`: normalised box, flip)."""
         _check_uint8(img)
         top, left, h, w = T.RandomResizedCrop.get_params(img, list(self.scale), list(_RATIO))
         flip = self.hflip and bool(torch.rand(1) < 0.5)  # the draw RandomHorizontalFlip makes
         box = img[:, top : top + h, left : left + w]
-        return _finish(resize_uint8(box, (self.img_size, self.img_size), self.interpolation, hflip=flip), self.uint8)
+        out = _finish(resize_uint8(box, (self.img_size, self.img_size), self.interpolation, hflip=flip), self.uint8)
+        return out, CropGeometry(crop_box(top, left, h, w, int(img.shape[-2]), int(img.shape[-1])), flip)
 
     def __repr__(self) -> str:
         return (

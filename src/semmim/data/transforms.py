@@ -8,13 +8,88 @@ normalisation happens on the device. All randomness comes from torch's global CP
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
-__all__ = ["Clamp01", "eval_transform", "pretrain_transform"]
+__all__ = ["Clamp01", "CropGeometry", "PretrainCompose", "eval_transform", "pretrain_transform", "transform_geometry"]
+
+
+class CropGeometry(NamedTuple):
+    """Where a training view comes from: the crop box in the original image and whether it was mirrored.
+
+    Attributes:
+        box: ``(x0, y0, x1, y1)`` of the random resized crop, in the original image's normalised coordinates
+            (0 = left/top edge, 1 = right/bottom edge).
+        flip: the crop was flipped left-right after resizing.
+    """
+
+    box: tuple[float, float, float, float]
+    flip: bool
+
+
+def crop_box(top: int, left: int, h: int, w: int, height: int, width: int) -> tuple[float, float, float, float]:
+    """A pixel crop ``(top, left, h, w)`` of a ``height`` x ``width`` image -> normalised ``(x0, y0, x1, y1)``."""
+    return (left / width, top / height, (left + w) / width, (top + h) / height)
+
+
+def transform_geometry(transform: Any, img: Any) -> tuple[torch.Tensor, CropGeometry | None]:
+    """``transform(img)`` and the view's :class:`CropGeometry` (``None`` for a transform that does not report one).
+
+    A transform reports it with a ``with_geometry(img) -> (tensor, CropGeometry)`` method (the pretraining
+    transforms); the random draws and the image are those of ``transform(img)``.
+    """
+    with_geometry = getattr(transform, "with_geometry", None)
+    if callable(with_geometry):
+        out, geometry = with_geometry(img)
+        return out, geometry
+    return transform(img), None
+
+
+class _ResizedCropWithBox(T.RandomResizedCrop):
+    """torchvision's RandomResizedCrop (the same draw and resize) that also returns its normalised box."""
+
+    def crop_with_box(self, img: Any) -> tuple[Any, tuple[float, float, float, float]]:
+        top, left, h, w = self.get_params(img, self.scale, self.ratio)
+        height, width = TF.get_image_size(img)[::-1]
+        out = TF.resized_crop(img, top, left, h, w, self.size, self.interpolation, antialias=self.antialias)
+        return out, crop_box(top, left, h, w, height, width)
+
+
+class _FlipWithFlag(T.RandomHorizontalFlip):
+    """torchvision's RandomHorizontalFlip (the same draw) that also says whether it flipped."""
+
+    def flip_with_flag(self, img: Any) -> tuple[Any, bool]:
+        if torch.rand(1) < self.p:
+            return TF.hflip(img), True
+        return img, False
+
+
+class PretrainCompose(T.Compose):
+    """The pretraining transform: a ``Compose`` whose :meth:`with_geometry` also reports the crop box and flip.
+
+    Calling it gives exactly the image ``with_geometry`` gives (same ops, same random draws, same order).
+    """
+
+    def with_geometry(self, img: Any) -> tuple[torch.Tensor, CropGeometry]:
+        """PIL image -> ((C, H, W) tensor, :class:`CropGeometry`)."""
+        box: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
+        flip = False
+        for t in self.transforms:
+            if isinstance(t, _ResizedCropWithBox):
+                img, box = t.crop_with_box(img)
+            elif isinstance(t, _FlipWithFlag):
+                img, flip = t.flip_with_flag(img)
+            else:
+                img = t(img)
+        return img, CropGeometry(box, flip)
+
+    def __call__(self, img: Any) -> Any:
+        return self.with_geometry(img)[0]
+
 
 EVAL_CROP_MIN_SIZE = 64
 """Below this size :func:`eval_transform` resizes without the 256/224 centre crop."""
@@ -72,8 +147,11 @@ def pretrain_transform(
     hflip: bool = True,
     rand_augment: str | None = None,
     uint8: bool = False,
-) -> T.Compose:
+) -> PretrainCompose:
     """MAE augmentation: random resized crop (bicubic), optional horizontal flip, to tensor.
+
+    ``transform.with_geometry(img)`` also returns the view's :class:`CropGeometry` (crop box, flip), which the
+    cached-teacher target follows (:mod:`semmim.teachers.cache`).
 
     Args:
         img_size: output height and width.
@@ -89,16 +167,16 @@ def pretrain_transform(
     low, high = (float(s) for s in crop_scale)
     if not 0.0 < low <= high <= 1.0:
         raise ValueError(f"crop_scale must be (low, high) with 0 < low <= high <= 1, got {tuple(crop_scale)}")
-    ops: list[Any] = [T.RandomResizedCrop(img_size, scale=(low, high), interpolation=InterpolationMode.BICUBIC)]
+    ops: list[Any] = [_ResizedCropWithBox(img_size, scale=(low, high), interpolation=InterpolationMode.BICUBIC)]
     if hflip:
-        ops.append(T.RandomHorizontalFlip())
+        ops.append(_FlipWithFlag())
     if rand_augment:
         from timm.data.auto_augment import rand_augment_transform
 
         hparams = {"translate_const": int(img_size * 0.45), "img_mean": (124, 116, 104)}
         ops.append(SafeRandAugment(rand_augment_transform(rand_augment, hparams)))
     ops += _to_tensor(uint8)
-    return T.Compose(ops)
+    return PretrainCompose(ops)
 
 
 def eval_transform(img_size: int, uint8: bool = False) -> T.Compose:

@@ -559,6 +559,12 @@ class PretrainRecipe:
             seed=t.seed,
             require_captions=self.method_cls.needs_captions,  # a shard sample without one is a counted bad sample
         )
+        if cfg.teacher.cache is not None:  # the cached maps must be this data's and this teacher's, before any work
+            from semmim.teachers.cache import check_cache_for_run
+
+            with _rng_preserved():
+                check_cache_for_run(cfg, dataset, self.teacher)
+            dataset.geometry = True  # type: ignore[union-attr]  # items carry their crop box and flip
         self.dataset = dataset
         self.streaming = isinstance(dataset, IterableDataset)
         self.sampler: StatefulDistributedSampler | None = None

@@ -218,6 +218,33 @@ class Method(nn.Module):
                 f"method.target.grid={target['grid']!r}: method '{cfg.method.name}' compares masked patches on the "
                 "student's grid (only milan pools its predictions to the teacher's grid): remove it"
             )
+        if cfg.teacher.cache is not None:
+            cls.check_teacher_cache(cfg)
+
+    @classmethod
+    def check_teacher_cache(cls, cfg: Config) -> None:
+        """Refuse ``teacher.cache`` where the cached maps cannot stand for the teacher (before any work).
+
+        Raises:
+            ConfigError: the method or target does not read a cache, or the augmentation moves pixels in ways a
+                crop box and a flip cannot describe (RandAugment), or the data has no stable index (webdataset).
+        """
+        where = f"teacher.cache={cfg.teacher.cache}"
+        target = cfg.method.target
+        if not cls.reads_teacher_cache:
+            raise ConfigError(
+                f"{where}: method '{cfg.method.name}' does not read a teacher cache (milan and maskdistill do)"
+            )
+        if target is None or target["name"] != "teacher_features":
+            name = None if target is None else target["name"]
+            raise ConfigError(f"{where}: only method.target=teacher_features reads a teacher cache, not {name!r}")
+        if cfg.data.rand_augment:
+            raise ConfigError(
+                f"{where} and data.rand_augment={cfg.data.rand_augment}: RandAugment rotates, shears and translates "
+                "the view, which the cached maps cannot follow (only a crop box and a flip): unset one"
+            )
+        if cfg.data.name == "webdataset":
+            raise ConfigError(f"{where}: a cache is read by dataset index, which data.name=webdataset streams lack")
 
     @classmethod
     def uses_teacher(cls, cfg: Config) -> bool:
@@ -290,6 +317,19 @@ class Method(nn.Module):
         """
         m = self.num_masks
         return tuple(t if t is None or m == 1 else t.repeat_interleave(m, dim=0) for t in tensors)
+
+    reads_teacher_cache = False
+    """Its forward takes its target through :meth:`teacher_targets`, which follows ``teacher.cache``."""
+
+    def teacher_targets(self, batch: Mapping[str, Any], images: Tensor, need_attn: bool) -> Any:
+        """The target's output for a batch: the teacher run on ``images`` (N, C, H, W), or with ``teacher.cache``
+        cut from the cached maps to each item's crop box and flip (:mod:`semmim.teachers.cache`)."""
+        target: Any = self.target
+        if getattr(target, "cache", None) is not None:
+            from semmim.teachers.cache import crop_batch_of
+
+            return target(images, self.grid, need_attn=need_attn, geometry=crop_batch_of(batch))
+        return target(images, self.grid, need_attn=need_attn)
 
     needs_labels = False
     """True for methods that train on labels (the engine then checks the dataset has classes)."""
@@ -408,7 +448,8 @@ def build_target(cfg: Config, teacher: nn.Module | None = None) -> Any:
         in_chans=cfg.model.in_chans,
         mean=list(cfg.data.mean),
         std=list(cfg.data.std),
-        teacher=Lazy(lambda: build_teacher(cfg, teacher)),
+        teacher=Lazy(lambda: build_teacher(cfg, teacher)) if cfg.teacher.cache is None else None,
+        teacher_cache=cfg.teacher.cache,
     )
 
 

@@ -58,6 +58,7 @@ class MaskDistill(Method):
     target_kinds = ("features", "tokens")
     masker_scores = True
     multi_mask = True
+    reads_teacher_cache = True
 
     @classmethod
     def default_parts(cls, model: ModelConfig, nodes: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -92,7 +93,7 @@ class MaskDistill(Method):
     def forward(self, batch: Mapping[str, Any]) -> MethodOutput:
         imgs = self.images_of(batch)
         need_attn = bool(getattr(self.masker, "needs_scores", False))
-        teacher_out = self.target(imgs, self.grid, need_attn=need_attn)
+        teacher_out = self.teacher_targets(batch, imgs, need_attn)
         # M masked views per image share the load and the teacher pass: (N * M, ...) from here on
         x, target, scores = self.repeat_views(self.normalize(imgs), teacher_out.patches, teacher_out.cls_attn)
         assert x is not None and target is not None

@@ -60,6 +60,7 @@ class MILAN(Method):
     target_kinds = ("features",)
     masker_scores = True
     multi_mask = True
+    reads_teacher_cache = True
     native_grid = True
 
     @classmethod
@@ -113,7 +114,7 @@ class MILAN(Method):
     def forward(self, batch: Mapping[str, Any]) -> MethodOutput:
         imgs = self.images_of(batch)
         need_attn = bool(getattr(self.masker, "needs_scores", False))
-        teacher_out = self.target(imgs, self.grid, need_attn=need_attn)  # one teacher pass: targets + attention
+        teacher_out = self.teacher_targets(batch, imgs, need_attn)  # one teacher pass: targets + attention
         # M masked views per image share the load and the teacher pass: (N * M, ...) from here on
         x, target, scores = self.repeat_views(self.normalize(imgs), teacher_out.tokens, teacher_out.cls_attn)
         assert x is not None and target is not None
@@ -121,7 +122,7 @@ class MILAN(Method):
         latent = self.encoder.forward_visible(x, mask.ids_keep)
         pred = self.decoder(latent, mask)  # (N * M, 1 + L, D_target)
         if target.shape[1] != pred.shape[1]:  # method.target.grid=native: pool the predictions to the teacher's grid
-            own: Any = self.target.teacher.native_grid  # type: ignore[union-attr]
+            own: Any = self.target.native_grid
             assert own is not None
             pooled = resample_tokens(pred[:, 1:], self.grid, own)
             pred = torch.cat([pred[:, :1], pooled], dim=1)

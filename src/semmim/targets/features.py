@@ -9,6 +9,7 @@ from semmim.registry import TARGETS
 from semmim.targets.base import TargetOutput
 from semmim.targets.conditioning import TARGET_NORMS, TargetConditioner
 from semmim.teachers.base import Teacher, resample_attention
+from semmim.teachers.cache import CropBatch, TeacherCache, crop_maps
 
 
 @TARGETS.register("teacher_features")
@@ -29,23 +30,30 @@ class TeacherFeatureTarget(nn.Module):
         pca_dim: output width of ``norm=pca`` (required by it, refused otherwise).
         grid: where the loss compares tokens: "student" (the teacher's map resampled to the student's grid)
             or "native" (the student's predictions pooled to the teacher's own grid; MILAN).
+        teacher_cache: a directory of cached teacher maps (``teacher.cache``, :mod:`semmim.teachers.cache`):
+            ``teacher`` is then ``None`` and :meth:`forward` takes each view's ``geometry`` instead of running it.
     """
 
     kind = "features"
 
     def __init__(
         self,
-        teacher: Teacher,
+        teacher: Teacher | None,
         norm: str = "none",
         pca_dim: int | None = None,
         grid: str = "student",
+        teacher_cache: str | None = None,
     ) -> None:
         super().__init__()
         self.check_args(norm=norm, pca_dim=pca_dim, grid=grid)
         self.teacher = teacher
+        self.cache = None if teacher_cache is None else TeacherCache(teacher_cache)
+        if teacher is None and self.cache is None:
+            raise ValueError("the teacher_features target needs a teacher (or teacher.cache)")
         self.norm = norm
         self.grid = grid
-        self.conditioner = TargetConditioner(self.norm, int(teacher.embed_dim), pca_dim=pca_dim)
+        dim = self.cache.dim if self.cache is not None else int(teacher.embed_dim)  # type: ignore[union-attr]
+        self.conditioner = TargetConditioner(self.norm, dim, pca_dim=pca_dim)
 
     @staticmethod
     def check_args(norm: str = "none", pca_dim: int | None = None, grid: str = "student") -> None:
@@ -67,13 +75,26 @@ class TeacherFeatureTarget(nn.Module):
     def out_dim(self) -> int:
         return self.conditioner.out_dim
 
+    @property
+    def native_grid(self) -> tuple[int, int] | None:
+        """The teacher's own grid (h, w) at its input size (known after a forward, or from the cache)."""
+        if self.cache is not None:
+            return self.cache.teacher_grid
+        return None if self.teacher is None else self.teacher.native_grid
+
     @torch.no_grad()
-    def forward(self, images: Tensor, grid: tuple[int, int], need_attn: bool = False) -> TargetOutput:
+    def forward(
+        self, images: Tensor, grid: tuple[int, int], need_attn: bool = False, geometry: CropBatch | None = None
+    ) -> TargetOutput:
         """(N, C, H, W) images in [0, 1] -> tokens (N, 1 + L, D') (+ CLS attention (N, L) on ``grid``).
 
         ``L`` is the student's ``grid`` (or the teacher's own grid when ``self.grid == "native"``) and
-        ``D'`` is :attr:`out_dim`.
+        ``D'`` is :attr:`out_dim`. With a cache the tokens are cut from the stored maps of ``geometry.index`` to
+        ``geometry.crop`` (then mirrored where ``geometry.flip``); ``images`` only give the device.
         """
+        if self.cache is not None:
+            return self.from_cache(images.device, grid, need_attn, geometry)
+        assert self.teacher is not None
         if self.grid == "native":
             out = self.teacher(images, None, need_attn=need_attn)
             own = self.teacher.native_grid
@@ -84,3 +105,27 @@ class TeacherFeatureTarget(nn.Module):
             attn = out.cls_attn
         tokens = self.conditioner(out.tokens.float())
         return TargetOutput(tokens=tokens, global_token=True, cls_attn=attn)
+
+    def from_cache(
+        self, device: torch.device, grid: tuple[int, int], need_attn: bool, geometry: CropBatch | None
+    ) -> TargetOutput:
+        """The targets of a batch's views from the cached maps (see :meth:`forward`)."""
+        assert self.cache is not None
+        if geometry is None:
+            raise ValueError(
+                "teacher.cache needs each item's crop geometry ('index', 'crop', 'flip'): the training dataset "
+                "must report it (SeededDataset.geometry = True; the engine sets it)"
+            )
+        if need_attn and not self.cache.has_attn:
+            raise ValueError(f"the masker needs the CLS attention, which teacher.cache={self.cache.root} does not hold")
+        maps, glob, attn_map = self.cache.read(geometry.index, attn=need_attn)
+        out_hw = self.cache.teacher_grid if self.grid == "native" else tuple(grid)
+        boxes, flips = geometry.crop.to(device), geometry.flip.to(device)
+        patches = crop_maps(maps.to(device), boxes, flips, (int(out_hw[0]), int(out_hw[1])))
+        tokens = torch.cat([glob.to(device).unsqueeze(1), patches.flatten(2).transpose(1, 2)], dim=1)
+        attn = None
+        if attn_map is not None:
+            cut = crop_maps(attn_map.to(device), boxes, flips, (int(grid[0]), int(grid[1]))).flatten(1)
+            cut = cut.clamp_min(0)
+            attn = cut / cut.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        return TargetOutput(tokens=self.conditioner(tokens), global_token=True, cls_attn=attn)

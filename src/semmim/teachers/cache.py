@@ -1,0 +1,335 @@
+"""Cached teacher feature maps: the frozen teacher runs once per image, training crops its stored map.
+
+A frozen teacher's output for an image never changes, only the training crop does. ``semmim teacher cache``
+(:func:`semmim.teachers.cache_writer.write_cache`) runs the teacher once on every *full* image of the training set,
+resized to a set size, and stores its dense token map; a run with ``teacher.cache=DIR`` then takes each view's
+target from that map, cut to the view's crop box and resampled onto the student's grid with RoIAlign, and
+mirrored when the view was flipped (label-map caching: ReLabel, Yun et al. 2021, arXiv:2101.05022). No teacher
+forward runs during training; the teacher is not even built.
+
+The directory holds ``cache.json`` and chunked safetensors files ``chunk-00000.safetensors``, ... . Chunk ``c``
+covers the dataset indices ``[c * chunk_size, min(n, (c + 1) * chunk_size))`` and holds, for its ``k`` images:
+
+==========  ===========================================================================================
+``tokens``  (k, h, w, D) the patch-token map: float16, or int8 with ``scale`` (k, h, w) float32 per token
+``global``  (k, D) float16: the teacher's global (CLS) token of the full image
+``attn``    (k, h, w) float16: the CLS attention map, only when the run's masker needs it (``has_attn``)
+==========  ===========================================================================================
+
+``cache.json`` records ``format``/``version``, the dataset identity (:func:`dataset_identity`), the teacher
+(its config section, description and :func:`semmim.tokenizers.codebook.teacher_fingerprint`), the image size the
+maps were computed at, the map size ``(h, w)``, the teacher's own grid at its input size, ``dtype``, ``dim`` (D),
+``has_attn`` and the index range of every chunk.
+
+The target's global token is the full image's: a crop's own global token cannot be cut from the map.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from semmim.errors import ConfigError
+
+CACHE_FORMAT = "semmim-teacher-cache"
+CACHE_VERSION = 1
+CACHE_DTYPES = ("float16", "int8")
+META_FILE = "cache.json"
+TEACHER_KEYS = ("name", "model", "pretrained", "path", "image_size", "mean", "std", "input_norm", "tokens", "kwargs")
+"""The ``teacher`` config keys that decide its tokens (``cache`` itself is not one of them)."""
+
+
+def chunk_name(chunk: int) -> str:
+    return f"chunk-{chunk:05d}.safetensors"
+
+
+def chunk_ranges(n: int, chunk_size: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of every chunk of ``n`` images, ``chunk_size`` each (the last may be shorter)."""
+    return [(s, min(n, s + chunk_size)) for s in range(0, n, chunk_size)]
+
+
+# ------------------------------------------------------------------------------------ identity
+def _base_dataset(dataset: Any) -> Any:
+    """The dataset below a :class:`semmim.data.SeededDataset` (its ``dataset``), else ``dataset`` itself."""
+    return getattr(dataset, "dataset", dataset)
+
+
+def dataset_identity(dataset: Any, name: str | None, root: str | None) -> dict[str, Any]:
+    """What a cache records about its dataset: name, root, number of images and a fingerprint.
+
+    The fingerprint is a SHA-256 over the sorted ``(relative path, size in bytes)`` of the dataset's files when it
+    lists them (``samples``: image folders, manifests) and, for every dataset, over its length and the decoded
+    pixels of its first, middle and last images (generated datasets have no files).
+    """
+    base = _base_dataset(dataset)
+    n = len(dataset)
+    h = hashlib.sha256(f"n={n}|".encode())
+    samples = getattr(base, "samples", None)
+    if isinstance(samples, list) and samples:
+        top = Path(str(getattr(base, "root", None) or "."))
+        rows = []
+        for sample in samples:
+            path = Path(str(sample[0] if isinstance(sample, (tuple, list)) else sample))
+            try:
+                size = path.stat().st_size
+            except OSError:
+                size = -1
+            try:
+                rel = str(path.relative_to(top))
+            except ValueError:
+                rel = str(path)
+            rows.append(f"{rel}|{size}")
+        for row in sorted(rows):
+            h.update(row.encode() + b"\n")
+    for i in sorted({0, n // 2, n - 1}) if n else []:
+        img, _ = base.load(i)
+        pixels = img if isinstance(img, Tensor) else torch.from_numpy(np.asarray(img).copy())
+        h.update(f"{i}|{tuple(pixels.shape)}|".encode())
+        h.update(pixels.contiguous().reshape(-1).numpy().tobytes())
+    return {"name": name, "root": None if root is None else str(root), "num_images": n, "fingerprint": h.hexdigest()}
+
+
+def teacher_identity(tcfg: Any) -> dict[str, Any]:
+    """The ``teacher`` config keys that decide its tokens (:data:`TEACHER_KEYS`), as recorded in a cache."""
+    return {k: getattr(tcfg, k, None) for k in TEACHER_KEYS}
+
+
+# ------------------------------------------------------------------------------------ int8 codec
+def quantize_int8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(..., D) float -> (..., D) int8 and (...,) float32 per-token scale; ``|x - q * scale| <= scale / 2``.
+
+    ``scale = max|x| / 127`` per token, so the error is at most ``max|x| / 254`` of that token.
+    """
+    x = x.float()
+    scale = x.abs().amax(dim=-1).clamp_min(1e-12) / 127.0
+    q = torch.round(x / scale.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: Tensor, scale: Tensor) -> Tensor:
+    """Inverse of :func:`quantize_int8`: (..., D) int8 and (...,) scale -> (..., D) float32."""
+    return q.float() * scale.float().unsqueeze(-1)
+
+
+# ------------------------------------------------------------------------------------ crops
+def crop_maps(maps: Tensor, boxes: Tensor, flips: Tensor, out_hw: tuple[int, int]) -> Tensor:
+    """Cut each map to its crop box and resample it to ``out_hw`` (RoIAlign, ``aligned=True``), mirrored if flipped.
+
+    Map cell ``(i, j)`` of an ``h x w`` map covers the normalised image area ``[j/w, (j+1)/w] x [i/h, (i+1)/h]``;
+    every output cell averages the map bilinearly over its part of the box (adaptive sampling: more samples when
+    the box is larger than the output, so shrinking averages every cell it covers).
+
+    Args:
+        maps: (N, C, h, w) float maps of the full images.
+        boxes: (N, 4) crop boxes ``(x0, y0, x1, y1)`` in normalised image coordinates.
+        flips: (N,) bool: the view was mirrored left-right after the crop.
+        out_hw: output grid (h', w').
+
+    Returns:
+        (N, C, h', w') float32.
+    """
+    from torchvision.ops import roi_align
+
+    n, _, h, w = maps.shape
+    scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=maps.device)
+    rois = torch.cat([torch.arange(n, device=maps.device, dtype=torch.float32)[:, None], boxes.float() * scale], 1)
+    out = roi_align(maps.float(), rois, output_size=out_hw, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    flips = flips.to(device=out.device, dtype=torch.bool).view(-1, 1, 1, 1)
+    return torch.where(flips, out.flip(-1), out)
+
+
+@dataclass
+class CropBatch:
+    """What the cached target needs of a batch: each item's dataset index, crop box and flip.
+
+    Attributes:
+        index: (N,) int64 dataset indices.
+        crop: (N, 4) float crop boxes ``(x0, y0, x1, y1)`` in normalised coordinates of the original image.
+        flip: (N,) bool.
+    """
+
+    index: Tensor
+    crop: Tensor
+    flip: Tensor
+
+
+def crop_batch_of(batch: Any) -> CropBatch | None:
+    """The :class:`CropBatch` of a collated batch with ``"index"``, ``"crop"`` and ``"flip"`` (else ``None``)."""
+    if not hasattr(batch, "get") or batch.get("crop") is None:
+        return None
+    index = torch.as_tensor(batch["index"], dtype=torch.int64)
+    flip = torch.as_tensor(batch["flip"], dtype=torch.bool)
+    return CropBatch(index=index, crop=torch.as_tensor(batch["crop"], dtype=torch.float32), flip=flip)
+
+
+# ------------------------------------------------------------------------------------ reading
+def read_meta(root: str | Path) -> dict[str, Any]:
+    """``cache.json`` of a cache directory.
+
+    Raises:
+        ConfigError: no cache there, or not a semmim teacher cache of a version this code reads.
+    """
+    path = Path(root).expanduser() / META_FILE
+    if not path.is_file():
+        raise ConfigError(f"teacher.cache={root}: no {META_FILE} there; write the cache with `semmim teacher cache`")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != CACHE_FORMAT or int(meta.get("version", -1)) != CACHE_VERSION:
+        raise ConfigError(
+            f"teacher.cache={root}: {path} is not a {CACHE_FORMAT} version {CACHE_VERSION} (format "
+            f"{meta.get('format')!r}, version {meta.get('version')!r})"
+        )
+    return meta
+
+
+class TeacherCache:
+    """Read access to a complete cache directory (see the module docstring for the layout).
+
+    Args:
+        root: the cache directory.
+
+    Raises:
+        ConfigError: not a cache, or chunks are missing (an unfinished ``semmim teacher cache``).
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser()
+        self.meta = read_meta(self.root)
+        self.num_images = int(self.meta["dataset"]["num_images"])
+        self.map_hw = (int(self.meta["map_hw"][0]), int(self.meta["map_hw"][1]))
+        self.teacher_grid = (int(self.meta["teacher_grid"][0]), int(self.meta["teacher_grid"][1]))
+        self.dim = int(self.meta["dim"])
+        self.dtype = str(self.meta["dtype"])
+        self.has_attn = bool(self.meta["has_attn"])
+        self.chunk_size = int(self.meta["chunk_size"])
+        missing = [c["file"] for c in self.meta["chunks"] if not (self.root / c["file"]).is_file()]
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise ConfigError(
+                f"teacher.cache={root} is incomplete: {len(missing)} of {len(self.meta['chunks'])} chunks missing "
+                f"({shown}); rerun `semmim teacher cache` (done chunks are skipped)"
+            )
+        self._open: dict[int, Any] = {}
+
+    def _chunk(self, c: int) -> Any:
+        from safetensors import safe_open
+
+        handle = self._open.get(c)
+        if handle is None:
+            handle = safe_open(str(self.root / chunk_name(c)), framework="pt", device="cpu")
+            self._open[c] = handle
+        return handle
+
+    def __getstate__(self) -> dict[str, Any]:  # file handles do not pickle: reopened on first use
+        state = dict(self.__dict__)
+        state["_open"] = {}
+        return state
+
+    def read(self, index: Tensor, attn: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The stored maps of dataset indices ``index`` (N,).
+
+        Returns:
+            (N, D, h, w) float32 token maps, (N, D) float32 global tokens, and (N, 1, h, w) float32 CLS
+            attention maps when ``attn`` (else ``None``).
+        """
+        maps, globs, attns = [], [], []
+        for i in index.tolist():
+            if not 0 <= i < self.num_images:
+                raise IndexError(f"index {i} is outside the cache's {self.num_images} images")
+            c, row = divmod(int(i), self.chunk_size)
+            f = self._chunk(c)
+            tok = f.get_slice("tokens")[row : row + 1]
+            if self.dtype == "int8":
+                tok = dequantize_int8(tok, f.get_slice("scale")[row : row + 1])
+            maps.append(tok.float())
+            globs.append(f.get_slice("global")[row : row + 1].float())
+            if attn:
+                attns.append(f.get_slice("attn")[row : row + 1].float())
+        m = torch.cat(maps).permute(0, 3, 1, 2).contiguous()
+        a = torch.cat(attns).unsqueeze(1) if attn else None
+        return m, torch.cat(globs), a
+
+
+# ------------------------------------------------------------------------------------ checks
+def check_cache_dataset(meta: dict[str, Any], identity: dict[str, Any], where: str) -> None:
+    """Refuse a cache written for another dataset (count, then fingerprint), in one line.
+
+    Raises:
+        ConfigError: names the cache, what differs and how to rebuild it.
+    """
+    have = meta["dataset"]
+    if int(have["num_images"]) != int(identity["num_images"]):
+        raise ConfigError(
+            f"teacher.cache={where} holds {have['num_images']} images ({have['name']} at {have['root']}) but the "
+            f"training data has {identity['num_images']} ({identity['name']} at {identity['root']}): rebuild it "
+            "with `semmim teacher cache` on this run's config"
+        )
+    if have["fingerprint"] != identity["fingerprint"]:
+        raise ConfigError(
+            f"teacher.cache={where} was written for other images ({have['name']} at {have['root']}, fingerprint "
+            f"{have['fingerprint'][:12]}) than the training data ({identity['name']} at {identity['root']}, "
+            f"{identity['fingerprint'][:12]}): rebuild it with `semmim teacher cache` on this run's config"
+        )
+
+
+def check_cache_teacher(meta: dict[str, Any], tcfg: Any, where: str, fingerprint: str | None = None) -> None:
+    """Refuse a cache of another teacher: its recorded teacher keys (or, for a teacher passed from Python, the
+    weights fingerprint) must be this run's.
+
+    Raises:
+        ConfigError: names the first key that differs.
+    """
+    recorded = meta["teacher"]["config"]
+    if fingerprint is not None:
+        if fingerprint != meta["teacher"]["sha256"]:
+            raise ConfigError(
+                f"teacher.cache={where} was written by another teacher (fingerprint {meta['teacher']['sha256'][:12]}, "
+                f"this run's is {fingerprint[:12]}): rebuild it with this teacher"
+            )
+        return
+    mine = teacher_identity(tcfg)
+    for key in TEACHER_KEYS:
+        a, b = recorded.get(key), mine.get(key)
+        if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
+            raise ConfigError(
+                f"teacher.cache={where} was written with teacher.{key}={a!r} but this run has teacher.{key}={b!r}: "
+                f"rebuild the cache with this run's teacher, or set teacher.{key} back"
+            )
+
+
+def check_cache_for_run(cfg: Any, dataset: Any, teacher: Any = None) -> dict[str, Any]:
+    """Check ``cfg.teacher.cache`` against the run's training dataset and teacher; returns its ``cache.json``.
+
+    A teacher passed from Python is compared by its weights fingerprint, a configured one by its config keys (it
+    is not built).
+
+    Raises:
+        ConfigError: one line: no cache, an incomplete one, another dataset (count, fingerprint), another
+            teacher, a dataset that cannot report crops, or a masker needing the attention the cache lacks.
+    """
+    where = str(cfg.teacher.cache)
+    if not hasattr(dataset, "geometry"):
+        raise ConfigError(f"teacher.cache={where}: data.name={cfg.data.name} gives no stable index and crop geometry")
+    cache = TeacherCache(where)
+    meta = cache.meta
+    check_cache_dataset(meta, dataset_identity(dataset, cfg.data.name, cfg.data.root), where)
+    fingerprint = None
+    if teacher is not None:
+        from semmim.tokenizers.codebook import teacher_fingerprint
+
+        fingerprint = teacher_fingerprint(teacher)
+    check_cache_teacher(meta, cfg.teacher, where, fingerprint)
+    from semmim.teachers.cache_writer import masker_needs_attention
+
+    if masker_needs_attention(cfg) and not cache.has_attn:
+        raise ConfigError(
+            f"teacher.cache={where} holds no CLS attention maps, which method.masker={cfg.method.masker['name']} "
+            "needs: rebuild it with this run's config (it stores them when the masker needs them)"
+        )
+    return meta

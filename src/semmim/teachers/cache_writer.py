@@ -1,0 +1,243 @@
+"""Write a teacher cache from a run config (``semmim teacher cache``); the layout is in :mod:`semmim.teachers.cache`.
+
+Every image of the training data (``data.*``) is resized whole (no crop, aspect not kept) to ``size`` x ``size``
+and goes through the run's teacher (``teacher.*``) once; its token map on the teacher's own grid is stored. The
+work is cut into chunks of ``chunk_size`` images; rank ``r`` of ``world`` writes the chunks ``r::world``, each into
+a temporary file renamed into place when complete, so a rerun skips the chunks already there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
+
+from semmim.config import Config, ConfigError
+from semmim.teachers.cache import (
+    CACHE_DTYPES,
+    CACHE_FORMAT,
+    CACHE_VERSION,
+    META_FILE,
+    chunk_name,
+    chunk_ranges,
+    dataset_identity,
+    quantize_int8,
+    teacher_identity,
+)
+
+
+@dataclass
+class CacheReport:
+    """What ``semmim teacher cache`` prints."""
+
+    path: str
+    images: int
+    chunks: int
+    written: int
+    skipped: int
+    map_hw: list[int]
+    dim: int
+    dtype: str
+    has_attn: bool
+    bytes: int
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class FullResize:
+    """The whole image resized to ``size`` x ``size`` (bicubic, antialiased), float (C, H, W) in [0, 1].
+
+    Takes a PIL image or a uint8 tensor (C, H, W) (``data.decode=torchvision``).
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = int(size)
+
+    def __call__(self, img: Any) -> Tensor:
+        from semmim.data.datasets import pil_to_tensor01
+        from semmim.data.tensor_transforms import resize_uint8
+
+        if isinstance(img, Tensor):
+            return resize_uint8(img, (self.size, self.size)).float().div_(255.0)
+        from PIL import Image
+
+        return pil_to_tensor01(img.resize((self.size, self.size), Image.Resampling.BICUBIC))
+
+
+def masker_needs_attention(cfg: Config) -> bool:
+    """Whether the run's masker takes the teacher's CLS attention (semantic-aware masking)."""
+    from semmim.registry import MASKERS
+
+    node = cfg.method.masker
+    return node is not None and bool(getattr(MASKERS.get(node["name"]), "needs_scores", False))
+
+
+def rank_and_world(rank: int | None, world: int | None) -> tuple[int, int]:
+    """``--rank/--world``, else ``RANK``/``WORLD_SIZE`` from the environment (torchrun), else (0, 1)."""
+    r = int(os.environ.get("RANK", 0)) if rank is None else int(rank)
+    w = int(os.environ.get("WORLD_SIZE", 1)) if world is None else int(world)
+    if w < 1 or not 0 <= r < w:
+        raise ConfigError(f"--rank={r} must be in [0, --world={w})")
+    return r, w
+
+
+def _save_atomic(tensors: dict[str, Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _write_meta(meta: dict[str, Any], out: Path) -> None:
+    """Write ``cache.json`` (atomically), or check that the one there describes the same cache."""
+    path = out / META_FILE
+    text = json.dumps(meta, indent=1, sort_keys=True)
+    if path.is_file():
+        old = json.loads(path.read_text())
+        keys = ("dataset", "teacher", "size", "map_hw", "dim", "dtype", "has_attn", "chunk_size")
+        diff = [k for k in keys if json.dumps(old.get(k), sort_keys=True) != json.dumps(meta.get(k), sort_keys=True)]
+        if diff:
+            raise ConfigError(
+                f"--out {out} holds a cache of another {', '.join(diff)}: choose another directory or delete it"
+            )
+        return
+    tmp = path.with_name(f".{META_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def write_cache(
+    cfg: Config,
+    out: str | Path,
+    *,
+    size: int | None = None,
+    dtype: str = "float16",
+    chunk_size: int = 1024,
+    rank: int | None = None,
+    world: int | None = None,
+    batch_size: int | None = None,
+    teacher: nn.Module | None = None,
+    device: torch.device | str = "cpu",
+) -> CacheReport:
+    """Run ``cfg``'s teacher over its training data once and store the token maps in ``out``.
+
+    Args:
+        cfg: a run config (``teacher``, ``data``, ``model.in_chans``, ``method.masker`` are read).
+        out: the cache directory (created).
+        size: the full images are resized to ``size`` x ``size``; ``None`` = the teacher's input size.
+        dtype: "float16" or "int8" (with a float32 scale per token).
+        chunk_size: images per chunk file.
+        rank, world: this process writes chunks ``rank::world`` (default: ``RANK``/``WORLD_SIZE`` or 0/1).
+        batch_size: teacher batch; ``None`` = ``data.batch_size``.
+        teacher: a :class:`semmim.teachers.Teacher` from Python instead of ``cfg.teacher``.
+        device: where the teacher runs.
+
+    Returns:
+        :class:`CacheReport`.
+    """
+    from semmim.data.loader import build_dataset
+    from semmim.methods.base import build_teacher
+    from semmim.tokenizers.codebook import describe_teacher, teacher_fingerprint
+
+    if dtype not in CACHE_DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(CACHE_DTYPES)}, got {dtype!r}")
+    if chunk_size < 1:
+        raise ConfigError(f"--chunk-size must be >= 1, got {chunk_size}")
+    if cfg.data.name == "webdataset":
+        raise ConfigError("a teacher cache is indexed by dataset index: data.name=webdataset streams have none")
+    r, w = rank_and_world(rank, world)
+    t0 = time.perf_counter()
+    tm: Any = build_teacher(cfg, teacher).to(device)
+    own_size = tuple(tm.image_size)
+    need_attn = masker_needs_attention(cfg)
+    probe = torch.zeros(1, tm.in_chans, *own_size, device=device)
+    out0 = tm(probe, None, need_attn=need_attn)
+    teacher_grid = list(tm.native_grid)
+    if need_attn and out0.cls_attn is None:
+        raise ConfigError(f"method.masker needs the teacher's CLS attention, but {describe_teacher(tm)} gives none")
+    s = int(size) if size is not None else int(own_size[0])
+    if s < 1:
+        raise ConfigError(f"--size must be >= 1, got {s}")
+    tm.image_size = (s, s)  # the full image at the cache's size (the preprocessing then does not resize)
+    out1 = tm(torch.zeros(1, tm.in_chans, s, s, device=device), None)
+    map_hw = list(tm.native_grid)
+    dim = int(out1.tokens.shape[-1])
+    dataset: Any = build_dataset(cfg.data, img_size=s, in_chans=cfg.model.in_chans, train=False, seed=0)
+    dataset.transform = FullResize(s)
+    n = len(dataset)
+    ranges = chunk_ranges(n, chunk_size)
+    meta = {
+        "format": CACHE_FORMAT,
+        "version": CACHE_VERSION,
+        "dataset": dataset_identity(dataset, cfg.data.name, cfg.data.root),
+        "teacher": {
+            "config": teacher_identity(cfg.teacher),
+            "description": describe_teacher(tm),
+            "sha256": teacher_fingerprint(tm),
+        },
+        "size": s,
+        "map_hw": map_hw,
+        "teacher_grid": teacher_grid,
+        "dim": dim,
+        "dtype": dtype,
+        "has_attn": need_attn,
+        "chunk_size": int(chunk_size),
+        "chunks": [{"file": chunk_name(c), "start": a, "stop": b} for c, (a, b) in enumerate(ranges)],
+    }
+    root = Path(out).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    _write_meta(meta, root)
+    bs = int(batch_size or cfg.data.batch_size)
+    written = skipped = 0
+    for c in range(r, len(ranges), w):
+        path = root / chunk_name(c)
+        if path.is_file():
+            skipped += 1
+            continue
+        a, b = ranges[c]
+        toks, globs, attns = [], [], []
+        loader = DataLoader(Subset(dataset, range(a, b)), batch_size=bs, num_workers=cfg.data.num_workers)
+        for batch in loader:
+            x = batch["image"].to(device)
+            res = tm(x, None, need_attn=need_attn)
+            toks.append(res.tokens[:, 1:].reshape(x.shape[0], map_hw[0], map_hw[1], dim).cpu())
+            globs.append(res.tokens[:, 0].cpu())
+            if need_attn:
+                attns.append(res.cls_attn.reshape(x.shape[0], map_hw[0], map_hw[1]).cpu())
+        tokens = torch.cat(toks)
+        tensors: dict[str, Tensor] = {"global": torch.cat(globs).half()}
+        if dtype == "int8":
+            tensors["tokens"], tensors["scale"] = quantize_int8(tokens)
+        else:
+            tensors["tokens"] = tokens.half()
+        if need_attn:
+            tensors["attn"] = torch.cat(attns).half()
+        _save_atomic(tensors, path)
+        written += 1
+    tm.image_size = own_size
+    total = sum(p.stat().st_size for p in root.glob("chunk-*.safetensors"))
+    return CacheReport(
+        path=str(root),
+        images=n,
+        chunks=len(ranges),
+        written=written,
+        skipped=skipped,
+        map_hw=map_hw,
+        dim=dim,
+        dtype=dtype,
+        has_attn=need_attn,
+        bytes=total,
+        seconds=round(time.perf_counter() - t0, 1),
+    )
