@@ -1,0 +1,334 @@
+"""Cached teacher maps (``semmim teacher cache``, ``teacher.cache``): crop geometry, RoIAlign targets, the writer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import Tensor, nn
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+from semmim.cli import main
+from semmim.config import ConfigError, load_config
+from semmim.data.datasets import SeededDataset, SyntheticDataset
+from semmim.data.tensor_transforms import TensorPretrainTransform, resize_uint8
+from semmim.data.transforms import Clamp01, pretrain_transform
+from semmim.engine.trainer import pretrain
+from semmim.teachers import ModuleTeacher
+from semmim.teachers.cache import (
+    CropBatch,
+    TeacherCache,
+    check_cache_dataset,
+    crop_maps,
+    dequantize_int8,
+    quantize_int8,
+)
+from semmim.teachers.cache_writer import write_cache
+
+from .conftest import teacher_overrides, tiny_overrides
+
+# ------------------------------------------------------------------------------ crop geometry in items
+
+
+def test_pil_transform_draws_and_images_unchanged() -> None:
+    """The geometry-reporting transform gives torchvision's RandomResizedCrop + flip images, bit for bit."""
+    old = T.Compose(
+        [
+            T.RandomResizedCrop(16, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            Clamp01(),
+        ]
+    )
+    new = pretrain_transform(16)
+    img = SyntheticDataset(4, img_size=40).load(1)[0]
+    flips = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        a = old(img)
+        torch.manual_seed(seed)
+        b, geo = new.with_geometry(img)
+        torch.manual_seed(seed)
+        c = new(img)
+        assert torch.equal(a, b) and torch.equal(a, c)
+        flips.add(geo.flip)
+        x0, y0, x1, y1 = geo.box
+        assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
+    assert flips == {True, False}
+
+
+def test_tensor_transform_box_is_the_crop() -> None:
+    """Cutting the reported box out of the image and resizing (then flipping) it gives the view."""
+    img = torch.randint(0, 256, (3, 30, 50), dtype=torch.uint8)
+    t = TensorPretrainTransform(16, uint8=True)
+    for seed in range(8):
+        torch.manual_seed(seed)
+        plain = t(img)
+        torch.manual_seed(seed)
+        view, geo = t.with_geometry(img)
+        assert torch.equal(plain, view)
+        x0, y0, x1, y1 = (round(v * s) for v, s in zip(geo.box, (50, 30, 50, 30), strict=True))
+        assert torch.equal(view, resize_uint8(img[:, y0:y1, x0:x1], (16, 16), hflip=geo.flip))
+
+
+def test_seeded_items_carry_geometry_without_changing_images() -> None:
+    ds = SeededDataset(SyntheticDataset(6, img_size=40), seed=3, transform=pretrain_transform(16))
+    plain = [ds[i] for i in range(6)]
+    assert "crop" not in plain[0]
+    ds.geometry = True
+    items = [ds[i] for i in range(6)]
+    for a, b in zip(plain, items, strict=True):
+        assert torch.equal(a["image"], b["image"])
+        assert b["crop"].shape == (4,) and isinstance(b["flip"], bool)
+    batch = torch.utils.data.default_collate(items)
+    assert batch["crop"].shape == (6, 4) and batch["flip"].dtype == torch.bool
+
+
+# ------------------------------------------------------------------------------ RoIAlign == teacher of the crop
+
+
+class PatchMeans(nn.Module):
+    """Equivariant by construction: each token is a linear map of its 4x4 patch's mean colour; the CLS attention
+    is a softmax of a per-token score (restricting it to a crop and renormalising is the crop's softmax)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Conv2d(3, 8, 1)
+        self.score = nn.Conv2d(8, 1, 1)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        tokens = self.proj(F.avg_pool2d(x, 4))
+        return {"tokens": tokens, "cls_attn": self.score(tokens).flatten(1).softmax(dim=1)}
+
+
+def _teacher(size: int) -> ModuleTeacher:
+    return ModuleTeacher(PatchMeans(), embed_dim=8, image_size=size, mean=[0.5] * 3, std=[0.25] * 3, has_cls=False)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("box", [(0, 0), (2, 3), (4, 4), (1, 4)])
+def test_roi_align_of_the_full_map_is_the_teacher_of_the_crop(box: tuple[int, int], flip: bool) -> None:
+    """A 16x16 crop at patch-aligned offsets of a 32x32 image: cut from the full 8x8 map == teacher on the crop."""
+    torch.manual_seed(1)
+    img = torch.rand(1, 3, 32, 32)
+    full = _teacher(32)(img, None, need_attn=True)
+    maps = full.tokens[:, 1:].transpose(1, 2).reshape(1, 8, 8, 8)
+    attn_map = full.cls_attn.reshape(1, 1, 8, 8)  # type: ignore[union-attr]
+    i, j = box  # top-left patch (row, column)
+    crop = img[:, :, 4 * i : 4 * i + 16, 4 * j : 4 * j + 16]
+    if flip:
+        crop = crop.flip(-1)
+    online = _teacher(16)(crop, None, need_attn=True)
+    norm_box = torch.tensor([[j / 8, i / 8, (j + 4) / 8, (i + 4) / 8]])
+    flips = torch.tensor([flip])
+    cut = crop_maps(maps, norm_box, flips, (4, 4)).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(cut, online.tokens[:, 1:], atol=1e-5, rtol=1e-5)
+    a = crop_maps(attn_map, norm_box, flips, (4, 4)).flatten(1)
+    torch.testing.assert_close(a / a.sum(1, keepdim=True), online.cls_attn, atol=1e-6, rtol=1e-5)
+
+
+def test_roi_align_shrinking_averages_every_cell() -> None:
+    maps = torch.randn(2, 5, 8, 8)
+    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 2)
+    out = crop_maps(maps, boxes, torch.tensor([False, True]), (4, 4))
+    torch.testing.assert_close(out[0], F.avg_pool2d(maps[:1], 2)[0])
+    torch.testing.assert_close(out[1], F.avg_pool2d(maps[1:], 2)[0].flip(-1))
+
+
+def test_int8_round_trip_error_bound() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 4, 64) * torch.rand(3, 4, 4, 1) * 10
+    q, scale = quantize_int8(x)
+    assert q.dtype == torch.int8 and scale.shape == (3, 4, 4)
+    err = (dequantize_int8(q, scale) - x).abs().amax(dim=-1)
+    assert bool((err <= x.abs().amax(dim=-1) / 254 * (1 + 1e-5)).all())
+
+
+# ------------------------------------------------------------------------------ the writer and the CLI
+
+
+def _overrides(teacher_dir: Path, method: str = "milan", *extra: str) -> list[str]:
+    return tiny_overrides(f"method.name={method}", *teacher_overrides(teacher_dir), "data.limit=20", *extra)
+
+
+def _cli_cache(teacher_dir: Path, out: Path, *extra: str, capsys: pytest.CaptureFixture[str]) -> dict[str, object]:
+    code = main(["teacher", "cache", "--out", str(out), "--chunk-size", "8", *extra, *_overrides(teacher_dir)])
+    assert code == 0
+    return dict(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+
+
+def test_cli_writes_resumes_and_splits_over_ranks(
+    tiny_teacher_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    one = tmp_path / "one"
+    first = _cli_cache(tiny_teacher_dir, one, capsys=capsys)
+    assert (first["images"], first["chunks"], first["written"], first["skipped"]) == (20, 3, 3, 0)
+    meta = json.loads((one / "cache.json").read_text())
+    assert meta["dataset"]["num_images"] == 20 and meta["dim"] == 48 and meta["has_attn"] is True
+    assert [(c["start"], c["stop"]) for c in meta["chunks"]] == [(0, 8), (8, 16), (16, 20)]
+    again = _cli_cache(tiny_teacher_dir, one, capsys=capsys)
+    assert (again["written"], again["skipped"]) == (0, 3)
+    (one / "chunk-00001.safetensors").unlink()  # an interrupted run: only the missing chunk is written
+    assert _cli_cache(tiny_teacher_dir, one, capsys=capsys)["written"] == 1
+
+    two = tmp_path / "two"
+    r0 = _cli_cache(tiny_teacher_dir, two, "--rank", "0", "--world", "2", capsys=capsys)
+    assert sorted(p.name for p in two.glob("chunk-*")) == ["chunk-00000.safetensors", "chunk-00002.safetensors"]
+    with pytest.raises(ConfigError, match="incomplete: 1 of 3 chunks missing"):
+        TeacherCache(two)
+    r1 = _cli_cache(tiny_teacher_dir, two, "--rank", "1", "--world", "2", capsys=capsys)
+    assert (r0["written"], r1["written"]) == (2, 1)
+    TeacherCache(two)
+    for c in range(3):
+        a, b = (load_file(str(d / f"chunk-{c:05d}.safetensors")) for d in (one, two))
+        assert a.keys() == b.keys() == {"tokens", "global", "attn"}
+        for k in a:
+            assert torch.equal(a[k], b[k])
+
+
+def test_int8_cache_is_close_to_float16(tiny_teacher_dir: Path, tmp_path: Path) -> None:
+    cfg = load_config(None, _overrides(tiny_teacher_dir, "maskdistill"))
+    write_cache(cfg, tmp_path / "f16", chunk_size=16)
+    write_cache(cfg, tmp_path / "i8", dtype="int8", chunk_size=16)
+    index = torch.tensor([0, 7, 19])
+    a, ga, _ = TeacherCache(tmp_path / "f16").read(index)
+    b, gb, _ = TeacherCache(tmp_path / "i8").read(index)
+    assert not TeacherCache(tmp_path / "i8").has_attn  # block masking needs no attention
+    bound = a.abs().amax(dim=1, keepdim=True) / 254 + a.abs().amax(dim=1, keepdim=True) * 2**-10
+    assert bool(((a - b).abs() <= bound).all())
+    assert torch.equal(ga, gb)
+
+
+# ------------------------------------------------------------------------------ training from a cache
+
+
+@pytest.fixture(scope="module")
+def caches(tiny_teacher_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("caches")
+    out = {}
+    for method in ("milan", "maskdistill"):
+        write_cache(load_config(None, _overrides(tiny_teacher_dir, method)), root / method, chunk_size=8)
+        out[method] = root / method
+    return out
+
+
+class Crash(Exception):
+    pass
+
+
+def _crash_at(k: int):  # type: ignore[no-untyped-def]
+    def on_step(step: int, loss: float) -> None:
+        if step == k:
+            raise Crash
+
+    return on_step
+
+
+@pytest.mark.parametrize("method", ["milan", "maskdistill"])
+def test_training_from_the_cache_runs_no_teacher_and_resumes_exactly(
+    method: str, caches: dict[str, Path], tiny_teacher_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import semmim.methods.base as base
+
+    def no_teacher(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a run with teacher.cache built its teacher")
+
+    monkeypatch.setattr(base, "build_teacher", no_teacher)
+    over = _overrides(
+        tiny_teacher_dir, method, f"teacher.cache={caches[method]}", "method.num_masks=2", "trainer.max_steps=6"
+    )
+    over += ["trainer.ckpt_every_n_steps=1"]
+    cfg = load_config(None, over)
+    ref = pretrain(cfg, tmp_path / "ref")
+    assert torch.isfinite(torch.tensor(ref.final_loss))
+    out = tmp_path / "run"
+    with pytest.raises(Crash):
+        pretrain(cfg, out, on_step=_crash_at(4))
+    pretrain(cfg, out, resume=True)
+    a, b = (load_file(str(d / "encoder.safetensors")) for d in (tmp_path / "ref", out))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_cached_milan_learns_on_a_fixed_batch(caches: dict[str, Path], tiny_teacher_dir: Path) -> None:
+    from semmim.data.loader import build_dataset
+    from semmim.methods import build_method
+
+    cfg = load_config(None, _overrides(tiny_teacher_dir, "milan", f"teacher.cache={caches['milan']}"))
+    ds = build_dataset(cfg.data, img_size=16, in_chans=3, train=True, seed=0)
+    ds.geometry = True  # type: ignore[union-attr]
+    batch = torch.utils.data.default_collate([ds[i] for i in range(8)])
+    torch.manual_seed(0)
+    method = build_method(cfg)
+    opt = torch.optim.AdamW(method.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        torch.manual_seed(1)  # the same masks every step
+        loss = method(batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_cached_target_matches_the_cache_geometry(caches: dict[str, Path], tiny_teacher_dir: Path) -> None:
+    """The target of a full, unflipped view is the stored map resampled to the student grid (4x4 = stored)."""
+    from semmim.methods import build_method
+
+    cfg = load_config(None, _overrides(tiny_teacher_dir, "maskdistill", f"teacher.cache={caches['maskdistill']}"))
+    target = build_method(cfg).target
+    geo = CropBatch(index=torch.tensor([3]), crop=torch.tensor([[0.0, 0.0, 1.0, 1.0]]), flip=torch.tensor([True]))
+    out = target(torch.zeros(1, 3, 16, 16), (4, 4), geometry=geo)
+    maps, glob, _ = TeacherCache(caches["maskdistill"]).read(torch.tensor([3]))
+    want = torch.cat([glob[:, None], maps.flip(-1).flatten(2).transpose(1, 2)], 1)
+    torch.testing.assert_close(out.tokens, F.layer_norm(want, (want.shape[-1],), eps=1e-6), atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------ one-line errors
+
+
+def _one_line_error(over: list[str], match: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=match) as err:
+        pretrain(load_config(None, over), tmp_path / "run")
+    assert "\n" not in str(err.value)
+
+
+def test_cache_of_another_dataset_is_refused(caches: dict[str, Path], tiny_teacher_dir: Path, tmp_path: Path) -> None:
+    over = _overrides(tiny_teacher_dir, "milan", f"teacher.cache={caches['milan']}", "data.limit=24")
+    _one_line_error(over, "holds 20 images .* training data has 24", tmp_path)
+    meta = json.loads((caches["milan"] / "cache.json").read_text())
+    other = dict(meta["dataset"], fingerprint="0" * 64)
+    with pytest.raises(ConfigError, match="written for other images"):
+        check_cache_dataset(meta, other, "DIR")
+
+
+def test_cache_of_another_teacher_is_refused(caches: dict[str, Path], tiny_teacher_dir: Path, tmp_path: Path) -> None:
+    over = _overrides(tiny_teacher_dir, "milan", f"teacher.cache={caches['milan']}", "teacher.input_norm=data")
+    _one_line_error(over, "written with teacher.input_norm='own' but this run has teacher.input_norm='data'", tmp_path)
+    over = _overrides(tiny_teacher_dir, "milan", f"teacher.cache={caches['maskdistill']}")
+    _one_line_error(over, "holds no CLS attention maps", tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["data.rand_augment=rand-m9-mstd0.5"], "RandAugment rotates, shears and translates"),
+        (["method.target=codebook", "method.target.path=x.safetensors"], "only method.target=teacher_features"),
+    ],
+)
+def test_configs_a_cache_cannot_follow_are_refused(extra: list[str], match: str, tiny_teacher_dir: Path) -> None:
+    with pytest.raises(ConfigError, match=match) as err:
+        load_config(None, _overrides(tiny_teacher_dir, "maskdistill", "teacher.cache=DIR", *extra))
+    assert "\n" not in str(err.value)
+
+
+def test_a_method_without_teacher_refuses_the_key() -> None:
+    with pytest.raises(ConfigError, match="method 'mae' does not read a teacher cache"):
+        load_config(None, tiny_overrides("method.name=mae", "teacher.cache=DIR"))
