@@ -332,3 +332,29 @@ def test_configs_a_cache_cannot_follow_are_refused(extra: list[str], match: str,
 def test_a_method_without_teacher_refuses_the_key() -> None:
     with pytest.raises(ConfigError, match="method 'mae' does not read a teacher cache"):
         load_config(None, tiny_overrides("method.name=mae", "teacher.cache=DIR"))
+
+
+def test_cache_at_another_size_trains(tiny_teacher_dir: Path, tmp_path: Path) -> None:
+    """--size 32 for a 16-pixel teacher: 8x8 maps (the teacher rebuilt at that size), the run's teacher recorded."""
+    cfg = load_config(None, _overrides(tiny_teacher_dir, "milan"))
+    report = write_cache(cfg, tmp_path / "c32", size=32, chunk_size=8)
+    assert report.map_hw == [8, 8]
+    meta = json.loads((tmp_path / "c32" / "cache.json").read_text())
+    assert meta["size"] == 32 and meta["teacher_grid"] == [4, 4] and meta["teacher"]["config"]["image_size"] is None
+    over = _overrides(tiny_teacher_dir, "milan", f"teacher.cache={tmp_path / 'c32'}", "method.target.grid=native")
+    assert torch.isfinite(torch.tensor(pretrain(load_config(None, over), tmp_path / "run").final_loss))
+
+
+def test_image_folder_fingerprint_follows_the_files(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from semmim.data.datasets import ImageFolderDataset
+    from semmim.teachers.cache import dataset_identity
+
+    for i in range(3):
+        Image.new("RGB", (8 + i, 8), (40 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    first = dataset_identity(ImageFolderDataset(tmp_path), "imagefolder", str(tmp_path))
+    assert first == dataset_identity(ImageFolderDataset(tmp_path), "imagefolder", str(tmp_path))
+    Image.new("RGB", (8, 8), (0, 0, 0)).save(tmp_path / "3.png")
+    second = dataset_identity(ImageFolderDataset(tmp_path), "imagefolder", str(tmp_path))
+    assert second["num_images"] == 4 and second["fingerprint"] != first["fingerprint"]

@@ -30,6 +30,7 @@ def cmd_teacher_cache(args: argparse.Namespace) -> int:
         world=args.world,
         batch_size=args.batch_size,
         device=device,
+        attn=True if args.attn else None,
     )
     print(json.dumps(report.as_dict()))
     return 0
@@ -76,6 +77,9 @@ def add_teacher_parser(sub: Any) -> None:
     c.add_argument("--batch-size", type=int, default=None, help="teacher batch; unset = data.batch_size")
     c.add_argument("--rank", type=int, default=None, help="this writer's rank; unset = $RANK or 0")
     c.add_argument("--world", type=int, default=None, help="number of writers; unset = $WORLD_SIZE or 1")
+    c.add_argument(
+        "--attn", action="store_true", help="store the CLS attention maps even if the config's masker needs none"
+    )
     c.add_argument("--device", default=None, help="where the teacher runs; unset = cuda if available, else cpu")
     c.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.limit=5000 teacher.path=RUN_DIR")
     c.set_defaults(func=cmd_teacher_cache)

@@ -130,6 +130,7 @@ def write_cache(
     batch_size: int | None = None,
     teacher: nn.Module | None = None,
     device: torch.device | str = "cpu",
+    attn: bool | None = None,
 ) -> CacheReport:
     """Run ``cfg``'s teacher over its training data once and store the token maps in ``out``.
 
@@ -143,6 +144,7 @@ def write_cache(
         batch_size: teacher batch; ``None`` = ``data.batch_size``.
         teacher: a :class:`semmim.teachers.Teacher` from Python instead of ``cfg.teacher``.
         device: where the teacher runs.
+        attn: store the CLS attention maps; ``None`` = when the run's masker needs them (semantic masking).
 
     Returns:
         :class:`CacheReport`.
@@ -161,20 +163,29 @@ def write_cache(
     t0 = time.perf_counter()
     tm: Any = build_teacher(cfg, teacher).to(device)
     own_size = tuple(tm.image_size)
-    need_attn = masker_needs_attention(cfg)
+    need_attn = masker_needs_attention(cfg) if attn is None else bool(attn)
     probe = torch.zeros(1, tm.in_chans, *own_size, device=device)
     out0 = tm(probe, None, need_attn=need_attn)
     teacher_grid = list(tm.native_grid)
     if need_attn and out0.cls_attn is None:
-        raise ConfigError(f"method.masker needs the teacher's CLS attention, but {describe_teacher(tm)} gives none")
+        raise ConfigError(f"the cache would store the CLS attention, but {describe_teacher(tm)} gives none")
     s = int(size) if size is not None else int(own_size[0])
     if s < 1:
         raise ConfigError(f"--size must be >= 1, got {s}")
-    tm.image_size = (s, s)  # the full image at the cache's size (the preprocessing then does not resize)
+    sha256 = teacher_fingerprint(tm)  # the run's teacher, at its own input size
+    if (s, s) != own_size:  # the same teacher built for the cache's size (positional embeddings resampled)
+        if teacher is not None:
+            raise ConfigError(
+                f"--size {s} differs from the Python teacher's input size {own_size[0]}x{own_size[1]}: a teacher "
+                "passed from Python is cached at its own size (leave --size unset)"
+            )
+        sized = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, image_size=s))
+        tm = build_teacher(sized).to(device)
     out1 = tm(torch.zeros(1, tm.in_chans, s, s, device=device), None)
     map_hw = list(tm.native_grid)
     dim = int(out1.tokens.shape[-1])
-    dataset: Any = build_dataset(cfg.data, img_size=s, in_chans=cfg.model.in_chans, train=False, seed=0)
+    # the training run's dataset (generated data depends on model.img_size), each image then resized whole to s
+    dataset: Any = build_dataset(cfg.data, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans, train=False)
     dataset.transform = FullResize(s)
     n = len(dataset)
     ranges = chunk_ranges(n, chunk_size)
@@ -185,7 +196,7 @@ def write_cache(
         "teacher": {
             "config": teacher_identity(cfg.teacher),
             "description": describe_teacher(tm),
-            "sha256": teacher_fingerprint(tm),
+            "sha256": sha256,
         },
         "size": s,
         "map_hw": map_hw,
@@ -226,7 +237,6 @@ def write_cache(
             tensors["attn"] = torch.cat(attns).half()
         _save_atomic(tensors, path)
         written += 1
-    tm.image_size = own_size
     total = sum(p.stat().st_size for p in root.glob("chunk-*.safetensors"))
     return CacheReport(
         path=str(root),
