@@ -628,7 +628,13 @@ class PretrainRecipe:
 
     def teacher_description(self) -> str | None:
         """The teacher the method actually loaded, as it describes itself (None: the method has none)."""
-        tm: Any = getattr(getattr(self.method, "target", None), "teacher", None)
+        target: Any = getattr(self.method, "target", None)
+        cache: Any = getattr(target, "cache", None)
+        if cache is not None:  # teacher.cache: no teacher runs
+            h, w = cache.map_hw
+            described = cache.meta["teacher"]["description"]
+            return f"cached maps in {cache.root} ({h}x{w}x{cache.dim} {cache.dtype}, no teacher forward) of {described}"
+        tm: Any = getattr(target, "teacher", None)
         if tm is None:
             return None
         return str(tm.describe()) if hasattr(tm, "describe") else type(tm).__name__
