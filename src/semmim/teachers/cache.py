@@ -96,6 +96,14 @@ def dataset_identity(dataset: Any, name: str | None, root: str | None) -> dict[s
     return {"name": name, "root": None if root is None else str(root), "num_images": n, "fingerprint": h.hexdigest()}
 
 
+def masker_needs_attention(cfg: Any) -> bool:
+    """Whether the run's masker takes the teacher's CLS attention (semantic-aware masking)."""
+    from semmim.registry import MASKERS
+
+    node = cfg.method.masker
+    return node is not None and bool(getattr(MASKERS.get(node["name"]), "needs_scores", False))
+
+
 def teacher_identity(tcfg: Any) -> dict[str, Any]:
     """The ``teacher`` config keys that decide its tokens (:data:`TEACHER_KEYS`), as recorded in a cache."""
     return {k: getattr(tcfg, k, None) for k in TEACHER_KEYS}
@@ -325,8 +333,6 @@ def check_cache_for_run(cfg: Any, dataset: Any, teacher: Any = None) -> dict[str
 
         fingerprint = teacher_fingerprint(teacher)
     check_cache_teacher(meta, cfg.teacher, where, fingerprint)
-    from semmim.teachers.cache_writer import masker_needs_attention
-
     if masker_needs_attention(cfg) and not cache.has_attn:
         raise ConfigError(
             f"teacher.cache={where} holds no CLS attention maps, which method.masker={cfg.method.masker['name']} "

@@ -29,6 +29,7 @@ from semmim.teachers.cache import (
     chunk_name,
     chunk_ranges,
     dataset_identity,
+    masker_needs_attention,
     quantize_int8,
     teacher_identity,
 )
@@ -72,14 +73,6 @@ class FullResize:
         from PIL import Image
 
         return pil_to_tensor01(img.resize((self.size, self.size), Image.Resampling.BICUBIC))
-
-
-def masker_needs_attention(cfg: Config) -> bool:
-    """Whether the run's masker takes the teacher's CLS attention (semantic-aware masking)."""
-    from semmim.registry import MASKERS
-
-    node = cfg.method.masker
-    return node is not None and bool(getattr(MASKERS.get(node["name"]), "needs_scores", False))
 
 
 def rank_and_world(rank: int | None, world: int | None) -> tuple[int, int]:
