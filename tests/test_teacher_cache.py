@@ -358,3 +358,39 @@ def test_image_folder_fingerprint_follows_the_files(tmp_path: Path) -> None:
     Image.new("RGB", (8, 8), (0, 0, 0)).save(tmp_path / "3.png")
     second = dataset_identity(ImageFolderDataset(tmp_path), "imagefolder", str(tmp_path))
     assert second["num_images"] == 4 and second["fingerprint"] != first["fingerprint"]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_maps_read_in_the_workers_give_the_same_targets(dtype: str, tiny_teacher_dir: Path, tmp_path: Path) -> None:
+    """Items carrying their stored maps (``SeededDataset.extras``, read in the loader's workers) give the targets
+    the target reads by index itself; the reader pickles into worker processes after use."""
+    import pickle
+
+    from semmim.data.loader import build_dataset
+    from semmim.methods import build_method
+
+    cfg = load_config(None, _overrides(tiny_teacher_dir, "milan"))
+    write_cache(cfg, tmp_path / "c", dtype=dtype, chunk_size=8)
+    cfg = load_config(None, _overrides(tiny_teacher_dir, "milan", f"teacher.cache={tmp_path / 'c'}"))
+    ds = build_dataset(cfg.data, img_size=16, in_chans=3, train=True, seed=0)
+    ds.geometry = True  # type: ignore[union-attr]
+    plain = torch.utils.data.default_collate([ds[i] for i in (0, 9, 19)])
+    cache = TeacherCache(tmp_path / "c")
+    cache.read(torch.tensor([0]))
+    ds.extras = pickle.loads(pickle.dumps(cache)).item  # type: ignore[union-attr]
+    carried = torch.utils.data.default_collate([ds[i] for i in (0, 9, 19)])
+    assert carried["teacher_tokens"].dtype == getattr(torch, dtype)
+    a, b = (  # a fresh target each (milan's center conditioning keeps running statistics)
+        build_method(cfg).target(torch.zeros(3, 3, 16, 16), (4, 4), need_attn=True, geometry=_geo(x))
+        for x in (plain, carried)
+    )
+    assert _geo(plain).stored is None and _geo(carried).stored is not None
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.cls_attn, b.cls_attn)  # type: ignore[arg-type]
+
+
+def _geo(batch: dict[str, Tensor]) -> CropBatch:
+    from semmim.teachers.cache import crop_batch_of
+
+    geo = crop_batch_of(batch)
+    assert geo is not None
+    return geo

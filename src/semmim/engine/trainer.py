@@ -563,8 +563,9 @@ class PretrainRecipe:
             from semmim.teachers.cache import check_cache_for_run
 
             with _rng_preserved():
-                check_cache_for_run(cfg, dataset, self.teacher)
+                cache = check_cache_for_run(cfg, dataset, self.teacher)
             dataset.geometry = True  # type: ignore[union-attr]  # items carry their crop box and flip
+            dataset.extras = cache.item  # type: ignore[union-attr]  # and their stored maps, read in the workers
         self.dataset = dataset
         self.streaming = isinstance(dataset, IterableDataset)
         self.sampler: StatefulDistributedSampler | None = None

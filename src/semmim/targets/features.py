@@ -9,7 +9,7 @@ from semmim.registry import TARGETS
 from semmim.targets.base import TargetOutput
 from semmim.targets.conditioning import TARGET_NORMS, TargetConditioner
 from semmim.teachers.base import Teacher, resample_attention
-from semmim.teachers.cache import CropBatch, TeacherCache, crop_maps
+from semmim.teachers.cache import CropBatch, TeacherCache, crop_maps, stored_maps
 
 
 @TARGETS.register("teacher_features")
@@ -118,7 +118,10 @@ class TeacherFeatureTarget(nn.Module):
             )
         if need_attn and not self.cache.has_attn:
             raise ValueError(f"the masker needs the CLS attention, which teacher.cache={self.cache.root} does not hold")
-        maps, glob, attn_map = self.cache.read(geometry.index, attn=need_attn)
+        if geometry.stored is not None:  # read by the loader's workers
+            maps, glob, attn_map = stored_maps({k: v.to(device) for k, v in geometry.stored.items()}, need_attn)
+        else:
+            maps, glob, attn_map = self.cache.read(geometry.index, attn=need_attn)
         out_hw = self.cache.teacher_grid if self.grid == "native" else tuple(grid)
         boxes, flips = geometry.crop.to(device), geometry.flip.to(device)
         patches = crop_maps(maps.to(device), boxes, flips, (int(out_hw[0]), int(out_hw[1])))

@@ -153,19 +153,27 @@ def crop_maps(maps: Tensor, boxes: Tensor, flips: Tensor, out_hw: tuple[int, int
     return torch.where(flips, out.flip(-1), out)
 
 
+ITEM_KEYS = ("teacher_tokens", "teacher_scale", "teacher_global", "teacher_attn")
+"""Item fields :meth:`TeacherCache.item` adds (the stored maps, read in the loader's workers)."""
+
+
 @dataclass
 class CropBatch:
-    """What the cached target needs of a batch: each item's dataset index, crop box and flip.
+    """What the cached target needs of a batch: each item's dataset index, crop box and flip, and the stored maps
+    when the loader already read them (:meth:`TeacherCache.item`; else the target reads them by index).
 
     Attributes:
         index: (N,) int64 dataset indices.
         crop: (N, 4) float crop boxes ``(x0, y0, x1, y1)`` in normalised coordinates of the original image.
         flip: (N,) bool.
+        stored: the items' ``teacher_*`` fields as collated: ``teacher_tokens`` (N, h, w, D) float16 or int8,
+            ``teacher_scale`` (N, h, w) (int8 only), ``teacher_global`` (N, D), ``teacher_attn`` (N, h, w).
     """
 
     index: Tensor
     crop: Tensor
     flip: Tensor
+    stored: dict[str, Tensor] | None = None
 
 
 def crop_batch_of(batch: Any) -> CropBatch | None:
@@ -174,7 +182,16 @@ def crop_batch_of(batch: Any) -> CropBatch | None:
         return None
     index = torch.as_tensor(batch["index"], dtype=torch.int64)
     flip = torch.as_tensor(batch["flip"], dtype=torch.bool)
-    return CropBatch(index=index, crop=torch.as_tensor(batch["crop"], dtype=torch.float32), flip=flip)
+    stored = {k: batch[k] for k in ITEM_KEYS if batch.get(k) is not None} or None
+    return CropBatch(index=index, crop=torch.as_tensor(batch["crop"], dtype=torch.float32), flip=flip, stored=stored)
+
+
+def stored_maps(stored: dict[str, Tensor], attn: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Collated ``teacher_*`` item fields -> what :meth:`TeacherCache.read` returns (float32, on their device)."""
+    tok = stored["teacher_tokens"]
+    tok = dequantize_int8(tok, stored["teacher_scale"]) if tok.dtype == torch.int8 else tok.float()
+    a = stored["teacher_attn"].float().unsqueeze(1) if attn else None
+    return tok.permute(0, 3, 1, 2).contiguous(), stored["teacher_global"].float(), a
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -238,6 +255,20 @@ class TeacherCache:
         state = dict(self.__dict__)
         state["_open"] = {}
         return state
+
+    def item(self, index: int) -> dict[str, Tensor]:
+        """The stored maps of one image as item fields (:data:`ITEM_KEYS`), as stored (float16 / int8): what a
+        dataset adds to its items so the loader's workers read the cache (``SeededDataset.extras``)."""
+        if not 0 <= index < self.num_images:
+            raise IndexError(f"index {index} is outside the cache's {self.num_images} images")
+        c, row = divmod(int(index), self.chunk_size)
+        f = self._chunk(c)
+        out = {"teacher_tokens": f.get_slice("tokens")[row], "teacher_global": f.get_slice("global")[row]}
+        if self.dtype == "int8":
+            out["teacher_scale"] = f.get_slice("scale")[row]
+        if self.has_attn:
+            out["teacher_attn"] = f.get_slice("attn")[row]
+        return out
 
     def read(self, index: Tensor, attn: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
         """The stored maps of dataset indices ``index`` (N,).
@@ -311,8 +342,8 @@ def check_cache_teacher(meta: dict[str, Any], tcfg: Any, where: str, fingerprint
             )
 
 
-def check_cache_for_run(cfg: Any, dataset: Any, teacher: Any = None) -> dict[str, Any]:
-    """Check ``cfg.teacher.cache`` against the run's training dataset and teacher; returns its ``cache.json``.
+def check_cache_for_run(cfg: Any, dataset: Any, teacher: Any = None) -> TeacherCache:
+    """Check ``cfg.teacher.cache`` against the run's training dataset and teacher; returns the opened cache.
 
     A teacher passed from Python is compared by its weights fingerprint, a configured one by its config keys (it
     is not built).
@@ -338,4 +369,4 @@ def check_cache_for_run(cfg: Any, dataset: Any, teacher: Any = None) -> dict[str
             f"teacher.cache={where} holds no CLS attention maps, which method.masker={cfg.method.masker['name']} "
             "needs: rebuild it with this run's config (it stores them when the masker needs them)"
         )
-    return meta
+    return cache
