@@ -394,3 +394,18 @@ def _geo(batch: dict[str, Tensor]) -> CropBatch:
     geo = crop_batch_of(batch)
     assert geo is not None
     return geo
+
+
+def test_image_folder_with_tensor_decoding(tiny_teacher_dir: Path, tmp_path: Path) -> None:
+    """data.decode=torchvision: the writer resizes uint8 tensors, the tensor transform reports the crops."""
+    from PIL import Image
+
+    torch.manual_seed(0)
+    for i in range(8):
+        arr = (torch.rand(20, 24 + i, 3) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(tmp_path / f"{i}.png")
+    data = [f"data.root={tmp_path}", "data.name=imagefolder", "data.decode=torchvision", "data.batch_size=4"]
+    over = [o for o in _overrides(tiny_teacher_dir, "maskdistill", *data) if not o.startswith("data.limit")]
+    write_cache(load_config(None, over), tmp_path / "cache", chunk_size=4)
+    run = load_config(None, [*over, f"teacher.cache={tmp_path / 'cache'}", "trainer.max_steps=2"])
+    assert torch.isfinite(torch.tensor(pretrain(run, tmp_path / "run").final_loss))
