@@ -22,6 +22,11 @@ maps were computed at, the map size ``(h, w)``, the teacher's own grid at its in
 ``has_attn`` and the index range of every chunk.
 
 The target's global token is the full image's: a crop's own global token cannot be cut from the map.
+
+At train time the engine checks the cache against the data and the teacher (:func:`check_cache_for_run`), makes
+the training items carry their crop box and flip (``SeededDataset.geometry``) and their stored maps, read in the
+loader's workers (``SeededDataset.extras`` = :meth:`TeacherCache.item`); the target
+(:class:`semmim.targets.TeacherFeatureTarget` with ``teacher_cache``) cuts them on the device (:func:`crop_maps`).
 """
 
 from __future__ import annotations
