@@ -409,3 +409,21 @@ def test_image_folder_with_tensor_decoding(tiny_teacher_dir: Path, tmp_path: Pat
     write_cache(load_config(None, over), tmp_path / "cache", chunk_size=4)
     run = load_config(None, [*over, f"teacher.cache={tmp_path / 'cache'}", "trainer.max_steps=2"])
     assert torch.isfinite(torch.tensor(pretrain(run, tmp_path / "run").final_loss))
+
+
+def test_teacher_weights_replaced_in_place_are_refused(tiny_teacher_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher_dir, teacher)
+    write_cache(load_config(None, _overrides(teacher, "milan")), tmp_path / "cache", chunk_size=8)
+    weights = load_file(str(teacher / "encoder.safetensors"))
+    from safetensors.torch import safe_open, save_file
+
+    with safe_open(str(teacher / "encoder.safetensors"), framework="pt") as f:
+        metadata = f.metadata()
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 1
+    save_file(weights, str(teacher / "encoder.safetensors"), metadata=metadata)
+    over = _overrides(teacher, "milan", f"teacher.cache={tmp_path / 'cache'}")
+    _one_line_error(over, r"weight files changed since the cache was written \(path:encoder.safetensors\)", tmp_path)

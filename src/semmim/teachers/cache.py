@@ -109,6 +109,31 @@ def masker_needs_attention(cfg: Any) -> bool:
     return node is not None and bool(getattr(MASKERS.get(node["name"]), "needs_scores", False))
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".npz")
+
+
+def weights_stamp(tcfg: Any) -> dict[str, str]:
+    """SHA-256 of the local weight files ``teacher.path`` / ``teacher.pretrained`` name (a file, or the weight files
+    directly in a directory), so weights replaced in place are noticed without building the teacher. Hub names and
+    tags have no local file and are identified by the config keys alone."""
+    out: dict[str, str] = {}
+    for key in ("path", "pretrained"):
+        value = getattr(tcfg, key, None)
+        if not isinstance(value, str) or not value:
+            continue
+        p = Path(value).expanduser()
+        files = [p] if p.is_file() else []
+        if p.is_dir():
+            files = sorted(f for f in p.glob("*") if f.suffix in WEIGHT_SUFFIXES)
+        for f in files:
+            h = hashlib.sha256()
+            with f.open("rb") as fh:
+                while block := fh.read(1 << 24):
+                    h.update(block)
+            out[f"{key}:{f.name}"] = h.hexdigest()
+    return out
+
+
 def teacher_identity(tcfg: Any) -> dict[str, Any]:
     """The ``teacher`` config keys that decide its tokens (:data:`TEACHER_KEYS`), as recorded in a cache."""
     return {k: getattr(tcfg, k, None) for k in TEACHER_KEYS}
@@ -337,6 +362,13 @@ def check_cache_teacher(meta: dict[str, Any], tcfg: Any, where: str, fingerprint
                 f"this run's is {fingerprint[:12]}): rebuild it with this teacher"
             )
         return
+    stamp, now = meta["teacher"].get("weights", {}), weights_stamp(tcfg)
+    if stamp != now:
+        changed = sorted(set(stamp) ^ set(now) | {k for k in stamp if k in now and stamp[k] != now[k]})
+        raise ConfigError(
+            f"teacher.cache={where}: the teacher's weight files changed since the cache was written "
+            f"({', '.join(changed)}): rebuild it with `semmim teacher cache`"
+        )
     mine = teacher_identity(tcfg)
     for key in TEACHER_KEYS:
         a, b = recorded.get(key), mine.get(key)

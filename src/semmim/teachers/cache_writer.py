@@ -32,6 +32,7 @@ from semmim.teachers.cache import (
     masker_needs_attention,
     quantize_int8,
     teacher_identity,
+    weights_stamp,
 )
 
 
@@ -190,6 +191,7 @@ def write_cache(
             "config": teacher_identity(cfg.teacher),
             "description": describe_teacher(tm),
             "sha256": sha256,
+            "weights": weights_stamp(cfg.teacher),
         },
         "size": s,
         "map_hw": map_hw,
