@@ -42,6 +42,31 @@ EXPLAINED_WARN = 0.05
 about: the student then predicts little more than the teacher's average token."""
 
 
+def input_bound_message(wait_frac: float, data: Any) -> str:
+    """The one-time note for an input-bound run, suggesting only the speed-ups the data config does not use yet.
+
+    Examples:
+        >>> from semmim.config import DataConfig
+        >>> input_bound_message(0.3, DataConfig(name="imagefolder", decode="torchvision", uint8=True, num_workers=2))
+        '[semmim] input-bound: 30% of the step time is spent waiting for data (data.num_workers=2); more workers or faster storage would speed this run up'
+    """  # noqa: E501
+    remedies = ["more workers"]
+    if not data.uint8:
+        remedies.append("data.uint8=true")
+    if data.decode == "pil":
+        from semmim.data.tensor_decode import decode_conflict
+        from semmim.registry import DATASETS
+
+        dataset = DATASETS.get(data.name) if data.name in DATASETS.names() else None
+        if dataset is not None and decode_conflict("torchvision", data.name, dataset, data.rand_augment) is None:
+            remedies.append("data.decode=torchvision")
+    remedies.append("faster storage")
+    return (
+        f"[semmim] input-bound: {wait_frac:.0%} of the step time is spent waiting for data "
+        f"(data.num_workers={data.num_workers}); {', '.join(remedies[:-1])} or {remedies[-1]} would speed this run up"
+    )
+
+
 def explained_warning(value: float, step: int) -> str:
     """The one-time warning for a student that learns only the teacher's average token."""
     return (
@@ -1042,12 +1067,7 @@ class PretrainRecipe:
                     wait_frac = window_wait / max(window_wait + window_compute, 1e-9)
                     if wait_frac > INPUT_BOUND_FRACTION and not input_bound_warned and is_main and step > 1:
                         input_bound_warned = True  # said once: the share is logged as data_wait_frac at every log step
-                        print(
-                            f"[semmim] input-bound: {wait_frac:.0%} of the step time is spent waiting for data "
-                            f"(data.num_workers={cfg.data.num_workers}); more workers, data.uint8=true, "
-                            "data.decode=torchvision or faster storage would speed this run up",
-                            flush=True,
-                        )
+                        print(input_bound_message(wait_frac, cfg.data), flush=True)
                     extras = {
                         k: float(v.detach().float().item())
                         for k, v in outputs.get("logs", {}).items()
