@@ -356,3 +356,26 @@ def test_pretrain_with_the_torchvision_decode_resumes_exactly(tmp_path: Path) ->
     assert sorted(resumed) == sorted(full) == [1, 2, 3, 4]
     for step in full:
         assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), step
+
+
+def test_header_over_pillows_warning_limit_raises_ours_without_pillows_warning(tmp_path: Path) -> None:
+    """A header between data.max_image_pixels and 2x Pillow's limit: our error as on the PIL path, no
+    DecompressionBombWarning printed for every such file."""
+    import struct
+    import warnings
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", 10_000, 10_000, 8, 2, 0, 0, 0)  # 100 Mpx > Pillow's 89 Mpx warning limit
+    path = tmp_path / "bomb.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    for decode in (decode_image_tensor, decode_image):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(ImageTooLargeError) as info:
+                decode(path)
+        assert str(info.value) == (
+            "10000x10000 = 100 Mpx, more than data.max_image_pixels=64000000 (a decompression bomb?)"
+        ), decode.__name__

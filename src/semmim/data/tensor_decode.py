@@ -38,6 +38,7 @@ from semmim.data.datasets import (
     DEFAULT_MAX_IMAGE_PIXELS,
     FILE_DECODERS,
     ImageTooLargeError,
+    _pixel_count,
     decode_image_file,
     read_regular_file,
 )
@@ -74,12 +75,17 @@ _COLOUR_MODES = ("RGB", "RGBA", "RGBX", "YCbCr", "P", "PA")
 def _check_header(data: bytes, max_pixels: int | None) -> tuple[str, str]:
     """The file's format and PIL mode from its header; raises before any decoding if it announces more than
     ``max_pixels``."""
-    with Image.open(io.BytesIO(data)) as img:  # lazy: reads the header only
+    with warnings.catch_warnings():
+        if max_pixels is not None:  # our own budget, checked below, names the key instead (as the PIL path does)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data))  # lazy: reads the header only
+    with img:
         width, height = img.size
         fmt, pil_mode = str(img.format), str(img.mode)
     if max_pixels is not None and width * height > max_pixels:
         raise ImageTooLargeError(
-            f"{width}x{height} = {width * height} pixels, more than data.max_image_pixels={max_pixels}"
+            f"{width}x{height} = {_pixel_count(width * height)}, more than data.max_image_pixels={max_pixels} "
+            "(a decompression bomb?)"
         )
     return fmt, pil_mode
 
