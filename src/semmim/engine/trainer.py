@@ -81,6 +81,9 @@ def explained_warning(value: float, step: int) -> str:
 
 CKPT_DIR = rundir.CKPT_DIR
 LAST_CKPT = rundir.LAST_CKPT
+DATA_SIZE_KEY = "data_size"
+"""Checkpoint key: the samples of an epoch over all ranks when it was written; a resume on other data says so."""
+
 CKPT_KEYS = ("model", "optimizer", "step", "epoch", "batch_in_epoch")
 """What a checkpoint must hold to be resumed (``loader``, the per-rank data positions, is optional: a
 checkpoint written before it existed resumes by skipping ``batch_in_epoch`` batches)."""
@@ -599,9 +602,11 @@ class PretrainRecipe:
             stream.rank, stream.world_size, stream.num_samples = self.rank, world, int(num_samples)
             stream.batch_size, stream.drop_last = cfg.data.batch_size, True
             self.shard_size = int(num_samples) // world
+            self.data_size = int(num_samples)
         else:
             self.sampler = train_sampler(dataset, seed=t.seed, rank=self.rank, world_size=world)
             self.shard_size = self.sampler.num_samples
+            self.data_size = len(dataset)
         self.loader = build_loader(
             dataset,
             batch_size=cfg.data.batch_size,
@@ -722,6 +727,15 @@ class PretrainRecipe:
             streaming=self.streaming,
         )
         self.epoch, self.batch_in_epoch = self.position.epoch, self.position.batch_in_epoch
+        saved_size, size = rest.get(DATA_SIZE_KEY), self.data_size
+        if saved_size is not None and int(saved_size) != size and self.is_main:
+            where = f"the rest of epoch {self.epoch}" if self.batch_in_epoch else f"epoch {self.epoch} on"
+            print(
+                f"[semmim] warning: the training data has {size} samples now, {int(saved_size)} when the checkpoint "
+                f"was written: {where} is read in another order than the run would have read it (the resume is not "
+                "exact; samples of this epoch may be repeated or left out)",
+                flush=True,
+            )
         saved_bad = rest.get(BAD_FILES_KEY)
         if self.batch_in_epoch and isinstance(saved_bad, list) and len(saved_bad) == self.world:
             self.resumed_bad = [str(e) for e in saved_bad[self.rank]]
@@ -762,6 +776,7 @@ class PretrainRecipe:
             "batch_in_epoch": self.batch_in_epoch,
             LOADER_KEY: self.loader_states(),
             BAD_FILES_KEY: self.bad_file_states(),
+            DATA_SIZE_KEY: self.data_size,
             "config": to_dict(self.cfg),
         }
         _save_atomic(self.fabric, ckpt_path, state, self.step)
