@@ -311,7 +311,9 @@ def test_feature_extraction_reads_the_bad_field_and_stops_over_one_percent(tmp_p
             extract_features(_MeanTokens(), loader, [0.5] * 3, [0.25] * 3)
     msg = str(info.value)
     assert "\n" not in msg and msg.startswith("max_bad_fraction=0.01 allows 1 bad image per split of 44; 3 found")
-    assert msg.endswith(": fix or remove them") and "img07.png" in msg
+    # no "or raise max_bad_fraction": the evaluations have no such key
+    assert msg.endswith(": fix or remove them (an evaluation's limit is fixed: substitutes would bias its accuracy)")
+    assert "img07.png" in msg
 
 
 @pytest.mark.slow
@@ -339,3 +341,18 @@ def test_two_gloo_ranks_count_the_distinct_bad_files_of_the_epoch(tmp_path: Path
     assert event["skipped_images"] == len(expected) and event["samples"] == 40
     assert sorted(e.partition(": ")[0] for e in event["bad_files"]) == expected
     assert f"epoch 0: skipped {len(expected)} unreadable image(s) in 40 samples" in proc.stdout
+
+
+@pytest.mark.parametrize("decode", ["pil", "torchvision"])
+def test_reason_of_an_unidentifiable_file_names_no_file_object(tmp_path: Path, decode: str) -> None:
+    """The fast path decodes from bytes (PIL names an ``<_io.BytesIO object at 0x...>``): the reason must not
+    carry that address, which differs from run to run and says nothing."""
+    from semmim.data.badfiles import bad_reason
+    from semmim.data.datasets import decode_image
+    from semmim.data.tensor_decode import decode_image_tensor
+
+    path = tmp_path / "garbage.jpg"
+    path.write_bytes(b"\x01" * 500)
+    with pytest.raises(Exception) as info:
+        (decode_image_tensor if decode == "torchvision" else decode_image)(path)
+    assert bad_reason(info.value) == "UnidentifiedImageError: cannot identify image file"

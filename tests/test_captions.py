@@ -493,3 +493,26 @@ def test_cli_shards_folder_and_manifest(tmp_path: Path, capsys: Any) -> None:
         _cli(["data", "shards", "--src", str(tmp_path / "nothing"), "--out", str(tmp_path / "c")])
     with pytest.raises(ValueError, match="need class names"):
         _cli(["data", "shards", "--src", str(manifest), "--out", str(tmp_path / "d"), "--captions", "templates"])
+
+
+def test_write_shards_leaves_out_unreadable_files_instead_of_duplicating(tmp_path: Path, capsys: Any) -> None:
+    """An unreadable file of the source is not written as a copy of its substitute; the CLI and manifest say so."""
+    src = tmp_path / "imgs" / "cat"
+    src.mkdir(parents=True)
+    for k in range(5):
+        _img(k).save(src / f"{k}.png")
+    (src / "2.png").write_bytes(b"")  # empty: unreadable
+    (src / "3.png").write_bytes(b"not an image")
+    out = tmp_path / "shards"
+    parser = argparse.ArgumentParser()
+    add_data_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["data", "shards", "--src", str(tmp_path / "imgs"), "--out", str(out)])
+    args.shard_size, args.no_progress = 2, True
+    with pytest.warns(RuntimeWarning, match="left out 2 unreadable image"):
+        assert args.func(args) == 0
+    assert "3 samples" in capsys.readouterr().out
+    meta = json.loads((out / "manifest.json").read_text())
+    assert meta["num_samples"] == 3 and [s["num_samples"] for s in meta["shards"]] == [2, 1]
+    assert [s.split(":")[0] for s in meta["skipped"]] == [str(src / "2.png"), str(src / "3.png")]
+    stream = ShardStream(out, transform=None, in_chans=3, shuffle=False)
+    assert sorted(_indices(stream)) == [0, 1, 4]

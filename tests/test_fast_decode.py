@@ -168,6 +168,25 @@ def test_grayscale_cmyk_png_and_other_formats_as_the_pil_path(tmp_path: Path, mo
         assert np.abs(as_hwc(fast) - slow).mean() < 1.0, name
 
 
+def test_grey_of_a_colour_jpeg_or_png_is_pils_luma(tmp_path: Path) -> None:
+    """data.decode=torchvision with one channel: libjpeg's Y (before the RGB clamp) and libpng's grey differ from
+    PIL's convert("L") by up to ~20/255 on saturated colours; the fast path computes PIL's luma instead."""
+    blocks = np.random.default_rng(7).choice([0, 40, 215, 255], size=(H // 4, W // 4, 3)).astype(np.uint8)
+    rgb = Image.fromarray(blocks.repeat(4, axis=0).repeat(4, axis=1))  # saturated colours, sharp edges
+    rgba = rgb.copy()
+    rgba.putalpha(128)
+    for path in (
+        save(rgb, tmp_path / "rgb.jpg", quality=90),
+        save(rgb, tmp_path / "rgb.png"),
+        save(rgba, tmp_path / "rgba.png"),
+        save(rgb.convert("P"), tmp_path / "p.png"),
+    ):
+        fast = decode_image_tensor(path, "L")
+        slow = np.asarray(decode_image(path, "L")).astype(np.int32)
+        assert fast.shape == (1, H, W), path.name
+        assert np.abs(fast[0].numpy().astype(np.int32) - slow).max() <= 1, path.name
+
+
 # --------------------------------------------------------------------------------------------------
 # The pixel budget and broken files go through the bad-file path
 # --------------------------------------------------------------------------------------------------
@@ -332,3 +351,26 @@ def test_pretrain_with_the_torchvision_decode_resumes_exactly(tmp_path: Path) ->
     assert sorted(resumed) == sorted(full) == [1, 2, 3, 4]
     for step in full:
         assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), step
+
+
+def test_header_over_pillows_warning_limit_raises_ours_without_pillows_warning(tmp_path: Path) -> None:
+    """A header between data.max_image_pixels and 2x Pillow's limit: our error as on the PIL path, no
+    DecompressionBombWarning printed for every such file."""
+    import struct
+    import warnings
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", 10_000, 10_000, 8, 2, 0, 0, 0)  # 100 Mpx > Pillow's 89 Mpx warning limit
+    path = tmp_path / "bomb.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    for decode in (decode_image_tensor, decode_image):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(ImageTooLargeError) as info:
+                decode(path)
+        assert str(info.value) == (
+            "10000x10000 = 100 Mpx, more than data.max_image_pixels=64000000 (a decompression bomb?)"
+        ), decode.__name__

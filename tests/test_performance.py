@@ -130,3 +130,15 @@ def test_input_bound_runs_are_reported(
     pretrain(load_config(None, tiny_overrides("trainer.max_steps=4")), tmp_path / "run")
     assert "input-bound" in capsys.readouterr().out
     assert read_metrics(tmp_path / "run")[-1]["data_wait_frac"] > 0.25
+
+
+def test_input_bound_note_suggests_only_what_the_run_does_not_use() -> None:
+    from semmim.config import DataConfig
+    from semmim.engine.trainer import input_bound_message
+
+    fast = input_bound_message(0.3, DataConfig(name="webdataset", decode="torchvision", uint8=True))
+    assert "data.uint8" not in fast and "data.decode" not in fast and "more workers or faster storage" in fast
+    plain = input_bound_message(0.3, DataConfig(name="imagefolder"))
+    assert "more workers, data.uint8=true, data.decode=torchvision or faster storage" in plain
+    for data in (DataConfig(name="fashion_mnist"), DataConfig(name="imagefolder", rand_augment="rand-m9-mstd0.5")):
+        assert "data.decode" not in input_bound_message(0.3, data)  # refused there: not a remedy

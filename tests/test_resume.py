@@ -157,3 +157,39 @@ def test_two_processes_resume_exactly_in_a_later_epoch(data: str, shards: Path, 
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming at step 6" in resumed.stdout and "trainer.max_steps 6 -> 10" in resumed.stdout
     _assert_same_run(ref, out)
+
+
+def test_a_resume_on_data_of_another_size_says_it_is_not_exact(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Files added to an image folder between the crash and the resume: the sampler's position no longer means
+    the same samples, which the resume says instead of continuing silently."""
+    import numpy as np
+    from PIL import Image
+
+    from semmim.config import load_config
+    from semmim.engine.trainer import DATA_SIZE_KEY, pretrain
+    from tests.conftest import tiny_overrides
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+
+    def add(names: range) -> None:
+        for i in names:
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / f"img{i:02d}.png")
+
+    add(range(16))
+    over = tiny_overrides("data.name=imagefolder", f"data.root={root}", "data.limit=null", "data.batch_size=4")
+    pretrain(load_config(None, [*over, "trainer.max_steps=2"]), tmp_path / "run")  # ends in the middle of epoch 0
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt[DATA_SIZE_KEY] == 16
+    capsys.readouterr()
+    pretrain(load_config(None, [*over, "trainer.max_steps=3"]), tmp_path / "run", resume=True)
+    assert "warning: the training data" not in capsys.readouterr().out  # the same data: silent
+    add(range(16, 20))
+    pretrain(load_config(None, [*over, "trainer.max_steps=4"]), tmp_path / "run", resume=True)
+    out = capsys.readouterr().out
+    assert "warning: the training data has 20 samples now, 16 when the checkpoint was written: the rest of epoch 0" in (
+        out
+    )

@@ -175,6 +175,22 @@ def test_an_empty_shard_list_is_an_error(tmp_path: Path) -> None:
         list(stream)
 
 
+def test_a_local_glob_pattern_lists_the_shards_it_matches(tmp_path: Path) -> None:
+    from semmim.data.shards import expand_urls
+
+    for k in (2, 0, 1):
+        (tmp_path / f"shard-{k:06d}.tar").write_bytes(b"")
+    (tmp_path / "other.tar").write_bytes(b"")
+    assert expand_urls(str(tmp_path / "shard-*.tar")) == [str(tmp_path / f"shard-{k:06d}.tar") for k in range(3)]
+    assert expand_urls(str(tmp_path / "shard-00000[12].tar::") + str(tmp_path / "o*.tar")) == [
+        str(tmp_path / "shard-000001.tar"),
+        str(tmp_path / "shard-000002.tar"),
+        str(tmp_path / "other.tar"),
+    ]
+    with pytest.raises(FileNotFoundError, match=r"no shard files match .*/x-\*\.tar"):
+        expand_urls(str(tmp_path / "x-*.tar"))
+
+
 @pytest.mark.parametrize("num_samples", [None, 13, 40])
 def test_any_number_of_workers_delivers_exactly_the_promised_batches(tmp_path: Path, num_samples: int | None) -> None:
     sizes = [5, 3, 7, 1, 4]  # 20 samples in shards of uneven size

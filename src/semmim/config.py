@@ -284,14 +284,14 @@ class DataConfig:
     decode: str = "pil"
     """How image files are decoded and augmented: ``pil`` (PIL images, torchvision transforms) or ``torchvision``
     (``torchvision.io.decode_jpeg`` into uint8 tensors, crop / resize / flip on tensors; about 2x the images per
-    CPU core, see benchmarks/input_pipeline.py). ``torchvision`` is for the file datasets (imagefolder, manifest)
-    and does not combine with ``rand_augment``."""
+    CPU core of ``pil`` with ``uint8``, see benchmarks/input_pipeline.py). ``torchvision`` is for the datasets that read
+    image files (imagefolder, manifest, webdataset) and does not combine with ``rand_augment``."""
     max_bad_fraction: float = 0.01
-    """Stop with an error once more than this fraction of images failed to decode."""
+    """Stop with an error once more than this fraction of an epoch's images (at least 1 file) failed to decode."""
     max_image_pixels: int | None = 64_000_000
     """Image files whose header announces more pixels (width x height) are skipped as broken before any
     decoding (64 MP = 8000 x 8000, about 192 MB as RGB; ImageNet's largest have about 12 MP); null = only
-    Pillow's own limit (89 MP)."""
+    Pillow's own limit. Pillow refuses more than 179 MP (twice its ``Image.MAX_IMAGE_PIXELS``) whatever this is."""
     limit: int | None = None
     """Use only the first N samples (quick runs)."""
     download: bool = False

@@ -7,6 +7,7 @@ so ``semmim --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,11 @@ def cmd_data_shards(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     out = Path(args.out)
-    print(f"wrote {len(paths)} shards, {len(ds)} samples to {out} (index: {out / SHARD_MANIFEST})")
+    meta = json.loads((out / SHARD_MANIFEST).read_text(encoding="utf-8"))
+    left_out = f", left out {len(meta['skipped'])} unreadable image(s)" if meta.get("skipped") else ""
+    print(
+        f"wrote {len(paths)} shards, {meta['num_samples']} samples to {out}{left_out} (index: {out / SHARD_MANIFEST})"
+    )
     return 0
 
 

@@ -34,7 +34,7 @@ class ImageTooLargeError(ValueError):
     """An image whose header announces more pixels than the decoding budget allows."""
 
 
-_FILE_OBJECT = re.compile(r" ?<_io\.\w+ name=[^>]*>")
+_FILE_OBJECT = re.compile(r" ?<_io\.\w+ (?:name=[^>]*|object at 0x[0-9a-fA-F]+)>")
 
 
 def _one_line(text: str) -> str:

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from semmim.data.captions import has_captions
+from semmim.data.datasets import _bad_of_last_load
 from semmim.data.summary import describe
 
 __all__ = ["SHARD_MANIFEST", "write_shards"]
@@ -73,8 +74,10 @@ def write_shards(
     :class:`semmim.data.ClassCaptions` for template captions) and, when its label is ``>= 0``,
     ``KEY.cls``; ``KEY`` is ``i`` zero-padded to 9 digits, so :class:`ShardStream` gives it back as
     ``index``. Shards are ``out_dir/{prefix}-000000.tar``, ... with ``shard_size`` samples each (the
-    last may hold fewer); each is written to a temporary name and renamed when complete.
-    ``manifest.json`` holds ``num_samples``, ``num_shards``, ``shards`` (``[{"file", "num_samples"}]``),
+    last may hold fewer); each is written to a temporary name and renamed when complete. An unreadable image
+    file of the source (which ``source.load`` replaces by a substitute) is left out, not written as a duplicate
+    of another sample: a warning names the files and the manifest lists them under ``skipped``.
+    ``manifest.json`` holds ``num_samples`` (written), ``num_shards``, ``shards`` (``[{"file", "num_samples"}]``),
     ``classes``, ``image_format`` and a description of the source.
 
     Args:
@@ -127,42 +130,70 @@ def write_shards(
 
     captioned = has_captions(ds)
     width = max(9, len(str(n - 1)))
-    num_shards = math.ceil(n / shard_size)
     paths: list[Path] = []
     records: list[dict[str, Any]] = []
+    skipped: list[str] = []  # "<path>: <reason>" of the unreadable files left out
     tmp: Path | None = None
-    bar = tqdm(total=n, unit="img", desc=f"writing {num_shards} shards", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=n, unit="img", desc="writing shards", disable=not progress, dynamic_ncols=True)
+    state: dict[str, Any] = {"file": None, "writer": None, "count": 0}
+
+    def close_shard() -> None:
+        nonlocal tmp
+        if state["writer"] is None:
+            return
+        state["writer"].close()
+        state["file"].close()
+        path = out / f"{prefix}-{len(paths):06d}.tar"
+        assert tmp is not None
+        os.replace(tmp, path)
+        tmp = None
+        paths.append(path)
+        records.append({"file": path.name, "num_samples": state["count"]})
+        state.update(file=None, writer=None, count=0)
+        bar.set_postfix_str(f"{len(paths)} shards", refresh=False)
+
     try:
-        for s in range(num_shards):
-            path = out / f"{prefix}-{s:06d}.tar"
-            tmp = path.with_name(path.name + ".tmp")
-            lo, hi = s * shard_size, min(n, (s + 1) * shard_size)
-            with open(tmp, "wb") as f, TarWriter(f, encoder=False) as writer:
-                for i in range(lo, hi):
-                    img, label = ds.load(i)
-                    sample: dict[str, Any] = {
-                        "__key__": f"{i:0{width}d}",
-                        fmt: _encode_image(img, fmt, quality),
-                        "txt": (str(ds.caption(i)) if captioned else "").encode("utf-8"),
-                    }
-                    if int(label) >= 0:
-                        sample["cls"] = str(int(label)).encode("ascii")
-                    writer.write(sample)
-                    bar.update(1)
-            os.replace(tmp, path)
-            tmp = None
-            paths.append(path)
-            records.append({"file": path.name, "num_samples": hi - lo})
-            bar.set_postfix_str(f"{s + 1}/{num_shards} shards", refresh=False)
+        for i in range(n):
+            img, label = ds.load(i)
+            was_skipped, bad = _bad_of_last_load(ds)
+            bar.update(1)
+            if was_skipped:  # ds.load served a substitute: leave the unreadable file out instead of a duplicate
+                skipped.append(bad)
+                continue
+            if state["writer"] is None:
+                tmp = out / f"{prefix}-{len(paths):06d}.tar.tmp"
+                state["file"] = open(tmp, "wb")  # noqa: SIM115 (closed in close_shard)
+                state["writer"] = TarWriter(state["file"], encoder=False)
+            sample: dict[str, Any] = {
+                "__key__": f"{i:0{width}d}",
+                fmt: _encode_image(img, fmt, quality),
+                "txt": (str(ds.caption(i)) if captioned else "").encode("utf-8"),
+            }
+            if int(label) >= 0:
+                sample["cls"] = str(int(label)).encode("ascii")
+            state["writer"].write(sample)
+            state["count"] += 1
+            if state["count"] == shard_size:
+                close_shard()
+        close_shard()
     finally:
         bar.close()
+        if state["file"] is not None:
+            state["file"].close()
         if tmp is not None and tmp.exists():
             tmp.unlink()
+    if skipped:
+        shown = "; ".join(skipped[:3]) + (f"; and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+        warnings.warn(
+            f"left out {len(skipped)} unreadable image(s) of {n} (listed in {SHARD_MANIFEST} under 'skipped'): {shown}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     meta = {
         "format": "webdataset",
         "layout": "img2dataset",
         "created_by": "semmim",
-        "num_samples": n,
+        "num_samples": sum(r["num_samples"] for r in records),
         "num_shards": len(paths),
         "shard_size": shard_size,
         "image_format": fmt,
@@ -170,6 +201,7 @@ def write_shards(
         "classes": [str(c) for c in getattr(ds, "classes", []) or []],
         "source": _describe_source(ds),
         "shards": records,
+        "skipped": skipped,
     }
     manifest = out / SHARD_MANIFEST
     tmp_manifest = manifest.with_name(manifest.name + ".tmp")

@@ -122,15 +122,28 @@ def _brace_expand(pattern: str) -> list[str]:
     return list(braceexpand(pattern))
 
 
+def _local_glob(path: str) -> list[str]:
+    """``path``, or the sorted files a shell-style ``*`` / ``?`` / ``[...]`` pattern matches (at least one)."""
+    import glob
+
+    if not glob.has_magic(path) or Path(path).exists():
+        return [path]
+    found = sorted(glob.glob(path))
+    if not found:
+        raise FileNotFoundError(f"no shard files match {path}")
+    return found
+
+
 def expand_urls(urls: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
     """Shard URLs from a brace pattern, a directory, a list of them, or ``::``-separated patterns.
 
     A directory yields its ``*.tar`` / ``*.tar.gz`` / ``*.tgz`` files in sorted order; a pattern such as
-    ``data/shard-{000000..000009}.tar`` is brace-expanded (``{a,b}`` works too). Local files must
-    exist; ``http://``, ``pipe:`` and other URLs that :func:`webdataset.gopen` opens are passed on.
+    ``data/shard-{000000..000009}.tar`` is brace-expanded (``{a,b}`` works too), and a local ``*`` / ``?``
+    pattern (``data/shard-*.tar``) lists the files it matches in sorted order. Local files must exist;
+    ``http://``, ``pipe:`` and other URLs that :func:`webdataset.gopen` opens are passed on.
 
     Raises:
-        FileNotFoundError: a directory holds no shards, or local shard files are missing.
+        FileNotFoundError: a directory holds no shards, a pattern matches none, or local shard files are missing.
         ValueError: nothing was given.
 
     Examples:
@@ -151,7 +164,8 @@ def expand_urls(urls: str | os.PathLike[str] | Sequence[str | os.PathLike[str]])
                     raise FileNotFoundError(f"no shards ({', '.join('*' + s for s in SHARD_SUFFIXES)}) in {folder}")
                 out += found
             else:
-                out += [u if _is_remote(u) else _local(u) for u in _brace_expand(part)]
+                for u in _brace_expand(part):
+                    out += [u] if _is_remote(u) else _local_glob(_local(u))
     if not out:
         raise ValueError("no shards given: pass a brace pattern, a directory of .tar files, or a list of shards")
     missing = [u for u in out if not _is_remote(u) and not Path(u).is_file()]

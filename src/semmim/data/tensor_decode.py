@@ -14,7 +14,8 @@ It keeps the guarantees of the PIL path:
 * a corrupt, truncated or empty file raises, so the datasets' bad-file path skips and counts it as it does
   for PIL;
 * the EXIF orientation is applied (``apply_exif_orientation``) and grayscale, palette, alpha and CMYK
-  images come out with the run's channels (``ImageReadMode.RGB`` / ``GRAY``); 16-bit PNGs are scaled to
+  images come out with the run's channels (``ImageReadMode.RGB`` / ``GRAY``; one channel of a colour image is
+  PIL's luma of its RGB pixels, as ``convert("L")`` computes it); 16-bit PNGs are scaled to
   8 bits as the PIL path scales them;
 * formats torchvision does not decode (BMP, TIFF) go through PIL and are converted to the same tensor.
 
@@ -37,6 +38,7 @@ from semmim.data.datasets import (
     DEFAULT_MAX_IMAGE_PIXELS,
     FILE_DECODERS,
     ImageTooLargeError,
+    _pixel_count,
     decode_image_file,
     read_regular_file,
 )
@@ -66,16 +68,36 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
     return scaled.clamp_(0, 255).to(torch.uint8)
 
 
-def _check_header(data: bytes, max_pixels: int | None) -> str:
-    """The file's format from its header; raises before any decoding if it announces more than ``max_pixels``."""
-    with Image.open(io.BytesIO(data)) as img:  # lazy: reads the header only
+_COLOUR_MODES = ("RGB", "RGBA", "RGBX", "YCbCr", "P", "PA")
+"""PIL modes of colour images: their grey version is PIL's luma of the RGB pixels (see :func:`_luma`)."""
+
+
+def _check_header(data: bytes, max_pixels: int | None) -> tuple[str, str]:
+    """The file's format and PIL mode from its header; raises before any decoding if it announces more than
+    ``max_pixels``."""
+    with warnings.catch_warnings():
+        if max_pixels is not None:  # our own budget, checked below, names the key instead (as the PIL path does)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data))  # lazy: reads the header only
+    with img:
         width, height = img.size
-        fmt = str(img.format)
+        fmt, pil_mode = str(img.format), str(img.mode)
     if max_pixels is not None and width * height > max_pixels:
         raise ImageTooLargeError(
-            f"{width}x{height} = {width * height} pixels, more than data.max_image_pixels={max_pixels}"
+            f"{width}x{height} = {_pixel_count(width * height)}, more than data.max_image_pixels={max_pixels} "
+            "(a decompression bomb?)"
         )
-    return fmt
+    return fmt, pil_mode
+
+
+def _luma(rgb: torch.Tensor) -> torch.Tensor:
+    """uint8 (3, H, W) -> (1, H, W) with PIL's ``convert("L")`` arithmetic (ITU-R 601-2 luma, fixed point).
+
+    libjpeg's and libpng's own grey outputs differ from it (the JPEG's stored Y before the RGB clamp; other
+    weights), by up to about 20/255 on saturated colours.
+    """
+    r, g, b = rgb.to(torch.int32).unbind(0)
+    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).to(torch.uint8).unsqueeze(0)
 
 
 def decode_image_bytes(
@@ -103,10 +125,11 @@ def decode_image_bytes(
 
     if mode not in ("RGB", "L"):
         raise ValueError(f"mode must be 'RGB' or 'L', got {mode!r}")
-    fmt = _check_header(data, max_pixels)
+    fmt, pil_mode = _check_header(data, max_pixels)
     if fmt not in _TORCHVISION_FORMATS:
         return pil_to_uint8(decode_image_file(io.BytesIO(data), mode, max_pixels, exif_transpose))
-    read_mode = ImageReadMode.RGB if mode == "RGB" else ImageReadMode.GRAY
+    grey_of_colour = mode == "L" and pil_mode in _COLOUR_MODES  # decode RGB, then PIL's luma
+    read_mode = ImageReadMode.RGB if mode == "RGB" or grey_of_colour else ImageReadMode.GRAY
     encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torchvision >= 0.29 points to TorchCodec
@@ -115,6 +138,8 @@ def decode_image_bytes(
         else:
             out = decode_image(encoded, mode=read_mode, apply_exif_orientation=exif_transpose)
     assert isinstance(out, torch.Tensor)
+    if grey_of_colour and out.shape[0] == 3:
+        return _luma(_to_uint8(out))
     if out.shape[0] != (3 if mode == "RGB" else 1):  # e.g. WebP ignores ImageReadMode.GRAY: let PIL convert
         return pil_to_uint8(decode_image_file(io.BytesIO(data), mode, max_pixels, exif_transpose))
     return _to_uint8(out)

@@ -42,6 +42,31 @@ EXPLAINED_WARN = 0.05
 about: the student then predicts little more than the teacher's average token."""
 
 
+def input_bound_message(wait_frac: float, data: Any) -> str:
+    """The one-time note for an input-bound run, suggesting only the speed-ups the data config does not use yet.
+
+    Examples:
+        >>> from semmim.config import DataConfig
+        >>> input_bound_message(0.3, DataConfig(name="imagefolder", decode="torchvision", uint8=True, num_workers=2))
+        '[semmim] input-bound: 30% of the step time is spent waiting for data (data.num_workers=2); more workers or faster storage would speed this run up'
+    """  # noqa: E501
+    remedies = ["more workers"]
+    if not data.uint8:
+        remedies.append("data.uint8=true")
+    if data.decode == "pil":
+        from semmim.data.tensor_decode import decode_conflict
+        from semmim.registry import DATASETS
+
+        dataset = DATASETS.get(data.name) if data.name in DATASETS.names() else None
+        if dataset is not None and decode_conflict("torchvision", data.name, dataset, data.rand_augment) is None:
+            remedies.append("data.decode=torchvision")
+    remedies.append("faster storage")
+    return (
+        f"[semmim] input-bound: {wait_frac:.0%} of the step time is spent waiting for data "
+        f"(data.num_workers={data.num_workers}); {', '.join(remedies[:-1])} or {remedies[-1]} would speed this run up"
+    )
+
+
 def explained_warning(value: float, step: int) -> str:
     """The one-time warning for a student that learns only the teacher's average token."""
     return (
@@ -56,6 +81,9 @@ def explained_warning(value: float, step: int) -> str:
 
 CKPT_DIR = rundir.CKPT_DIR
 LAST_CKPT = rundir.LAST_CKPT
+DATA_SIZE_KEY = "data_size"
+"""Checkpoint key: the samples of an epoch over all ranks when it was written; a resume on other data says so."""
+
 CKPT_KEYS = ("model", "optimizer", "step", "epoch", "batch_in_epoch")
 """What a checkpoint must hold to be resumed (``loader``, the per-rank data positions, is optional: a
 checkpoint written before it existed resumes by skipping ``batch_in_epoch`` batches)."""
@@ -581,9 +609,11 @@ class PretrainRecipe:
             stream.rank, stream.world_size, stream.num_samples = self.rank, world, int(num_samples)
             stream.batch_size, stream.drop_last = cfg.data.batch_size, True
             self.shard_size = int(num_samples) // world
+            self.data_size = int(num_samples)
         else:
             self.sampler = train_sampler(dataset, seed=t.seed, rank=self.rank, world_size=world)
             self.shard_size = self.sampler.num_samples
+            self.data_size = len(dataset)
         self.loader = build_loader(
             dataset,
             batch_size=cfg.data.batch_size,
@@ -710,6 +740,15 @@ class PretrainRecipe:
             streaming=self.streaming,
         )
         self.epoch, self.batch_in_epoch = self.position.epoch, self.position.batch_in_epoch
+        saved_size, size = rest.get(DATA_SIZE_KEY), self.data_size
+        if saved_size is not None and int(saved_size) != size and self.is_main:
+            where = f"the rest of epoch {self.epoch}" if self.batch_in_epoch else f"epoch {self.epoch} on"
+            print(
+                f"[semmim] warning: the training data has {size} samples now, {int(saved_size)} when the checkpoint "
+                f"was written: {where} is read in another order than the run would have read it (the resume is not "
+                "exact; samples of this epoch may be repeated or left out)",
+                flush=True,
+            )
         saved_bad = rest.get(BAD_FILES_KEY)
         if self.batch_in_epoch and isinstance(saved_bad, list) and len(saved_bad) == self.world:
             self.resumed_bad = [str(e) for e in saved_bad[self.rank]]
@@ -750,6 +789,7 @@ class PretrainRecipe:
             "batch_in_epoch": self.batch_in_epoch,
             LOADER_KEY: self.loader_states(),
             BAD_FILES_KEY: self.bad_file_states(),
+            DATA_SIZE_KEY: self.data_size,
             "config": to_dict(self.cfg),
         }
         _save_atomic(self.fabric, ckpt_path, state, self.step)
@@ -1055,12 +1095,7 @@ class PretrainRecipe:
                     wait_frac = window_wait / max(window_wait + window_compute, 1e-9)
                     if wait_frac > INPUT_BOUND_FRACTION and not input_bound_warned and is_main and step > 1:
                         input_bound_warned = True  # said once: the share is logged as data_wait_frac at every log step
-                        print(
-                            f"[semmim] input-bound: {wait_frac:.0%} of the step time is spent waiting for data "
-                            f"(data.num_workers={cfg.data.num_workers}); more workers, data.uint8=true, "
-                            "data.decode=torchvision or faster storage would speed this run up",
-                            flush=True,
-                        )
+                        print(input_bound_message(wait_frac, cfg.data), flush=True)
                     extras = {
                         k: float(v.detach().float().item())
                         for k, v in outputs.get("logs", {}).items()

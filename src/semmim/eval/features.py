@@ -105,7 +105,13 @@ def extract_features(
         from tqdm.auto import tqdm
 
         batches = tqdm(loader, desc="features", unit="batch", leave=False, file=sys.stderr)
-    bad = EpochBadFiles(EVAL_MAX_BAD_FRACTION, 0, key="max_bad_fraction", remedy="fix or remove them", per="split")
+    bad = EpochBadFiles(
+        EVAL_MAX_BAD_FRACTION,
+        0,
+        key="max_bad_fraction",
+        remedy="fix or remove them (an evaluation's limit is fixed: substitutes would bias its accuracy)",
+        per="split",
+    )
     for batch in batches:
         bad.record(batch.get("bad", ()))
         x = (batch["image"].to(device) - m) / s
