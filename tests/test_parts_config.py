@@ -45,6 +45,10 @@ def _batch(n: int = 4) -> dict[str, torch.Tensor]:
         (["method.name=mae", "method.num_masks=2", "method.name=rils"], r"num_masks=2 is supported by"),
         (["method.name=maskdistill", "method.target.grid=native"], r"method.target.grid='native'"),
         (["data.name=synthetic", "data.root=/nonexistent/dir"], r"data.root='/nonexistent/dir': dataset 'synthetic'"),
+        (["data.name=synthetic", "data.shuffle_buffer=10"], r"data.shuffle_buffer=10 is only read by data.name=webdat"),
+        (["data.name=synthetic", "data.num_samples=10"], r"data.num_samples=10 is only read by data.name=webdataset"),
+        (["data.name=synthetic", "data.manifest_image_key=img"], r"data.manifest_image_key='img' is only read by"),
+        (["data.name=webdataset", "data.root=/x", "data.limit=4"], r"data.limit=4 is not read by data.name=webdataset"),
     ],
 )
 def test_settings_that_would_be_ignored_are_errors(overrides: list[str], needle: str) -> None:

@@ -734,6 +734,25 @@ def _check_data(cfg: Config) -> None:
         raise ConfigError(f"data.name: {e}") from None
     if cfg.data.root is not None and not getattr(dataset, "reads_files", True):
         raise ConfigError(f"data.root={cfg.data.root!r}: dataset '{cfg.data.name}' reads no files; remove data.root")
+    defaults = DataConfig()
+    only = {  # keys one dataset reads, silently ignored by the others
+        "num_samples": "webdataset",
+        "shuffle_buffer": "webdataset",
+        "manifest_image_key": "manifest",
+        "manifest_caption_key": "manifest",
+    }
+    for key, owner in only.items():
+        value = getattr(cfg.data, key)
+        if cfg.data.name != owner and value != getattr(defaults, key):
+            raise ConfigError(
+                f"data.{key}={value!r} is only read by data.name={owner}; dataset '{cfg.data.name}' ignores it: "
+                f"remove data.{key}"
+            )
+    if cfg.data.name == "webdataset" and cfg.data.limit is not None:
+        raise ConfigError(
+            f"data.limit={cfg.data.limit} is not read by data.name=webdataset (a stream has no first N samples to "
+            "keep): remove data.limit and use fewer shards, or set data.num_samples to size the epoch"
+        )
     from semmim.data.tensor_decode import decode_conflict
 
     conflict = decode_conflict(cfg.data.decode, cfg.data.name, dataset, cfg.data.rand_augment)

@@ -80,7 +80,7 @@ def _build_shard_stream(
             "files; write template captions into the shards with `semmim data shards --captions templates`"
         )
     if cfg.limit is not None:
-        warnings.warn("data.limit is ignored for data.name=webdataset (use fewer shards)", UserWarning, stacklevel=3)
+        raise ValueError("data.limit is not read by data.name=webdataset: remove it and use fewer shards")
     rank, world = _rank_world()
     return ShardStream(
         cfg.root,
@@ -223,7 +223,8 @@ def build_dataset(
         if not list(getattr(dataset, "classes", []) or []):
             raise ValueError(
                 f"data.captions=templates needs a labelled dataset with class names, but '{name}' has none "
-                f"(unlabelled data); use a dataset with classes or leave data.captions unset"
+                "(unlabelled data); use a dataset with classes, or set data.captions=null and give the captions "
+                "another way (data.name=manifest or webdataset)"
             )
         dataset = ClassCaptions(dataset, seed=seed)
     return SeededDataset(dataset, seed=seed, transform=transform)
