@@ -93,6 +93,26 @@ def test_two_bad_files_of_44_are_counted_exactly_once_per_epoch_and_named(
         assert all(entry.partition(": ")[2] for entry in e["bad_files"])  # each with its reason
 
 
+@pytest.mark.parametrize(("in_worker", "epoch", "warns"), [(True, 0, True), (True, 2, False), (False, 2, True)])
+def test_loader_workers_name_a_bad_file_in_a_warning_only_in_the_first_epoch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_worker: bool, epoch: int, warns: bool
+) -> None:
+    """Workers are fresh copies every epoch, without what the last ones learnt: without the epoch rule each epoch
+    repeated every file's warning (12 lines for 4 files over 3 epochs). A worker warns in the first epoch only
+    (the trainer's per-epoch line names the files after it); the main process remembers, so it warns once."""
+    import semmim.data.datasets as datasets_module
+
+    _folder(tmp_path / "imgs", TWO_BAD)
+    monkeypatch.setattr(datasets_module, "get_worker_info", lambda: object() if in_worker else None)
+    ds = SeededDataset(ImageFolderDataset(tmp_path / "imgs", max_bad_fraction=0.0))
+    ds.set_epoch(epoch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        item = ds[20]
+    assert item["skipped"] == 1
+    assert any("skipping unreadable image" in str(w.message) for w in caught) == warns
+
+
 def test_items_carry_skipped_and_the_bad_file_they_replaced(tmp_path: Path) -> None:
     from torch.utils.data import DataLoader
 

@@ -27,7 +27,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from semmim.data.badfiles import DataError, ImageTooLargeError, bad_entry
 from semmim.data.seeding import sample_seed, seeded
@@ -356,6 +356,7 @@ class SkipsBadFiles:
     last_skipped: int = 0
     last_bad: str = ""
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+    epoch: int = 0
     decode: str = "pil"
     """``pil``: ``load`` returns PIL images; ``torchvision``: uint8 tensors (:mod:`semmim.data.tensor_decode`)."""
     decodes: tuple[str, ...] = ("pil", "torchvision")
@@ -374,12 +375,18 @@ class SkipsBadFiles:
         """How many undecodable files ``max_bad_fraction`` tolerates among all the files."""
         return max(1, int(self.max_bad_fraction * self._bad_total()))
 
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch: DataLoader workers (fresh copies every epoch, without what the last ones learnt) name
+        a broken file in a warning only in the first epoch; later epochs are summed up by the trainer's line."""
+        self.epoch = int(epoch)
+
     def _mark_bad(self, index: int, err: BaseException) -> None:
         path = self.samples[index][0]
         entry = bad_entry(path, err)
         self._bad_index[index] = entry
         self.bad_files.append(path)
-        warnings.warn(f"skipping unreadable image {entry}", RuntimeWarning, stacklevel=4)
+        if self.epoch == 0 or get_worker_info() is None:  # the main process remembers, so it warns once anyway
+            warnings.warn(f"skipping unreadable image {entry}", RuntimeWarning, stacklevel=4)
 
     def bad_entry_of(self, index: int) -> str:
         """``"<path>: <reason>"`` of sample ``index`` if it is known to be broken, else ``""``."""
@@ -646,6 +653,12 @@ class SubsetDataset(ImageDataset):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forward the epoch to the wrapped dataset, if it has epochs."""
+        inner = getattr(self.dataset, "set_epoch", None)
+        if callable(inner):
+            inner(int(epoch))
 
     def load(self, index: int) -> tuple[Decoded, int]:
         return self.dataset.load(self.indices[check_index(index, len(self))])
