@@ -19,6 +19,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import flops  # noqa: E402
 import input_pipeline  # noqa: E402
+import loader_overhead  # noqa: E402
 import semantic_transfer  # noqa: E402
 import throughput  # noqa: E402
 
@@ -328,3 +329,13 @@ def test_input_pipeline_tiny_run_writes_json_and_markdown(tmp_path: Path) -> Non
     assert "decode: torchvision decode_jpeg" in report["stages"]
     markdown = (out / "results.md").read_text()
     assert "| semmim-tv-uint8 |" in markdown and "cores for 5000 img/s" in markdown
+
+
+def test_loader_overhead_tiny_run_writes_json_and_markdown(tmp_path: Path) -> None:
+    loader_overhead.main(
+        ["--epochs", "1", "--repeats", "1", "--tiny-size", "64", "--semmim-size", "64", "--out", str(tmp_path)]
+    )
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {(r["data"], r["workers"]) for r in rows} == {("tiny", 0), ("tiny", 2), ("semmim", 0), ("semmim", 2)}
+    assert all(r["ratio"] > 0 for r in rows)
+    assert "| tiny | 0 |" in (tmp_path / "results.md").read_text()
