@@ -208,7 +208,7 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return img
 
 
-def _pixel_count(n: int) -> str:
+def pixel_count(n: int) -> str:
     """``"4096 pixels"``, or ``"144 Mpx"`` from a million pixels on."""
     return f"{n} pixels" if n < 1_000_000 else f"{n / 1e6:.0f} Mpx"
 
@@ -285,7 +285,7 @@ def decode_image_file(
         width, height = img.size
         if max_pixels is not None and width * height > max_pixels:
             raise ImageTooLargeError(
-                f"{width}x{height} = {_pixel_count(width * height)}, more than data.max_image_pixels={max_pixels} "
+                f"{width}x{height} = {pixel_count(width * height)}, more than data.max_image_pixels={max_pixels} "
                 "(a decompression bomb?)"
             )
         img.load()
@@ -664,7 +664,7 @@ class SubsetDataset(ImageDataset):
         return self.dataset.load(self.indices[check_index(index, len(self))])
 
 
-def _bad_of_last_load(dataset: Any) -> tuple[int, str]:
+def bad_of_last_load(dataset: Any) -> tuple[int, str]:
     """``(skipped, bad)`` of the innermost file dataset's last ``load`` (``(0, "")`` for other datasets)."""
     for _ in range(8):  # wrappers (subsets, captions) keep the file dataset in ``.dataset``
         if hasattr(dataset, "last_skipped"):
@@ -750,7 +750,7 @@ class SeededDataset(Dataset[Sample]):
                 image, geometry = transform_geometry(self.transform, img)
             else:
                 image = apply_transform(self.transform, img)
-        skipped, bad = _bad_of_last_load(self.dataset)
+        skipped, bad = bad_of_last_load(self.dataset)
         item: Sample = {"image": image, "label": int(label), "index": index, "skipped": skipped, "bad": bad}
         if self.geometry:
             if geometry is None:

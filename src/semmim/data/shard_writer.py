@@ -18,7 +18,7 @@ from typing import Any
 from PIL import Image
 
 from semmim.data.captions import has_captions
-from semmim.data.datasets import _bad_of_last_load
+from semmim.data.datasets import bad_of_last_load
 from semmim.data.summary import describe
 
 __all__ = ["SHARD_MANIFEST", "write_shards"]
@@ -155,7 +155,7 @@ def write_shards(
     try:
         for i in range(n):
             img, label = ds.load(i)
-            was_skipped, bad = _bad_of_last_load(ds)
+            was_skipped, bad = bad_of_last_load(ds)
             bar.update(1)
             if was_skipped:  # ds.load served a substitute: leave the unreadable file out instead of a duplicate
                 skipped.append(bad)

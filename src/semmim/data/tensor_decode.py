@@ -38,8 +38,8 @@ from semmim.data.datasets import (
     DEFAULT_MAX_IMAGE_PIXELS,
     FILE_DECODERS,
     ImageTooLargeError,
-    _pixel_count,
     decode_image_file,
+    pixel_count,
     read_regular_file,
 )
 
@@ -84,7 +84,7 @@ def _check_header(data: bytes, max_pixels: int | None) -> tuple[str, str]:
         fmt, pil_mode = str(img.format), str(img.mode)
     if max_pixels is not None and width * height > max_pixels:
         raise ImageTooLargeError(
-            f"{width}x{height} = {_pixel_count(width * height)}, more than data.max_image_pixels={max_pixels} "
+            f"{width}x{height} = {pixel_count(width * height)}, more than data.max_image_pixels={max_pixels} "
             "(a decompression bomb?)"
         )
     return fmt, pil_mode
