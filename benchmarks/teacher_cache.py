@@ -257,9 +257,9 @@ class Arm:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def time_arm(arm: Arm, steps: int, crop: Timer, read: Timer) -> dict[str, float]:
+def time_arm(arm: Arm, steps: int, timers: dict[str, Timer]) -> dict[str, float]:
     load = compute = 0.0
-    crop0, read0 = crop.seconds, read.seconds
+    start = {k: t.seconds for k, t in timers.items()}
     for _ in range(steps):
         t0 = time.perf_counter()
         batch = arm.batch()
@@ -275,21 +275,29 @@ def time_arm(arm: Arm, steps: int, crop: Timer, read: Timer) -> dict[str, float]
         "step_s": compute,
         "images_per_s": imgs / (load + compute),
         "step_images_per_s": imgs / compute,
-        "crop_maps_s": crop.seconds - crop0,
-        "read_maps_s": read.seconds - read0,
+        **{f"{k}_s": t.seconds - start[k] for k, t in timers.items()},
     }
 
 
-def cache_size(cfg: Any, teacher: Any, out: Path, dtype: str, attn: bool | None = None) -> dict[str, Any]:
+def cache_size(
+    cfg: Any, teacher: Any, out: Path, dtype: str, attn: bool | None = None, size: int | None = None
+) -> dict[str, Any]:
     """Write (or reuse) a cache of ``cfg``'s training images; returns its report and bytes per image."""
     from semmim.teachers.cache_writer import write_cache
 
     t0 = time.perf_counter()
-    report = write_cache(cfg, out, dtype=dtype, teacher=teacher, attn=attn, batch_size=8)
+    report = write_cache(cfg, out, size=size, dtype=dtype, teacher=teacher, attn=attn, batch_size=64)
     r = report.as_dict()
     r["bytes_per_image"] = r["bytes"] / max(1, r["images"])
     r["write_s"] = time.perf_counter() - t0
     return r
+
+
+def best_round(rounds: list[dict[str, Any]]) -> dict[str, float]:
+    """Each arm's fastest round (least disturbed by other jobs on a shared machine) and their ratio."""
+    on = max(r["online"]["images_per_s"] for r in rounds)
+    ca = max(r["cache"]["images_per_s"] for r in rounds)
+    return {"online_best_images_per_s": on, "cache_best_images_per_s": ca, "speedup_best": ca / on}
 
 
 def run_speed(args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -298,18 +306,21 @@ def run_speed(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
     torch.manual_seed(0)
     work = out / "work"
-    crop, read = Timer(), Timer()
-    saved = (features.crop_maps, features.stored_maps, cache_mod.TeacherCache.item)
+    from semmim.teachers.base import Teacher
+
+    crop, read, teach = Timer(), Timer(), Timer()
+    saved = (features.crop_maps, features.stored_maps, cache_mod.TeacherCache.item, Teacher.forward)
+    Teacher.forward = teach.wrap(Teacher.forward)  # type: ignore[method-assign]  # the online teacher's forward
     features.crop_maps = crop.wrap(features.crop_maps)  # RoIAlign + flip, inside the cached step
     features.stored_maps = read.wrap(features.stored_maps)  # dequantise + permute, inside the cached step
     cache_mod.TeacherCache.item = read.wrap(cache_mod.TeacherCache.item)  # type: ignore[method-assign]  # loader reads
     try:
-        return speed_runs(args, work, crop, read)
+        return speed_runs(args, work, {"crop_maps": crop, "read_maps": read, "teacher": teach})
     finally:
-        features.crop_maps, features.stored_maps, cache_mod.TeacherCache.item = saved  # type: ignore[method-assign]
+        features.crop_maps, features.stored_maps, cache_mod.TeacherCache.item, Teacher.forward = saved  # type: ignore
 
 
-def speed_runs(args: argparse.Namespace, work: Path, crop: Timer, read: Timer) -> dict[str, Any]:
+def speed_runs(args: argparse.Namespace, work: Path, timers: dict[str, Timer]) -> dict[str, Any]:
     results: dict[str, Any] = {"setups": [], "sizes": []}
     cnn_teacher: tuple[Any, int, str] | None = None
     for cname in args.configs:
@@ -355,13 +366,16 @@ def speed_runs(args: argparse.Namespace, work: Path, crop: Timer, read: Timer) -
             rounds: list[dict[str, Any]] = []
             for r in range(args.rounds):
                 order = ARMS if r % 2 == 0 else ARMS[::-1]
-                row = {a: time_arm(arms[a], steps, crop, read) for a in order}
+                row = {a: time_arm(arms[a], steps, timers) for a in order}
+                on = row["online"]
+                row["time_bound"] = (on["load_s"] + on["step_s"]) / (on["load_s"] + on["step_s"] - on["teacher_s"])
                 row["speedup"] = row["cache"]["images_per_s"] / row["online"]["images_per_s"]
                 row["step_speedup"] = row["cache"]["step_images_per_s"] / row["online"]["step_images_per_s"]
                 rounds.append(row)
                 log(
                     f"  round {r}: online {row['online']['images_per_s']:.2f} img/s, cache "
-                    f"{row['cache']['images_per_s']:.2f} img/s, x{row['speedup']:.2f} (bound x{setup.bound:.2f})"
+                    f"{row['cache']['images_per_s']:.2f} img/s, x{row['speedup']:.2f} (bound x{setup.bound:.2f}, "
+                    f"time bound x{row['time_bound']:.2f})"
                 )
 
             def med(arm: str, key: str, rows: list[dict[str, Any]] = rounds) -> float:
@@ -390,11 +404,18 @@ def speed_runs(args: argparse.Namespace, work: Path, crop: Timer, read: Timer) -
                 "online_step_ms_per_image": per_img * med("online", "step_s"),
                 "cache_step_ms_per_image": per_img * med("cache", "step_s"),
                 "crop_maps_ms_per_image": per_img * med("cache", "crop_maps_s"),
+                "teacher_ms_per_image": per_img * med("online", "teacher_s"),
+                "time_bound": statistics.median(x["time_bound"] for x in rounds),
                 "read_maps_ms_per_image": per_img * med("cache", "read_maps_s"),
                 "rounds_detail": rounds,
             }
             summary["pct_of_bound"] = 100 * (summary["speedup"] - 1) / (setup.bound - 1) if setup.bound > 1 else None
+            summary.update(best_round(rounds))
             summary["ratio_of_bound"] = summary["speedup"] / setup.bound
+            summary["ratio_of_time_bound"] = summary["speedup"] / summary["time_bound"]
+            summary["teacher_gflops_per_s"] = setup.teacher_flops / 1e6 / summary["teacher_ms_per_image"]
+            student_ms = summary["online_step_ms_per_image"] - summary["teacher_ms_per_image"]
+            summary["student_gflops_per_s"] = setup.student_flops / 1e6 / student_ms
             results["setups"].append(summary)
             del arms
     return results
@@ -428,12 +449,17 @@ def run_accuracy(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         log(f"accuracy: writing the demo teacher's {dtype} cache")
         sizes[dtype] = cache_size(cfg0, None, d, dtype, attn=True)  # with attention: MILAN's semantic masking
         log(f"  {sizes[dtype]['bytes_per_image']:.0f} B/image, {sizes[dtype]['write_s']:.1f} s")
+    arms = acc_arms(args)
+    for size in args.acc_cache_sizes:  # the teacher run on the full image at a larger size: a finer stored map
+        if f"cache@{size}" in arms:
+            log(f"accuracy: writing the demo teacher's float16 cache at {size} px")
+            sizes[f"float16@{size}"] = cache_size(cfg0, None, acc / f"cache_float16_{size}", "float16", True, size)
     runs: list[dict[str, Any]] = []
     path = out / "accuracy.json"
     for seed in args.seeds:
         for method in args.methods:
-            for arm in ARMS:
-                name = f"{method}_{arm}_seed{seed}"
+            for arm in arms:
+                name = f"{method}_{arm.replace('@', '')}_seed{seed}"
                 done = acc / name / "run.json"
                 if done.is_file():
                     runs.append(json.loads(done.read_text()))
@@ -441,6 +467,8 @@ def run_accuracy(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                 over = [*base, f"trainer.seed={seed}"]
                 if arm == "cache":
                     over.append(f"teacher.cache={cache_dir}")
+                elif arm.startswith("cache@"):
+                    over.append(f"teacher.cache={acc / f'cache_float16_{arm[6:]}'}")
                 cfg = load_config(find_config(f"demo/{method}"), over)
                 t0 = time.perf_counter()
                 result = pretrain(cfg, acc / name, overwrite=True)
@@ -461,33 +489,43 @@ def run_accuracy(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                 runs.append(row)
                 log(json.dumps(row))
                 path.write_text(json.dumps(accuracy_dict(args, runs, sizes), indent=2))
+    # every finished run of these methods and seeds, also those another process ran (--acc-arms)
+    runs = [json.loads(f.read_text()) for f in sorted(acc.glob("*/run.json"))]
+    runs = [r for r in runs if r["method"] in args.methods and r["seed"] in args.seeds]
     return accuracy_dict(args, runs, sizes)
+
+
+def acc_arms(args: argparse.Namespace) -> list[str]:
+    every = ["online", "cache", *(f"cache@{s}" for s in args.acc_cache_sizes)]
+    return [a for a in every if args.acc_arms is None or a in args.acc_arms]
 
 
 def accuracy_dict(args: argparse.Namespace, runs: list[dict[str, Any]], sizes: dict[str, Any]) -> dict[str, Any]:
     summary = []
     for method in args.methods:
-        by = {a: {r["seed"]: r for r in runs if r["method"] == method and r["arm"] == a} for a in ARMS}
-        seeds = sorted(set(by["online"]) & set(by["cache"]))
-        if not seeds:
-            continue
-        on = [by["online"][s]["knn_top1"] for s in seeds]
-        ca = [by["cache"][s]["knn_top1"] for s in seeds]
-        diffs = [c - o for c, o in zip(ca, on, strict=True)]
-        summary.append(
-            {
-                "method": method,
-                "seeds": seeds,
-                "online_knn": on,
-                "cache_knn": ca,
-                "online_mean": statistics.mean(on),
-                "cache_mean": statistics.mean(ca),
-                "delta_mean": statistics.mean(diffs),
-                "delta_per_seed": diffs,
-                "online_s": statistics.mean(by["online"][s]["seconds"] for s in seeds),
-                "cache_s": statistics.mean(by["cache"][s]["seconds"] for s in seeds),
-            }
-        )
+        for arm in sorted({r["arm"] for r in runs if r["arm"] != "online"}):
+            by = {a: {r["seed"]: r for r in runs if r["method"] == method and r["arm"] == a} for a in ("online", arm)}
+            seeds = sorted(set(by["online"]) & set(by[arm]))
+            if not seeds:
+                continue
+            on = [by["online"][s]["knn_top1"] for s in seeds]
+            ca = [by[arm][s]["knn_top1"] for s in seeds]
+            diffs = [c - o for c, o in zip(ca, on, strict=True)]
+            summary.append(
+                {
+                    "method": method,
+                    "arm": arm,
+                    "seeds": seeds,
+                    "online_knn": on,
+                    "cache_knn": ca,
+                    "online_mean": statistics.mean(on),
+                    "cache_mean": statistics.mean(ca),
+                    "delta_mean": statistics.mean(diffs),
+                    "delta_per_seed": diffs,
+                    "online_s": statistics.mean(by["online"][s]["seconds"] for s in seeds),
+                    "cache_s": statistics.mean(by[arm][s]["seconds"] for s in seeds),
+                }
+            )
     return {
         "teacher_run": args.teacher_run,
         "steps": args.acc_steps,
@@ -525,7 +563,8 @@ def write_report(out: Path) -> None:
             "median. Bound: (student train FLOPs + teacher forward FLOPs) / student train FLOPs per image "
             "(benchmarks/flops.py; the CNN teacher counted by FlopCounterMode). % of bound: speed-up / bound. "
             "Share removed: (speed-up - 1) / (bound - 1), the share of the teacher's removable time actually "
-            "removed. Compute-only: the speed-up of the training step alone, without building the batch. "
+            "removed. Compute-only: the speed-up of the training step alone, without building the batch. Best rounds: "
+            "each arm's fastest round, the least disturbed by the other jobs sharing the CPU. "
             "Cache arm reads the "
             f"{s['setups'][0]['speed_dtype'] if s['setups'] else ''} cache.",
             "",
@@ -535,31 +574,42 @@ def write_report(out: Path) -> None:
         ]
         for r in s["setups"]:
             pct = "–" if r["pct_of_bound"] is None else f"{r['pct_of_bound']:.0f}%"
+            best, per = best_round(r["rounds_detail"]), [x["speedup"] for x in r["rounds_detail"]]
             lines.append(
                 f"| {r['config']} | {r['method']} | {r['batch_size']} x {r['steps_per_round']} x {r['rounds']} | "
                 f"{r['student_train_gflops']:.3f} | {r['teacher_fwd_gflops']:.3f} | {r['online_images_per_s']:.2f} | "
                 f"{r['cache_images_per_s']:.2f} | x{r['speedup']:.2f} | x{r['bound']:.2f} | "
-                f"{r['ratio_of_bound']:.0%} | {pct} | x{r['step_speedup']:.2f} |"
+                f"{r['ratio_of_bound']:.0%} | {pct} | x{r['step_speedup']:.2f} | x{best['speedup_best']:.2f} "
+                f"({best['speedup_best'] / r['bound']:.0%}) | {', '.join(f'{x:.2f}' for x in per)} |"
             )
         lines += [
             "",
             "Configs: " + "; ".join(sorted({f"**{r['config']}**: {r['label']}" for r in s["setups"]})) + ".",
             "",
             "Where the time goes (ms per image, medians over rounds): the batch (loader work) and the training step; "
-            "for the cache arm, of these, reading the stored maps (safetensors slices in the loader + dequantise in "
-            "the step) and crop_maps (RoIAlign + flip).",
+            "of the online step, the teacher's forward; of the cache arm's, reading the stored maps (safetensors "
+            "slices in the loader + dequantise in the step) and crop_maps (RoIAlign + flip).",
             "",
-            "| config | method | online: batch | online: step | cache: batch | cache: step | cache: read maps | "
-            "cache: crop_maps |",
-            "|---|---|---:|---:|---:|---:|---:|---:|",
+            "| config | method | online: batch | online: step | of which teacher | cache: batch | cache: step | "
+            "cache: read maps | cache: crop_maps | time bound | speed-up / time bound | teacher GFLOP/s | "
+            "student GFLOP/s |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in s["setups"]:
             lines.append(
                 f"| {r['config']} | {r['method']} | {r['online_load_ms_per_image']:.1f} | "
-                f"{r['online_step_ms_per_image']:.1f} | {r['cache_load_ms_per_image']:.1f} | "
-                f"{r['cache_step_ms_per_image']:.1f} | {r['read_maps_ms_per_image']:.2f} | "
-                f"{r['crop_maps_ms_per_image']:.2f} |"
+                f"{r['online_step_ms_per_image']:.1f} | {r['teacher_ms_per_image']:.1f} | "
+                f"{r['cache_load_ms_per_image']:.1f} | {r['cache_step_ms_per_image']:.1f} | "
+                f"{r['read_maps_ms_per_image']:.2f} | {r['crop_maps_ms_per_image']:.2f} | x{r['time_bound']:.2f} | "
+                f"{r['ratio_of_time_bound']:.0%} | {r['teacher_gflops_per_s']:.1f} | {r['student_gflops_per_s']:.1f} |"
             )
+        lines += [
+            "",
+            "Time bound: the online arm's time per image / (that time - its teacher forward), per round, median: the "
+            "speed-up a cache that removed exactly the measured teacher time would give. The FLOP bound assumes the "
+            "teacher and the student run at the same FLOP/s; the two GFLOP/s columns (analytic FLOPs / measured time "
+            "of the online arm's teacher forward, and of the rest of its step) show how far that holds.",
+        ]
         lines += [
             "",
             "## Cache size per image",
@@ -576,14 +626,13 @@ def write_report(out: Path) -> None:
             )
         if "accuracy" in parts:
             for d, z in parts["accuracy"]["sizes"].items():
+                px = d.split("@")[1] if "@" in d else "28"
+                f16 = d.startswith("float16")
                 lines.append(
-                    f"| demo (Fashion-MNIST, clip teacher, 28 px) | milan + maskdistill | {z['map_hw'][0]} x "
+                    f"| demo (Fashion-MNIST, clip teacher at {px} px) | milan + maskdistill | {z['map_hw'][0]} x "
                     f"{z['map_hw'][1]} x {z['dim']} | {'yes' if z['has_attn'] else 'no'} | "
-                    + (
-                        f"{z['bytes_per_image'] / 1024:.2f} | – |"
-                        if d == "float16"
-                        else f"– | {z['bytes_per_image'] / 1024:.2f} |"
-                    )
+                    f"{z['bytes_per_image'] / 1024 if f16 else '–':{'.2f' if f16 else ''}} | "
+                    f"{'–' if f16 else format(z['bytes_per_image'] / 1024, '.2f')} |"
                 )
         lines.append("")
     if "accuracy" in parts:
@@ -604,13 +653,13 @@ def write_report(out: Path) -> None:
             f"Weighted kNN top-1 (k=20, T=0.07, CLS token), {a['knn_train']} train / {a['knn_test']} test images. "
             "Δ = cache - online, same seed.",
             "",
-            "| method | seeds | online kNN top-1 (%) | cache kNN top-1 (%) | Δ per seed | mean Δ "
+            "| method | cache arm | seeds | online kNN top-1 (%) | cache kNN top-1 (%) | Δ per seed | mean Δ "
             "| train s online / cache |",
-            "|---|---|---|---|---|---:|---|",
+            "|---|---|---|---|---|---|---:|---|",
         ]
         for r in a["summary"]:
             lines.append(
-                f"| {r['method']} | {', '.join(map(str, r['seeds']))} | "
+                f"| {r['method']} | {r.get('arm', 'cache')} | {', '.join(map(str, r['seeds']))} | "
                 f"{' / '.join(f'{v:.2f}' for v in r['online_knn'])} (mean {r['online_mean']:.2f}) | "
                 f"{' / '.join(f'{v:.2f}' for v in r['cache_knn'])} (mean {r['cache_mean']:.2f}) | "
                 f"{', '.join(f'{d:+.2f}' for d in r['delta_per_seed'])} | {r['delta_mean']:+.2f} | "
@@ -646,6 +695,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--acc-batch-size", type=int, default=128)
     p.add_argument("--acc-limit", type=int, default=None, help="data.limit of the accuracy runs")
     p.add_argument("--acc-int8-size", action="store_true", help="also write an int8 cache of the demo teacher")
+    p.add_argument("--acc-cache-sizes", type=int, nargs="*", default=[], help="extra cache arms, teacher at S px")
+    p.add_argument("--acc-arms", nargs="+", default=None, help="run only these arms (online cache cache@S)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--knn-train", type=int, default=5000)
     p.add_argument("--knn-test", type=int, default=1000)

@@ -371,5 +371,5 @@ def test_teacher_cache_tiny_speed_run_and_report(tmp_path: Path) -> None:
     tc.write_report(tmp_path)
     md = (tmp_path / "results.md").read_text()
     assert "## Training speed" in md and "## Cache size per image" in md and "## Accuracy" in md
-    assert "| milan | 0, 1 |" in md and "+1.00" in md
+    assert "| milan | cache | 0, 1 |" in md and "+1.00" in md and "4.28 | – |" in md
     assert set(json.loads((tmp_path / "results.json").read_text())) == {"speed", "accuracy"}
