@@ -459,15 +459,20 @@ def run_accuracy(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     for seed in args.seeds:
         for method in args.methods:
             for arm in arms:
-                name = f"{method}_{arm.replace('@', '')}_seed{seed}"
+                name = f"{method}_{arm.replace('@', '').replace('~', '_')}_seed{seed}"
                 done = acc / name / "run.json"
                 if done.is_file():
                     runs.append(json.loads(done.read_text()))
                     continue
                 over = [*base, f"trainer.seed={seed}"]
-                if arm == "cache":
+                if "~" in arm:
+                    over += args.acc_variant.split("=", 1)[1].split(",")
+                    arm_kind = arm.split("~")[0]
+                else:
+                    arm_kind = arm
+                if arm_kind == "cache":
                     over.append(f"teacher.cache={cache_dir}")
-                elif arm.startswith("cache@"):
+                elif arm_kind.startswith("cache@"):
                     over.append(f"teacher.cache={acc / f'cache_float16_{arm[6:]}'}")
                 cfg = load_config(find_config(f"demo/{method}"), over)
                 t0 = time.perf_counter()
@@ -497,18 +502,22 @@ def run_accuracy(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 def acc_arms(args: argparse.Namespace) -> list[str]:
     every = ["online", "cache", *(f"cache@{s}" for s in args.acc_cache_sizes)]
+    if args.acc_variant:  # an ablation: the variant's overrides on both an online and a cached arm
+        name = args.acc_variant.split("=", 1)[0]
+        every += [f"online~{name}", f"cache~{name}"]
     return [a for a in every if args.acc_arms is None or a in args.acc_arms]
 
 
 def accuracy_dict(args: argparse.Namespace, runs: list[dict[str, Any]], sizes: dict[str, Any]) -> dict[str, Any]:
     summary = []
     for method in args.methods:
-        for arm in sorted({r["arm"] for r in runs if r["arm"] != "online"}):
-            by = {a: {r["seed"]: r for r in runs if r["method"] == method and r["arm"] == a} for a in ("online", arm)}
-            seeds = sorted(set(by["online"]) & set(by[arm]))
+        for arm in sorted({r["arm"] for r in runs if not r["arm"].startswith("online")}):
+            ref = "online" + (arm[arm.index("~") :] if "~" in arm else "")
+            by = {a: {r["seed"]: r for r in runs if r["method"] == method and r["arm"] == a} for a in (ref, arm)}
+            seeds = sorted(set(by[ref]) & set(by[arm]))
             if not seeds:
                 continue
-            on = [by["online"][s]["knn_top1"] for s in seeds]
+            on = [by[ref][s]["knn_top1"] for s in seeds]
             ca = [by[arm][s]["knn_top1"] for s in seeds]
             diffs = [c - o for c, o in zip(ca, on, strict=True)]
             summary.append(
@@ -522,7 +531,8 @@ def accuracy_dict(args: argparse.Namespace, runs: list[dict[str, Any]], sizes: d
                     "cache_mean": statistics.mean(ca),
                     "delta_mean": statistics.mean(diffs),
                     "delta_per_seed": diffs,
-                    "online_s": statistics.mean(by["online"][s]["seconds"] for s in seeds),
+                    "reference": ref,
+                    "online_s": statistics.mean(by[ref][s]["seconds"] for s in seeds),
                     "cache_s": statistics.mean(by[arm][s]["seconds"] for s in seeds),
                 }
             )
@@ -569,8 +579,9 @@ def write_report(out: Path) -> None:
             f"{s['setups'][0]['speed_dtype'] if s['setups'] else ''} cache.",
             "",
             "| config | method | batch x steps x rounds | student train GFLOP/img | teacher fwd GFLOP/img "
-            "| online img/s | cache img/s | speed-up | bound | % of bound | share removed | compute-only speed-up |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| online img/s | cache img/s | speed-up | bound | % of bound | share removed | compute-only speed-up "
+            "| best rounds: speed-up (% of bound) | paired speed-up per round |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
         ]
         for r in s["setups"]:
             pct = "–" if r["pct_of_bound"] is None else f"{r['pct_of_bound']:.0f}%"
@@ -651,10 +662,10 @@ def write_report(out: Path) -> None:
             + (f" on the first {a['limit']} training images" if a["limit"] else "")
             + f"; the cache arm reads a float16 cache of the same teacher (28 px, its 4x4 map + CLS attention). "
             f"Weighted kNN top-1 (k=20, T=0.07, CLS token), {a['knn_train']} train / {a['knn_test']} test images. "
-            "Δ = cache - online, same seed.",
+            "Δ = cache - online, same seed (and the same overrides for an ablation arm `cache~NAME`).",
             "",
-            "| method | cache arm | seeds | online kNN top-1 (%) | cache kNN top-1 (%) | Δ per seed | mean Δ "
-            "| train s online / cache |",
+            "| method | cache arm | seeds | online (same overrides) kNN top-1 (%) | cache kNN top-1 (%) | Δ per seed "
+            "| mean Δ | train s online / cache |",
             "|---|---|---|---|---|---|---:|---|",
         ]
         for r in a["summary"]:
@@ -697,6 +708,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--acc-int8-size", action="store_true", help="also write an int8 cache of the demo teacher")
     p.add_argument("--acc-cache-sizes", type=int, nargs="*", default=[], help="extra cache arms, teacher at S px")
     p.add_argument("--acc-arms", nargs="+", default=None, help="run only these arms (online cache cache@S)")
+    p.add_argument("--acc-variant", default=None, help="NAME=k=v[,k=v]: an ablation run online and cached")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--knn-train", type=int, default=5000)
     p.add_argument("--knn-test", type=int, default=1000)
