@@ -662,7 +662,9 @@ def write_report(out: Path) -> None:
             + (f" on the first {a['limit']} training images" if a["limit"] else "")
             + f"; the cache arm reads a float16 cache of the same teacher (28 px, its 4x4 map + CLS attention). "
             f"Weighted kNN top-1 (k=20, T=0.07, CLS token), {a['knn_train']} train / {a['knn_test']} test images. "
-            "Δ = cache - online, same seed (and the same overrides for an ablation arm `cache~NAME`).",
+            "Δ = cache - online, same seed. Arms: `cache@S`: a cache of the teacher run on the full image resized to S "
+            "px (a finer stored map); `cache~NAME` vs `online~NAME`: both with the overrides of the ablation NAME "
+            "(`--acc-variant`)." + (f" Note: {a['note']}." if a.get("note") else ""),
             "",
             "| method | cache arm | seeds | online (same overrides) kNN top-1 (%) | cache kNN top-1 (%) | Δ per seed "
             "| mean Δ | train s online / cache |",
