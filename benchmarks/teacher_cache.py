@@ -26,9 +26,16 @@ separate processes; ``results.json`` and ``results.md`` are rebuilt from whateve
   T=0.07, CLS). Finished runs are reused (``run.json``).
 
     OMP_NUM_THREADS=1 nice -n 10 PYTHONPATH=src python benchmarks/teacher_cache.py --parts speed size \\
-        --configs vit cnn --rounds 3 --steps 3 --batch-size 4
+        --configs vit cnn --images 16 --batch-size 4 --rounds 5 --steps 2 --warmup 1 \\
+        --cnn-images 256 --cnn-batch-size 32 --cnn-steps 5
     OMP_NUM_THREADS=1 nice -n 10 PYTHONPATH=src python benchmarks/teacher_cache.py --parts accuracy \\
-        --teacher-run runs/demo/teacher --acc-steps 80 --acc-batch-size 128 --seeds 0 1
+        --teacher-run runs/demo/teacher --acc-steps 120 --acc-batch-size 128 --acc-limit 20000 --acc-int8-size \\
+        --seeds 0 1 --knn-train 5000 --knn-test 2000
+
+Cost on 2 shared CPU cores, one torch thread (measured): the speed command ~5 min (ViT-B teacher caches of 16 images
+~15 s each, ViT rounds 15-40 s); the accuracy command ~25 min (cache of 20,000 images ~30-55 s, each run 1-3.5 min
+with its kNN evaluation). ``--acc-cache-sizes 56 --acc-arms cache@56`` and ``--acc-variant gw0=method.global_weight=0
+--acc-arms online~gw0 cache~gw0`` add the resolution and global-token arms of results.md (~3 and ~6 min for MILAN).
 """
 
 from __future__ import annotations
