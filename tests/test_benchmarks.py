@@ -339,3 +339,48 @@ def test_loader_overhead_tiny_run_writes_json_and_markdown(tmp_path: Path) -> No
     assert {(r["data"], r["workers"]) for r in rows} == {("tiny", 0), ("tiny", 2), ("semmim", 0), ("semmim", 2)}
     assert all(r["ratio"] > 0 for r in rows)
     assert "| tiny | 0 |" in (tmp_path / "results.md").read_text()
+
+
+def test_teacher_cache_tiny_speed_run_and_report(tmp_path: Path) -> None:
+    """benchmarks/teacher_cache.py: a tiny speed + size run (tiny ViT and a tiny random CNN teacher) writes complete
+    JSON and Markdown; the accuracy table is rendered from recorded runs (the real one needs Fashion-MNIST and the
+    demo's teacher)."""
+    import teacher_cache as tc
+
+    import semmim.targets.features as features
+
+    before = features.crop_maps
+    argv = [
+        "--out", str(tmp_path), "--parts", "speed", "--vit-student", "tiny", "--vit-size", "32", "--cnn-size", "32",
+        "--cnn-tiny", "--cnn-student", "32", "1", "2", "--images", "4", "--cnn-images", "4", "--batch-size", "2",
+        "--cnn-batch-size", "2", "--cnn-steps", "1", "--rounds", "2", "--steps", "1", "--warmup", "0",
+    ]  # fmt: skip
+    tc.main(argv)
+    assert features.crop_maps is before  # the timing wrappers are removed again
+    speed = json.loads((tmp_path / "speed.json").read_text())
+    assert {(r["config"], r["method"]) for r in speed["setups"]} == {
+        (c, m) for c in ("vit", "cnn") for m in ("milan", "maskdistill")
+    }
+    for r in speed["setups"]:
+        assert r["bound"] > 1 and r["online_images_per_s"] > 0 and r["cache_images_per_s"] > 0
+        assert len(r["rounds_detail"]) == 2
+    sizes = {(z["config"], z["method"]): z for z in speed["sizes"]}
+    assert sizes[("vit", "milan")]["float16"]["has_attn"] and not sizes[("vit", "maskdistill")]["float16"]["has_attn"]
+    for z in sizes.values():
+        assert z["int8"]["bytes_per_image"] < z["float16"]["bytes_per_image"]
+    args = tc.parse_args(["--seeds", "0", "1"])
+    runs = [
+        {"method": m, "arm": a, "seed": s, "knn_top1": 70.0 + s + (a == "cache"), "seconds": 1.0}
+        for m in tc.METHODS
+        for a in tc.ARMS
+        for s in (0, 1)
+    ]
+    size = {"float16": {"bytes_per_image": 4384.0, "map_hw": [4, 4], "dim": 128, "has_attn": True, "path": "x"}}
+    acc = tc.accuracy_dict(args, runs, size)
+    assert [r["delta_mean"] for r in acc["summary"]] == [1.0, 1.0]
+    (tmp_path / "accuracy.json").write_text(json.dumps(acc))
+    tc.write_report(tmp_path)
+    md = (tmp_path / "results.md").read_text()
+    assert "## Training speed" in md and "## Cache size per image" in md and "## Accuracy" in md
+    assert "| milan | cache | 0, 1 |" in md and "+1.00" in md and "4.28 | – |" in md
+    assert set(json.loads((tmp_path / "results.json").read_text())) == {"speed", "accuracy"}

