@@ -86,10 +86,10 @@ class Setup:
         return (self.student_flops + self.teacher_flops) / self.student_flops
 
 
-def student_flops(method: str, cfg: Any, teacher: ViTShape) -> int:
-    """Per-image train FLOPs of the student side (everything but the ``teacher.*`` terms)."""
+def _step_shape(method: str, cfg: Any, teacher: ViTShape) -> StepShape:
+    """The FLOP model's shape of one training step of ``cfg`` with a ViT teacher of shape ``teacher``."""
     m = cfg.model
-    shape = StepShape(
+    return StepShape(
         method=method,
         encoder=ViTShape(m.embed_dim, m.depth, m.num_heads, m.patch_size, m.mlp_ratio),
         img_size=m.img_size,
@@ -99,22 +99,17 @@ def student_flops(method: str, cfg: Any, teacher: ViTShape) -> int:
         decoder_depth=cfg.decoder["depth"] if cfg.decoder and "depth" in cfg.decoder else 0,
         teacher=teacher,
     )
-    return sum(t.train for t in method_flops(shape).terms if not t.name.startswith("teacher."))
+
+
+def student_flops(method: str, cfg: Any, teacher: ViTShape) -> int:
+    """Per-image train FLOPs of the student side (everything but the ``teacher.*`` terms)."""
+    terms = method_flops(_step_shape(method, cfg, teacher)).terms
+    return sum(t.train for t in terms if not t.name.startswith("teacher."))
 
 
 def vit_teacher_flops(method: str, cfg: Any, teacher: ViTShape) -> int:
-    m = cfg.model
-    shape = StepShape(
-        method=method,
-        encoder=ViTShape(m.embed_dim, m.depth, m.num_heads, m.patch_size, m.mlp_ratio),
-        img_size=m.img_size,
-        in_chans=m.in_chans,
-        mask_ratio=cfg.method.masker["mask_ratio"],
-        decoder_dim=cfg.decoder["embed_dim"] if cfg.decoder and "embed_dim" in cfg.decoder else 0,
-        decoder_depth=cfg.decoder["depth"] if cfg.decoder and "depth" in cfg.decoder else 0,
-        teacher=teacher,
-    )
-    return sum(t.train for t in method_flops(shape).terms if t.name.startswith("teacher."))
+    terms = method_flops(_step_shape(method, cfg, teacher)).terms
+    return sum(t.train for t in terms if t.name.startswith("teacher."))
 
 
 def counted_forward_flops(module: nn.Module, x: torch.Tensor) -> int:

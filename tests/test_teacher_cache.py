@@ -31,6 +31,7 @@ from semmim.teachers.cache import (
 from semmim.teachers.cache_writer import write_cache
 
 from .conftest import teacher_overrides, tiny_overrides
+from .test_resume import Crash, _crash_at
 
 # ------------------------------------------------------------------------------ crop geometry in items
 
@@ -216,18 +217,6 @@ def caches(tiny_teacher_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         write_cache(load_config(None, _overrides(tiny_teacher_dir, method)), root / method, chunk_size=8)
         out[method] = root / method
     return out
-
-
-class Crash(Exception):
-    pass
-
-
-def _crash_at(k: int):  # type: ignore[no-untyped-def]
-    def on_step(step: int, loss: float) -> None:
-        if step == k:
-            raise Crash
-
-    return on_step
 
 
 @pytest.mark.parametrize("method", ["milan", "maskdistill"])

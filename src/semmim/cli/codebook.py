@@ -46,7 +46,7 @@ def cmd_codebook(args: argparse.Namespace) -> int:
             "teacher.pretrained) with a target that takes a teacher (method.target=codebook, or teacher_features)"
         )
     out = codebook_out(args, cfg.method.target)
-    device = args.device or ("cuda" if _cuda() else "cpu")
+    device = default_device(args.device)
     report = build_codebook(
         cfg,
         out,
@@ -63,10 +63,13 @@ def cmd_codebook(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cuda() -> bool:
+def default_device(requested: str | None) -> str:
+    """``--device`` as given, else ``cuda`` when a GPU is visible, else ``cpu`` (the teacher-tool commands)."""
+    if requested:
+        return requested
     import torch
 
-    return bool(torch.cuda.is_available())
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def add_codebook_parser(sub: Any) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 def cmd_teacher_cache(args: argparse.Namespace) -> int:
     """Write (or complete) the cache; prints a JSON summary (directory, images, chunks written/skipped, size)."""
+    from semmim.cli.codebook import default_device
     from semmim.config import ConfigError, find_config, load_config
     from semmim.teachers.cache_writer import write_cache
 
@@ -19,7 +20,7 @@ def cmd_teacher_cache(args: argparse.Namespace) -> int:
     cfg = load_config(find_config(args.config) if args.config is not None else None, overrides)
     if cfg.teacher.name in (None, "none"):
         raise ConfigError("semmim teacher cache runs the config's teacher: set teacher.name (and its weights)")
-    device = args.device or ("cuda" if _cuda() else "cpu")
+    device = default_device(args.device)
     report = write_cache(
         cfg,
         args.out,
@@ -34,12 +35,6 @@ def cmd_teacher_cache(args: argparse.Namespace) -> int:
     )
     print(json.dumps(report.as_dict()))
     return 0
-
-
-def _cuda() -> bool:
-    import torch
-
-    return bool(torch.cuda.is_available())
 
 
 def add_teacher_parser(sub: Any) -> None:
