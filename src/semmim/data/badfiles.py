@@ -34,7 +34,9 @@ class ImageTooLargeError(ValueError):
     """An image whose header announces more pixels than the decoding budget allows."""
 
 
-_FILE_OBJECT = re.compile(r" ?<_io\.\w+ (?:name=[^>]*|object at 0x[0-9a-fA-F]+)>")
+_FILE_OBJECT = re.compile(r" ?<(?:_io\.\w+ name=[^>]*|[^<>]* at 0x[0-9a-fA-F]+)>")
+"""Object reprs PIL puts in its messages (``<_io.BufferedReader name=12>``, ``<... object at 0x7f...>``): run-dependent
+noise, removed so that a reason is the same in every run."""
 
 
 def _one_line(text: str) -> str:

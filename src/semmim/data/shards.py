@@ -55,9 +55,8 @@ from torch.utils.data import IterableDataset
 from webdataset.tariterators import group_by_keys
 from webdataset.utils import pytorch_worker_info
 
-from semmim.data.badfiles import DataError
+from semmim.data.badfiles import DataError, bad_reason
 from semmim.data.datasets import (
-    ImageTooLargeError,
     Sample,
     Transform,
     apply_transform,
@@ -666,10 +665,8 @@ class ShardStream(IterableDataset[Sample]):
                     if self.decode == "torchvision"
                     else decode_image_file(io.BytesIO(raw[ext]), self.mode, self.max_pixels)
                 )
-        except ImageTooLargeError as err:
-            return f"{err} (max_pixels; a decompression bomb?)"
         except Exception as err:  # PIL raises many types for corrupt data; all mean "bad sample"
-            return f"{type(err).__name__}: {re.sub(r' ?<[^<>]* at 0x[0-9a-f]+>', '', str(err))}"  # no addresses
+            return bad_reason(err)  # one line, as on the file path (an ImageTooLargeError names the bomb limit)
         caption = raw.get("txt", b"").decode("utf-8", errors="replace")
         if self.require_captions and not caption.strip():
             return "no caption: the .txt part is missing or empty, and captions are required (require_captions)"
