@@ -282,13 +282,22 @@ def time_arm(arm: Arm, steps: int, timers: dict[str, Timer]) -> dict[str, float]
 
 
 def cache_size(
-    cfg: Any, teacher: Any, out: Path, dtype: str, attn: bool | None = None, size: int | None = None
+    cfg: Any,
+    teacher: Any,
+    out: Path,
+    dtype: str,
+    attn: bool | None = None,
+    size: int | None = None,
+    crops: int = 0,
+    crop_side: float = 0.8,
 ) -> dict[str, Any]:
     """Write (or reuse) a cache of ``cfg``'s training images; returns its report and bytes per image."""
     from semmim.teachers.cache_writer import write_cache
 
     t0 = time.perf_counter()
-    report = write_cache(cfg, out, size=size, dtype=dtype, teacher=teacher, attn=attn, batch_size=64)
+    report = write_cache(
+        cfg, out, size=size, dtype=dtype, teacher=teacher, attn=attn, batch_size=64, crops=crops, crop_side=crop_side
+    )
     r = report.as_dict()
     r["bytes_per_image"] = r["bytes"] / max(1, r["images"])
     r["write_s"] = time.perf_counter() - t0
@@ -446,12 +455,18 @@ def run_accuracy(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     cache_dir = acc / "cache_float16"
     cfg0 = load_config(find_config("demo/milan"), base)
     sizes: dict[str, Any] = {}
-    for dtype in ("float16", "int8") if args.acc_int8_size else ("float16",):
+    arms = acc_arms(args)
+    int8 = args.acc_int8_size or "int8" in arms
+    for dtype in ("float16", "int8") if int8 else ("float16",):
         d = acc / f"cache_{dtype}"
         log(f"accuracy: writing the demo teacher's {dtype} cache")
         sizes[dtype] = cache_size(cfg0, None, d, dtype, attn=True)  # with attention: MILAN's semantic masking
         log(f"  {sizes[dtype]['bytes_per_image']:.0f} B/image, {sizes[dtype]['write_s']:.1f} s")
-    arms = acc_arms(args)
+    for k in args.acc_crops:  # the teacher also run on k fixed crops: the nearest stored view per training crop
+        if f"crops{k}" in arms:
+            log(f"accuracy: writing the demo teacher's float16 cache with {k} crops of side {args.acc_crop_side}")
+            d = acc / f"cache_float16_crops{k}"
+            sizes[f"float16+crops{k}"] = cache_size(cfg0, None, d, "float16", True, None, k, args.acc_crop_side)
     for size in args.acc_cache_sizes:  # the teacher run on the full image at a larger size: a finer stored map
         if f"cache@{size}" in arms:
             log(f"accuracy: writing the demo teacher's float16 cache at {size} px")
@@ -476,6 +491,10 @@ def run_accuracy(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                     over.append(f"teacher.cache={cache_dir}")
                 elif arm_kind.startswith("cache@"):
                     over.append(f"teacher.cache={acc / f'cache_float16_{arm[6:]}'}")
+                elif arm_kind.startswith("crops"):
+                    over.append(f"teacher.cache={acc / f'cache_float16_{arm_kind}'}")
+                elif arm_kind == "int8":
+                    over.append(f"teacher.cache={acc / 'cache_int8'}")
                 cfg = load_config(find_config(f"demo/{method}"), over)
                 t0 = time.perf_counter()
                 result = pretrain(cfg, acc / name, overwrite=True)
@@ -503,7 +522,8 @@ def run_accuracy(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 
 def acc_arms(args: argparse.Namespace) -> list[str]:
-    every = ["online", "cache", *(f"cache@{s}" for s in args.acc_cache_sizes)]
+    every = ["online", "cache", "int8", *(f"cache@{s}" for s in args.acc_cache_sizes)]
+    every += [f"crops{k}" for k in args.acc_crops]
     if args.acc_variant:  # an ablation: the variant's overrides on both an online and a cached arm
         name = args.acc_variant.split("=", 1)[0]
         every += [f"online~{name}", f"cache~{name}"]
@@ -711,7 +731,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--acc-limit", type=int, default=None, help="data.limit of the accuracy runs")
     p.add_argument("--acc-int8-size", action="store_true", help="also write an int8 cache of the demo teacher")
     p.add_argument("--acc-cache-sizes", type=int, nargs="*", default=[], help="extra cache arms, teacher at S px")
-    p.add_argument("--acc-arms", nargs="+", default=None, help="run only these arms (online cache cache@S)")
+    p.add_argument("--acc-crops", type=int, nargs="*", default=[], help="extra cache arms with K fixed crops (5 or 9)")
+    p.add_argument("--acc-crop-side", type=float, default=0.8, help="side of the fixed crops (a fraction)")
+    p.add_argument("--acc-arms", nargs="+", default=None, help="run only these arms (online cache int8 cache@S cropsK)")
     p.add_argument("--acc-variant", default=None, help="NAME=k=v[,k=v]: an ablation run online and cached")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--knn-train", type=int, default=5000)

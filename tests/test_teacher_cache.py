@@ -416,3 +416,149 @@ def test_teacher_weights_replaced_in_place_are_refused(tiny_teacher_dir: Path, t
     save_file(weights, str(teacher / "encoder.safetensors"), metadata=metadata)
     over = _overrides(teacher, "milan", f"teacher.cache={tmp_path / 'cache'}")
     _one_line_error(over, r"weight files changed since the cache was written \(path:encoder.safetensors\)", tmp_path)
+
+
+# ------------------------------------------------------------------------------ fixed crops (--crops)
+
+
+def test_crop_layouts_and_the_nearest_view() -> None:
+    from semmim.teachers.cache import best_view, crop_boxes
+
+    five = crop_boxes(5, 0.5)
+    assert five == [[0, 0, 0.5, 0.5], [0.5, 0, 1, 0.5], [0, 0.5, 0.5, 1], [0.5, 0.5, 1, 1], [0.25, 0.25, 0.75, 0.75]]
+    nine = crop_boxes(9, 0.8)
+    assert len(nine) == 9 and nine[4] == [0.1, 0.1, 0.9, 0.9] and nine[8] == [0.2, 0.2, 1.0, 1.0]
+    assert crop_boxes(0, 0.3) == []
+    crops = torch.tensor(five)
+    assert best_view(torch.tensor([0.0, 0.0, 1.0, 1.0]), crops) == 0  # the full image
+    assert best_view(torch.tensor([0.26, 0.24, 0.76, 0.74]), crops) == 5  # the centre crop (1 + its index)
+    assert best_view(torch.tensor([0.5, 0.0, 1.0, 0.6]), crops) == 2  # mostly the top-right corner
+    assert best_view(torch.tensor([0.0, 0.0, 0.5, 0.5]), torch.zeros(0, 4)) == 0  # no crops stored
+    for count, side, match in [(3, 0.5, "--crops must be one of 0, 5, 9"), (5, 1.0, "--crop-side"), (9, 0.0, "side")]:
+        with pytest.raises(ConfigError, match=match):
+            crop_boxes(count, side)
+
+
+@pytest.fixture(scope="module")
+def crop_cache(tiny_teacher_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A float16 cache of the tiny teacher with the 5 fixed crops of side 0.5 (milan's config: with attention)."""
+    out = tmp_path_factory.mktemp("crops") / "c5"
+    report = write_cache(
+        load_config(None, _overrides(tiny_teacher_dir, "milan")), out, chunk_size=8, crops=5, crop_side=0.5
+    )
+    assert report.crops == 5
+    return out
+
+
+def test_crops_are_stored_as_the_teacher_sees_them(crop_cache: Path, tiny_teacher_dir: Path) -> None:
+    """Each stored crop is the teacher's output for that crop of the image, resized to the cache's size."""
+    from semmim.data.loader import build_dataset
+    from semmim.methods.base import build_teacher
+    from semmim.teachers.cache import crop_boxes
+    from semmim.teachers.cache_writer import FullResize
+
+    cfg = load_config(None, _overrides(tiny_teacher_dir, "milan"))
+    meta = json.loads((crop_cache / "cache.json").read_text())
+    assert meta["crops"] == crop_boxes(5, 0.5)
+    chunk = load_file(str(crop_cache / "chunk-00001.safetensors"))
+    assert chunk.keys() == {"tokens", "global", "attn", "crop_tokens", "crop_global", "crop_attn"}
+    assert chunk["crop_tokens"].shape == (8, 5, 4, 4, 48) and chunk["crop_attn"].shape == (8, 5, 4, 4)
+    ds = build_dataset(cfg.data, img_size=16, in_chans=3, train=False)
+    views = FullResize(16, meta["crops"])(getattr(ds, "dataset", ds).load(10)[0])
+    assert views.shape == (6, 3, 16, 16)
+    out = build_teacher(cfg)(views, None, need_attn=True)
+    torch.testing.assert_close(chunk["global"][2].float(), out.tokens[0, 0], atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(chunk["crop_global"][2].float(), out.tokens[1:, 0], atol=2e-3, rtol=2e-3)
+    want = out.tokens[1:, 1:].reshape(5, 4, 4, 48)
+    torch.testing.assert_close(chunk["crop_tokens"][2].float(), want, atol=2e-3, rtol=2e-3)
+
+
+def _view_target(cache: Path, tiny_teacher_dir: Path, crop: list[float], flip: bool) -> Tensor:
+    """maskdistill's target (LayerNorm of the raw tokens, no running state) of one view of image 3."""
+    from semmim.methods import build_method
+
+    cfg = load_config(None, _overrides(tiny_teacher_dir, "maskdistill", f"teacher.cache={cache}"))
+    geo = CropBatch(index=torch.tensor([3]), crop=torch.tensor([crop]), flip=torch.tensor([flip]))
+    return build_method(cfg).target(torch.zeros(1, 3, 16, 16), (4, 4), geometry=geo).tokens
+
+
+def _ln(x: Tensor) -> Tensor:
+    return F.layer_norm(x, (x.shape[-1],), eps=1e-6)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_a_view_on_a_stored_crop_takes_that_crops_targets(crop_cache: Path, tiny_teacher_dir: Path, flip: bool) -> None:
+    """A training crop equal to stored crop k: its global token and whole map are that crop's (exact)."""
+    chunk = load_file(str(crop_cache / "chunk-00000.safetensors"))
+    k = 4  # the centre crop
+    got = _view_target(crop_cache, tiny_teacher_dir, [0.25, 0.25, 0.75, 0.75], flip)
+    maps = chunk["crop_tokens"][3, k].float()  # (h, w, D)
+    maps = maps.flip(1) if flip else maps
+    want = torch.cat([chunk["crop_global"][3, k].float()[None], maps.reshape(16, 48)])[None]
+    torch.testing.assert_close(got, _ln(want), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_cells_outside_the_nearest_view_come_from_the_full_map(
+    crop_cache: Path, tiny_teacher_dir: Path, flip: bool
+) -> None:
+    """Crop [0, 0, 0.6, 0.6]: nearest view the top-left crop [0, 0, 0.5, 0.5]; of its 4x4 cells (centres at 0.075,
+    0.225, 0.375, 0.525) the last row and column lie outside it and are cut from the full image's map."""
+    chunk = load_file(str(crop_cache / "chunk-00000.safetensors"))
+    box = [0.0, 0.0, 0.6, 0.6]
+    got = _view_target(crop_cache, tiny_teacher_dir, box, flip)
+    flips = torch.tensor([flip])
+    full = crop_maps(chunk["tokens"][3:4].float().permute(0, 3, 1, 2), torch.tensor([box]), flips, (4, 4))
+    view = chunk["crop_tokens"][3:4, 0].float().permute(0, 3, 1, 2)
+    in_view = crop_maps(view, torch.tensor([[0.0, 0.0, 1.2, 1.2]]), flips, (4, 4))
+    inside = torch.zeros(4, 4, dtype=torch.bool)
+    inside[:3, :3] = True
+    inside = inside.flip(-1) if flip else inside
+    patches = torch.where(inside, in_view, full)[0].flatten(1).T
+    want = torch.cat([chunk["crop_global"][3, 0].float()[None], patches])[None]
+    torch.testing.assert_close(got, _ln(want), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(in_view[..., 3, 3], full[..., 3, 3])  # the two sources differ where they are switched
+
+
+def test_a_rerun_with_other_crops_is_refused(crop_cache: Path, tiny_teacher_dir: Path) -> None:
+    cfg = load_config(None, _overrides(tiny_teacher_dir, "milan"))
+    with pytest.raises(ConfigError, match="holds a cache of another crops"):
+        write_cache(cfg, crop_cache, chunk_size=8, crops=9, crop_side=0.5)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_crop_maps_read_in_the_workers_give_the_same_targets_and_train(
+    dtype: str, tiny_teacher_dir: Path, tmp_path: Path
+) -> None:
+    """With crops, items read in the workers carry their nearest view (chosen there from their own crop box), and
+    the targets equal those the target reads by index; a MILAN run (semantic masking) trains from the cache."""
+    from semmim.data.loader import build_dataset
+    from semmim.methods import build_method
+
+    cfg = load_config(None, _overrides(tiny_teacher_dir, "milan"))
+    write_cache(cfg, tmp_path / "c", dtype=dtype, chunk_size=8, crops=9, crop_side=0.7)
+    over = _overrides(tiny_teacher_dir, "milan", f"teacher.cache={tmp_path / 'c'}")
+    cfg = load_config(None, over)
+    ds = build_dataset(cfg.data, img_size=16, in_chans=3, train=True, seed=0)
+    ds.geometry = True  # type: ignore[union-attr]
+    plain = torch.utils.data.default_collate([ds[i] for i in range(12)])
+    ds.extras = TeacherCache(tmp_path / "c").item  # type: ignore[union-attr]
+    carried = torch.utils.data.default_collate([ds[i] for i in range(12)])
+    assert carried["teacher_view_box"].shape == (12, 4) and carried["teacher_view_tokens"].shape[1:3] == (4, 4)
+    assert (carried["teacher_view_box"] != torch.tensor([0.0, 0.0, 1.0, 1.0])).any()  # some views are crops
+    a, b = (
+        build_method(cfg).target(torch.zeros(12, 3, 16, 16), (4, 4), need_attn=True, geometry=_geo(x))
+        for x in (plain, carried)
+    )
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.cls_attn, b.cls_attn)  # type: ignore[arg-type]
+    torch.testing.assert_close(a.cls_attn.sum(1), torch.ones(12))  # type: ignore[union-attr]
+    run = load_config(None, [*over, "trainer.max_steps=2", "method.num_masks=2"])
+    assert torch.isfinite(torch.tensor(pretrain(run, tmp_path / "run").final_loss))
+
+
+def test_cli_crops_option(tiny_teacher_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    report = _cli_cache(tiny_teacher_dir, tmp_path / "c", "--crops", "5", "--crop-side", "0.6", capsys=capsys)
+    assert report["crops"] == 5
+    assert json.loads((tmp_path / "c" / "cache.json").read_text())["crops"][4] == [0.2, 0.2, 0.8, 0.8]
+    with pytest.raises(SystemExit):
+        main(["teacher", "cache", "--out", str(tmp_path / "d"), "--crops", "4", *_overrides(tiny_teacher_dir)])

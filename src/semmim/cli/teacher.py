@@ -32,6 +32,8 @@ def cmd_teacher_cache(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=device,
         attn=True if args.attn else None,
+        crops=args.crops,
+        crop_side=args.crop_side,
     )
     print(json.dumps(report.as_dict()))
     return 0
@@ -57,11 +59,11 @@ def add_teacher_parser(sub: Any) -> None:
         "cache",
         help="run the teacher once per training image and store its token maps (for teacher.cache)",
         description="Resize every image of the config's training data (data.*) whole to --size and run the config's "
-        "teacher (teacher.*) on it once; store its token map (float16, or int8 with a scale per token), its global "
-        "token and, when method.masker needs it, its CLS attention map, in chunked safetensors files with a "
-        "cache.json. Chunks are written atomically and a rerun skips those done; rank r of W writes chunks r::W. "
-        "Train with teacher.cache=DIR: each view's target is then cut from its image's map (RoIAlign to its crop box, "
-        "then its flip) and no teacher runs.",
+        "teacher (teacher.*) on it once (and on --crops fixed crops of it); store its token map (float16, or int8 "
+        "with a scale per token), its global token and, when method.masker needs it, its CLS attention map, in "
+        "chunked safetensors files with a cache.json. Chunks are written atomically and a rerun skips those done; "
+        "rank r of W writes chunks r::W. Train with teacher.cache=DIR: each view's target is then cut from its "
+        "image's map (RoIAlign to its crop box, then its flip) and no teacher runs.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     c.add_argument("--config", default=None, help="YAML config of the run (a path, or a shipped name)")
@@ -74,6 +76,18 @@ def add_teacher_parser(sub: Any) -> None:
     c.add_argument("--world", type=int, default=None, help="number of writers; unset = $WORLD_SIZE or 1")
     c.add_argument(
         "--attn", action="store_true", help="store the CLS attention maps even if the config's masker needs none"
+    )
+    c.add_argument(
+        "--crops",
+        type=int,
+        choices=[0, 5, 9],
+        default=0,
+        help="also store the maps of fixed crops of every image (5: corners + centre, 9: a 3x3 grid); a training "
+        "view takes its global token and the map inside the stored view nearest it (largest IoU), so targets follow "
+        "the crop more closely, for K more teacher passes and K times the storage",
+    )
+    c.add_argument(
+        "--crop-side", type=float, default=0.8, help="the crops' width and height, a fraction of the image's"
     )
     c.add_argument("--device", default=None, help="where the teacher runs; unset = cuda if available, else cpu")
     c.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.limit=5000 teacher.path=RUN_DIR")

@@ -714,8 +714,9 @@ class SeededDataset(Dataset[Sample]):
         self.epoch = 0
         self.geometry = False
         """Items also carry their view's crop geometry (``"crop"``, ``"flip"``): set for a cached teacher."""
-        self.extras: Callable[[int], dict[str, Any]] | None = None
-        """More item fields by index (a cached teacher's stored maps: ``TeacherCache.item``), read in the workers."""
+        self.extras: Callable[[int, torch.Tensor | None], dict[str, Any]] | None = None
+        """More item fields by index and crop box (``None`` without :attr:`geometry`): a cached teacher's stored maps
+        (``TeacherCache.item``), read in the workers."""
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch (also forwarded to the wrapped dataset when it has ``set_epoch``)."""
@@ -761,7 +762,7 @@ class SeededDataset(Dataset[Sample]):
             item["crop"] = torch.tensor(geometry.box, dtype=torch.float32)
             item["flip"] = bool(geometry.flip)
         if self.extras is not None:
-            item.update(self.extras(index))
+            item.update(self.extras(index, item.get("crop")))
         caption = getattr(self.dataset, "caption", None)
         if callable(caption):
             item["caption"] = str(caption(index))

@@ -9,7 +9,7 @@ from semmim.registry import TARGETS
 from semmim.targets.base import TargetOutput
 from semmim.targets.conditioning import TARGET_NORMS, TargetConditioner
 from semmim.teachers.base import Teacher, resample_attention
-from semmim.teachers.cache import CropBatch, TeacherCache, crop_maps, stored_maps
+from semmim.teachers.cache import CropBatch, TeacherCache, crop_maps, relative_boxes, stored_maps, view_cells
 
 
 @TARGETS.register("teacher_features")
@@ -118,17 +118,31 @@ class TeacherFeatureTarget(nn.Module):
             )
         if need_attn and not self.cache.has_attn:
             raise ValueError(f"the masker needs the CLS attention, which teacher.cache={self.cache.root} does not hold")
-        if geometry.stored is not None:  # read by the loader's workers
-            maps, glob, attn_map = stored_maps({k: v.to(device) for k, v in geometry.stored.items()}, need_attn)
-        else:
-            maps, glob, attn_map = self.cache.read(geometry.index, attn=need_attn)
+        stored = geometry.stored  # read by the loader's workers
+        if stored is None:
+            stored = self.cache.stored(geometry.index, geometry.crop)
+        stored = {k: v.to(device) for k, v in stored.items()}
+        maps, glob, attn_map = stored_maps(stored, need_attn)
         out_hw = self.cache.teacher_grid if self.grid == "native" else tuple(grid)
+        out_hw = (int(out_hw[0]), int(out_hw[1]))
+        attn_hw = (int(grid[0]), int(grid[1]))
         boxes, flips = geometry.crop.to(device), geometry.flip.to(device)
-        patches = crop_maps(maps.to(device), boxes, flips, (int(out_hw[0]), int(out_hw[1])))
-        tokens = torch.cat([glob.to(device).unsqueeze(1), patches.flatten(2).transpose(1, 2)], dim=1)
+        patches = crop_maps(maps, boxes, flips, out_hw)
+        cut = None if attn_map is None else crop_maps(attn_map, boxes, flips, attn_hw)
+        if "teacher_view_box" in stored:  # fixed crops stored: the nearest view's global token, and its map inside it
+            views = stored["teacher_view_box"].float()
+            vmaps, glob, vattn = stored_maps(stored, need_attn, prefix="teacher_view_")
+            rel = relative_boxes(boxes, views)
+            patches = torch.where(
+                view_cells(boxes, views, flips, out_hw), crop_maps(vmaps, rel, flips, out_hw), patches
+            )
+            if cut is not None and vattn is not None:  # attention per unit of image area: a view's cells are smaller
+                area = ((views[:, 2] - views[:, 0]) * (views[:, 3] - views[:, 1])).view(-1, 1, 1, 1)
+                vcut = crop_maps(vattn, rel, flips, attn_hw) / area
+                cut = torch.where(view_cells(boxes, views, flips, attn_hw), vcut, cut)
+        tokens = torch.cat([glob.unsqueeze(1), patches.flatten(2).transpose(1, 2)], dim=1)
         attn = None
-        if attn_map is not None:
-            cut = crop_maps(attn_map.to(device), boxes, flips, (int(grid[0]), int(grid[1]))).flatten(1)
-            cut = cut.clamp_min(0)
+        if cut is not None:
+            cut = cut.flatten(1).clamp_min(0)
             attn = cut / cut.sum(dim=1, keepdim=True).clamp_min(1e-12)
         return TargetOutput(tokens=self.conditioner(tokens), global_token=True, cls_attn=attn)

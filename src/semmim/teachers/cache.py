@@ -16,12 +16,22 @@ covers the dataset indices ``[c * chunk_size, min(n, (c + 1) * chunk_size))`` an
 ``attn``    (k, h, w) float16: the CLS attention map, only when the run's masker needs it (``has_attn``)
 ==========  ===========================================================================================
 
+With fixed crops (``semmim teacher cache --crops 5|9``: the four corners and the centre, or a 3 x 3 grid, each
+``--crop-side`` of the width and height), the teacher also runs on each of those ``K`` crops resized to the same size,
+and the chunks hold ``crop_tokens`` (k, K, h, w, D) (with ``crop_scale`` (k, K, h, w) for int8), ``crop_global``
+(k, K, D) and ``crop_attn`` (k, K, h, w). A training view then takes its target from the stored view that overlaps it
+most (largest IoU of the boxes, the full image included; :func:`best_view`): its global token and, for the output
+cells whose centres fall inside that view, its map; the cells outside come from the full image's map
+(:func:`view_cells`). Without crops the global token is always the full image's, which a crop's own cannot be cut
+from; with them it is the one of the nearest stored view. The crops cost ``K`` more teacher passes once and ``K``
+times the storage; at demo scale they close most of MILAN's accuracy gap to the online teacher
+(benchmarks/results/teacher_cache).
+
 ``cache.json`` records ``format``/``version``, the dataset identity (:func:`dataset_identity`), the teacher
 (its config section, description and :func:`semmim.tokenizers.codebook.teacher_fingerprint`), the image size the
 maps were computed at, the map size ``(h, w)``, the teacher's own grid at its input size, ``dtype``, ``dim`` (D),
-``has_attn`` and the index range of every chunk.
-
-The target's global token is the full image's: a crop's own global token cannot be cut from the map.
+``has_attn``, the crop boxes (``crops``, normalised ``(x0, y0, x1, y1)``; absent or empty: none) and the index range
+of every chunk.
 
 At train time the engine checks the cache against the data and the teacher (:func:`check_cache_for_run`), makes
 the training items carry their crop box and flip (``SeededDataset.geometry``) and their stored maps, read in the
@@ -183,8 +193,93 @@ def crop_maps(maps: Tensor, boxes: Tensor, flips: Tensor, out_hw: tuple[int, int
     return torch.where(flips, out.flip(-1), out)
 
 
-ITEM_KEYS = ("teacher_tokens", "teacher_scale", "teacher_global", "teacher_attn")
-"""Item fields :meth:`TeacherCache.item` adds (the stored maps, read in the loader's workers)."""
+CROP_LAYOUTS = {0: "none", 5: "the four corners and the centre", 9: "a 3 x 3 grid"}
+"""The fixed crops ``semmim teacher cache --crops K`` can store, by ``K``."""
+
+
+def crop_boxes(count: int, side: float) -> list[list[float]]:
+    """The fixed crop boxes ``(x0, y0, x1, y1)`` (normalised) of ``--crops count --crop-side side``.
+
+    Examples:
+        >>> crop_boxes(5, 0.5)[-1]  # the centre crop comes last
+        [0.25, 0.25, 0.75, 0.75]
+        >>> len(crop_boxes(9, 0.8)), crop_boxes(0, 0.8)
+        (9, [])
+    """
+    if count not in CROP_LAYOUTS:
+        raise ConfigError(f"--crops must be one of {', '.join(map(str, CROP_LAYOUTS))} ({CROP_LAYOUTS}), got {count}")
+    if count and not 0.0 < side < 1.0:
+        raise ConfigError(f"--crop-side is a fraction of the image's width and height in (0, 1), got {side}")
+    lo, mid, hi = 0.0, (1.0 - side) / 2, 1.0 - side
+    starts = [(lo, lo), (hi, lo), (lo, hi), (hi, hi), (mid, mid)] if count == 5 else []
+    if count == 9:
+        starts = [(x, y) for y in (lo, mid, hi) for x in (lo, mid, hi)]
+    return [[round(x, 6), round(y, 6), round(x + side, 6), round(y + side, 6)] for x, y in starts]
+
+
+def box_iou(boxes: Tensor, views: Tensor) -> Tensor:
+    """IoU of (N, 4) boxes with (V, 4) boxes (``x0, y0, x1, y1``) -> (N, V)."""
+    x0 = torch.maximum(boxes[:, None, 0], views[None, :, 0])
+    y0 = torch.maximum(boxes[:, None, 1], views[None, :, 1])
+    x1 = torch.minimum(boxes[:, None, 2], views[None, :, 2])
+    y1 = torch.minimum(boxes[:, None, 3], views[None, :, 3])
+    inter = (x1 - x0).clamp_min(0) * (y1 - y0).clamp_min(0)
+    area_b = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    area_v = (views[:, 2] - views[:, 0]) * (views[:, 3] - views[:, 1])
+    return inter / (area_b[:, None] + area_v[None, :] - inter).clamp_min(1e-12)
+
+
+def best_view(crop: Tensor, crops: Tensor) -> int:
+    """Which stored view a training crop (4,) takes its target from: 0 = the full image, ``1 + k`` = fixed crop
+    ``k`` of ``crops`` (K, 4); the largest IoU wins, the full image on ties."""
+    full = torch.tensor([[0.0, 0.0, 1.0, 1.0]], dtype=torch.float32)
+    iou = box_iou(crop.float().view(1, 4), torch.cat([full, crops.float().view(-1, 4)]))[0]
+    return int(torch.argmax(iou).item())  # the first maximum: the full image on a tie
+
+
+def relative_boxes(boxes: Tensor, views: Tensor) -> Tensor:
+    """(N, 4) boxes in image coordinates -> in the coordinates of their (N, 4) views (may leave [0, 1])."""
+    w = (views[:, 2] - views[:, 0]).clamp_min(1e-12)
+    h = (views[:, 3] - views[:, 1]).clamp_min(1e-12)
+    return torch.stack(
+        [
+            (boxes[:, 0] - views[:, 0]) / w,
+            (boxes[:, 1] - views[:, 1]) / h,
+            (boxes[:, 2] - views[:, 0]) / w,
+            (boxes[:, 3] - views[:, 1]) / h,
+        ],
+        dim=1,
+    )
+
+
+def view_cells(boxes: Tensor, views: Tensor, flips: Tensor, out_hw: tuple[int, int]) -> Tensor:
+    """(N, 1, h', w') bool: the output cells of each crop (as :func:`crop_maps` lays them out, mirrored where
+    ``flips``) whose centres lie inside its view's box."""
+    h, w = out_hw
+    frac_y = (torch.arange(h, dtype=torch.float32, device=boxes.device) + 0.5) / h
+    frac_x = (torch.arange(w, dtype=torch.float32, device=boxes.device) + 0.5) / w
+    cy = boxes[:, 1:2] + (boxes[:, 3:4] - boxes[:, 1:2]) * frac_y  # (N, h)
+    cx = boxes[:, 0:1] + (boxes[:, 2:3] - boxes[:, 0:1]) * frac_x  # (N, w)
+    in_y = (cy >= views[:, 1:2]) & (cy <= views[:, 3:4])
+    in_x = (cx >= views[:, 0:1]) & (cx <= views[:, 2:3])
+    inside = (in_y[:, :, None] & in_x[:, None, :]).unsqueeze(1)
+    flips = flips.to(device=inside.device, dtype=torch.bool).view(-1, 1, 1, 1)
+    return torch.where(flips, inside.flip(-1), inside)
+
+
+ITEM_KEYS = (
+    "teacher_tokens",
+    "teacher_scale",
+    "teacher_global",
+    "teacher_attn",
+    "teacher_view_tokens",
+    "teacher_view_scale",
+    "teacher_view_global",
+    "teacher_view_attn",
+    "teacher_view_box",
+)
+"""Item fields :meth:`TeacherCache.item` adds (the stored maps, read in the loader's workers); the ``teacher_view_*``
+ones (the stored view nearest the item's crop: :func:`best_view`) only for a cache with fixed crops."""
 
 
 @dataclass
@@ -197,7 +292,9 @@ class CropBatch:
         crop: (N, 4) float crop boxes ``(x0, y0, x1, y1)`` in normalised coordinates of the original image.
         flip: (N,) bool.
         stored: the items' ``teacher_*`` fields as collated: ``teacher_tokens`` (N, h, w, D) float16 or int8,
-            ``teacher_scale`` (N, h, w) (int8 only), ``teacher_global`` (N, D), ``teacher_attn`` (N, h, w).
+            ``teacher_scale`` (N, h, w) (int8 only), ``teacher_global`` (N, D), ``teacher_attn`` (N, h, w), and for
+            a cache with fixed crops the same of each item's nearest stored view (``teacher_view_*``) with its box
+            ``teacher_view_box`` (N, 4).
     """
 
     index: Tensor
@@ -216,12 +313,15 @@ def crop_batch_of(batch: Any) -> CropBatch | None:
     return CropBatch(index=index, crop=torch.as_tensor(batch["crop"], dtype=torch.float32), flip=flip, stored=stored)
 
 
-def stored_maps(stored: dict[str, Tensor], attn: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Collated ``teacher_*`` item fields -> what :meth:`TeacherCache.read` returns (float32, on their device)."""
-    tok = stored["teacher_tokens"]
-    tok = dequantize_int8(tok, stored["teacher_scale"]) if tok.dtype == torch.int8 else tok.float()
-    a = stored["teacher_attn"].float().unsqueeze(1) if attn else None
-    return tok.permute(0, 3, 1, 2).contiguous(), stored["teacher_global"].float(), a
+def stored_maps(
+    stored: dict[str, Tensor], attn: bool, prefix: str = "teacher_"
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Collated ``teacher_*`` item fields -> what :meth:`TeacherCache.read` returns (float32, on their device);
+    ``prefix="teacher_view_"``: the same of the items' nearest stored views."""
+    tok = stored[f"{prefix}tokens"]
+    tok = dequantize_int8(tok, stored[f"{prefix}scale"]) if tok.dtype == torch.int8 else tok.float()
+    a = stored[f"{prefix}attn"].float().unsqueeze(1) if attn else None
+    return tok.permute(0, 3, 1, 2).contiguous(), stored[f"{prefix}global"].float(), a
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -263,6 +363,8 @@ class TeacherCache:
         self.dtype = str(self.meta["dtype"])
         self.has_attn = bool(self.meta["has_attn"])
         self.chunk_size = int(self.meta["chunk_size"])
+        self.crops = torch.tensor(self.meta.get("crops") or [], dtype=torch.float32).view(-1, 4)
+        """(K, 4) the fixed crop boxes stored besides the full image (K = 0: none)."""
         missing = [c["file"] for c in self.meta["chunks"] if not (self.root / c["file"]).is_file()]
         if missing:
             shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
@@ -286,9 +388,13 @@ class TeacherCache:
         state["_open"] = {}
         return state
 
-    def item(self, index: int) -> dict[str, Tensor]:
+    def item(self, index: int, crop: Tensor | None = None) -> dict[str, Tensor]:
         """The stored maps of one image as item fields (:data:`ITEM_KEYS`), as stored (float16 / int8): what a
-        dataset adds to its items so the loader's workers read the cache (``SeededDataset.extras``)."""
+        dataset adds to its items so the loader's workers read the cache (``SeededDataset.extras``).
+
+        With fixed crops in the cache and the item's ``crop`` box (4,), also the ``teacher_view_*`` fields of the
+        stored view nearest that box (:func:`best_view`; the full image's own maps again when it is the nearest).
+        """
         if not 0 <= index < self.num_images:
             raise IndexError(f"index {index} is outside the cache's {self.num_images} images")
         c, row = divmod(int(index), self.chunk_size)
@@ -298,31 +404,30 @@ class TeacherCache:
             out["teacher_scale"] = f.get_slice("scale")[row]
         if self.has_attn:
             out["teacher_attn"] = f.get_slice("attn")[row]
+        if len(self.crops) and crop is not None:
+            v = best_view(torch.as_tensor(crop), self.crops)
+            box = [0.0, 0.0, 1.0, 1.0] if v == 0 else self.crops[v - 1].tolist()
+            out["teacher_view_box"] = torch.tensor(box, dtype=torch.float32)
+            for key in ("tokens", "scale", "global", "attn"):
+                if f"teacher_{key}" in out:
+                    out[f"teacher_view_{key}"] = (
+                        out[f"teacher_{key}"] if v == 0 else f.get_slice(f"crop_{key}")[row, v - 1]
+                    )
         return out
 
+    def stored(self, index: Tensor, crop: Tensor | None = None) -> dict[str, Tensor]:
+        """:meth:`item` of dataset indices ``index`` (N,) (and their crop boxes (N, 4)), collated."""
+        rows = [self.item(int(i), None if crop is None else crop[k]) for k, i in enumerate(index.tolist())]
+        return {key: torch.stack([r[key] for r in rows]) for key in rows[0]}
+
     def read(self, index: Tensor, attn: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
-        """The stored maps of dataset indices ``index`` (N,).
+        """The full images' stored maps of dataset indices ``index`` (N,).
 
         Returns:
             (N, D, h, w) float32 token maps, (N, D) float32 global tokens, and (N, 1, h, w) float32 CLS
             attention maps when ``attn`` (else ``None``).
         """
-        maps, globs, attns = [], [], []
-        for i in index.tolist():
-            if not 0 <= i < self.num_images:
-                raise IndexError(f"index {i} is outside the cache's {self.num_images} images")
-            c, row = divmod(int(i), self.chunk_size)
-            f = self._chunk(c)
-            tok = f.get_slice("tokens")[row : row + 1]
-            if self.dtype == "int8":
-                tok = dequantize_int8(tok, f.get_slice("scale")[row : row + 1])
-            maps.append(tok.float())
-            globs.append(f.get_slice("global")[row : row + 1].float())
-            if attn:
-                attns.append(f.get_slice("attn")[row : row + 1].float())
-        m = torch.cat(maps).permute(0, 3, 1, 2).contiguous()
-        a = torch.cat(attns).unsqueeze(1) if attn else None
-        return m, torch.cat(globs), a
+        return stored_maps(self.stored(index), attn)
 
 
 # ------------------------------------------------------------------------------------ checks

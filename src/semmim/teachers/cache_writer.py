@@ -1,7 +1,8 @@
 """Write a teacher cache from a run config (``semmim teacher cache``); the layout is in :mod:`semmim.teachers.cache`.
 
 Every image of the training data (``data.*``) is resized whole (no crop, aspect not kept) to ``size`` x ``size``
-and goes through the run's teacher (``teacher.*``) once; its token map on the teacher's own grid is stored. The
+and goes through the run's teacher (``teacher.*``) once; its token map on the teacher's own grid is stored (with
+``crops``, also each fixed crop of it, resized to the same size: :func:`semmim.teachers.cache.crop_boxes`). The
 work is cut into chunks of ``chunk_size`` images; rank ``r`` of ``world`` writes the chunks ``r::world``, each into
 a temporary file renamed into place when complete, so a rerun skips the chunks already there.
 """
@@ -28,6 +29,7 @@ from semmim.teachers.cache import (
     META_FILE,
     chunk_name,
     chunk_ranges,
+    crop_boxes,
     dataset_identity,
     masker_needs_attention,
     quantize_int8,
@@ -49,6 +51,7 @@ class CacheReport:
     dim: int
     dtype: str
     has_attn: bool
+    crops: int
     bytes: int
     seconds: float
 
@@ -57,23 +60,42 @@ class CacheReport:
 
 
 class FullResize:
-    """The whole image resized to ``size`` x ``size`` (bicubic, antialiased), float (C, H, W) in [0, 1].
+    """The whole image resized to ``size`` x ``size`` (bicubic, antialiased), float (C, H, W) in [0, 1]; with
+    ``crops`` (K, 4 normalised boxes), also each crop resized to the same size: (1 + K, C, H, W), the full image first.
 
-    Takes a PIL image or a uint8 tensor (C, H, W) (``data.decode=torchvision``).
+    Takes a PIL image or a uint8 tensor (C, H, W) (``data.decode=torchvision``; its crops go through PIL, which
+    resamples fractional boxes exactly).
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, crops: list[list[float]] | None = None) -> None:
         self.size = int(size)
+        self.crops = [list(map(float, b)) for b in crops or []]
 
     def __call__(self, img: Any) -> Tensor:
+        from PIL import Image
+
         from semmim.data.datasets import pil_to_tensor01
         from semmim.data.tensor_transforms import resize_uint8
 
+        s = self.size
         if isinstance(img, Tensor):
-            return resize_uint8(img, (self.size, self.size)).float().div_(255.0)
-        from PIL import Image
+            full = resize_uint8(img, (s, s)).float().div_(255.0)
+            if not self.crops:
+                return full
+            from torchvision.transforms.functional import to_pil_image
 
-        return pil_to_tensor01(img.resize((self.size, self.size), Image.Resampling.BICUBIC))
+            img = to_pil_image(img)
+        else:
+            full = pil_to_tensor01(img.resize((s, s), Image.Resampling.BICUBIC))
+            if not self.crops:
+                return full
+        w, h = img.size
+        views = [full]
+        for x0, y0, x1, y1 in self.crops:
+            views.append(
+                pil_to_tensor01(img.resize((s, s), Image.Resampling.BICUBIC, box=(x0 * w, y0 * h, x1 * w, y1 * h)))
+            )
+        return torch.stack(views)
 
 
 def rank_and_world(rank: int | None, world: int | None) -> tuple[int, int]:
@@ -99,7 +121,7 @@ def _write_meta(meta: dict[str, Any], out: Path) -> None:
     text = json.dumps(meta, indent=1, sort_keys=True)
     if path.is_file():
         old = json.loads(path.read_text())
-        keys = ("dataset", "teacher", "size", "map_hw", "dim", "dtype", "has_attn", "chunk_size")
+        keys = ("dataset", "teacher", "size", "map_hw", "dim", "dtype", "has_attn", "chunk_size", "crops")
         diff = [k for k in keys if json.dumps(old.get(k), sort_keys=True) != json.dumps(meta.get(k), sort_keys=True)]
         if diff:
             raise ConfigError(
@@ -125,6 +147,8 @@ def write_cache(
     teacher: nn.Module | None = None,
     device: torch.device | str = "cpu",
     attn: bool | None = None,
+    crops: int = 0,
+    crop_side: float = 0.8,
 ) -> CacheReport:
     """Run ``cfg``'s teacher over its training data once and store the token maps in ``out``.
 
@@ -139,6 +163,9 @@ def write_cache(
         teacher: a :class:`semmim.teachers.Teacher` from Python instead of ``cfg.teacher``.
         device: where the teacher runs.
         attn: store the CLS attention maps; ``None`` = when the run's masker needs them (semantic masking).
+        crops: also store the teacher's maps of fixed crops of every image: 0 (none), 5 (the four corners and the
+            centre) or 9 (a 3 x 3 grid); training views then take their target from the nearest stored view.
+        crop_side: the crops' width and height, as a fraction of the image's.
 
     Returns:
         :class:`CacheReport`.
@@ -151,6 +178,7 @@ def write_cache(
         raise ConfigError(f"--dtype must be one of {', '.join(CACHE_DTYPES)}, got {dtype!r}")
     if chunk_size < 1:
         raise ConfigError(f"--chunk-size must be >= 1, got {chunk_size}")
+    boxes = crop_boxes(int(crops), float(crop_side))
     if cfg.data.name == "webdataset":
         raise ConfigError("a teacher cache is indexed by dataset index: data.name=webdataset streams have none")
     r, w = rank_and_world(rank, world)
@@ -180,7 +208,7 @@ def write_cache(
     dim = int(out1.tokens.shape[-1])
     # the training run's dataset (generated data depends on model.img_size), each image then resized whole to s
     dataset: Any = build_dataset(cfg.data, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans, train=False)
-    dataset.transform = FullResize(s)
+    dataset.transform = FullResize(s, boxes)
     n = len(dataset)
     ranges = chunk_ranges(n, chunk_size)
     meta = {
@@ -199,6 +227,7 @@ def write_cache(
         "dim": dim,
         "dtype": dtype,
         "has_attn": need_attn,
+        "crops": boxes,
         "chunk_size": int(chunk_size),
         "chunks": [{"file": chunk_name(c), "start": a, "stop": b} for c, (a, b) in enumerate(ranges)],
     }
@@ -215,21 +244,30 @@ def write_cache(
         a, b = ranges[c]
         toks, globs, attns = [], [], []
         loader = DataLoader(Subset(dataset, range(a, b)), batch_size=bs, num_workers=cfg.data.num_workers)
+        views = 1 + len(boxes)
         for batch in loader:
-            x = batch["image"].to(device)
+            x = batch["image"].to(device).reshape(-1, *batch["image"].shape[-3:])  # (B * views, C, s, s)
+            k = x.shape[0] // views
             res = tm(x, None, need_attn=need_attn)
-            toks.append(res.tokens[:, 1:].reshape(x.shape[0], map_hw[0], map_hw[1], dim).cpu())
-            globs.append(res.tokens[:, 0].cpu())
+            toks.append(res.tokens[:, 1:].reshape(k, views, map_hw[0], map_hw[1], dim).cpu())
+            globs.append(res.tokens[:, 0].reshape(k, views, dim).cpu())
             if need_attn:
-                attns.append(res.cls_attn.reshape(x.shape[0], map_hw[0], map_hw[1]).cpu())
-        tokens = torch.cat(toks)
-        tensors: dict[str, Tensor] = {"global": torch.cat(globs).half()}
-        if dtype == "int8":
-            tensors["tokens"], tensors["scale"] = quantize_int8(tokens)
-        else:
-            tensors["tokens"] = tokens.half()
+                attns.append(res.cls_attn.reshape(k, views, map_hw[0], map_hw[1]).cpu())
+        tokens, globals_ = torch.cat(toks), torch.cat(globs)
+        parts: dict[str, Tensor] = {"global": globals_[:, 0]}
+        if boxes:
+            parts["crop_global"] = globals_[:, 1:]
+        tensors: dict[str, Tensor] = {k: v.half() for k, v in parts.items()}
+        for name, t in [("", tokens[:, 0]), *([("crop_", tokens[:, 1:])] if boxes else [])]:
+            if dtype == "int8":
+                tensors[f"{name}tokens"], tensors[f"{name}scale"] = quantize_int8(t)
+            else:
+                tensors[f"{name}tokens"] = t.half()
         if need_attn:
-            tensors["attn"] = torch.cat(attns).half()
+            maps = torch.cat(attns)
+            tensors["attn"] = maps[:, 0].half()
+            if boxes:
+                tensors["crop_attn"] = maps[:, 1:].half()
         _save_atomic(tensors, path)
         written += 1
     total = sum(p.stat().st_size for p in root.glob("chunk-*.safetensors"))
@@ -243,6 +281,7 @@ def write_cache(
         dim=dim,
         dtype=dtype,
         has_attn=need_attn,
+        crops=len(boxes),
         bytes=total,
         seconds=round(time.perf_counter() - t0, 1),
     )
