@@ -290,13 +290,23 @@ def cache_size(
     size: int | None = None,
     crops: int = 0,
     crop_side: float = 0.8,
+    pca: int | None = None,
 ) -> dict[str, Any]:
     """Write (or reuse) a cache of ``cfg``'s training images; returns its report and bytes per image."""
     from semmim.teachers.cache_writer import write_cache
 
     t0 = time.perf_counter()
     report = write_cache(
-        cfg, out, size=size, dtype=dtype, teacher=teacher, attn=attn, batch_size=64, crops=crops, crop_side=crop_side
+        cfg,
+        out,
+        size=size,
+        dtype=dtype,
+        teacher=teacher,
+        attn=attn,
+        batch_size=64,
+        crops=crops,
+        crop_side=crop_side,
+        pca=pca,
     )
     r = report.as_dict()
     r["bytes_per_image"] = r["bytes"] / max(1, r["images"])
@@ -466,7 +476,13 @@ def run_accuracy(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         if f"crops{k}" in arms:
             log(f"accuracy: writing the demo teacher's float16 cache with {k} crops of side {args.acc_crop_side}")
             d = acc / f"cache_float16_crops{k}"
-            sizes[f"float16+crops{k}"] = cache_size(cfg0, None, d, "float16", True, None, k, args.acc_crop_side)
+            z = sizes[f"float16+crops{k}"] = cache_size(cfg0, None, d, "float16", True, None, k, args.acc_crop_side)
+            log(f"  {z['bytes_per_image']:.0f} B/image, {z['write_s']:.1f} s")
+    for k in args.acc_pca:  # the maps stored as k PCA coordinates
+        if f"pca{k}" in arms:
+            log(f"accuracy: writing the demo teacher's float16 cache as {k} PCA coordinates")
+            z = sizes[f"float16+pca{k}"] = cache_size(cfg0, None, acc / f"cache_float16_pca{k}", "float16", True, pca=k)
+            log(f"  {z['bytes_per_image']:.0f} B/image, {z['write_s']:.1f} s, variance kept {z['pca_explained']:.3f}")
     for size in args.acc_cache_sizes:  # the teacher run on the full image at a larger size: a finer stored map
         if f"cache@{size}" in arms:
             log(f"accuracy: writing the demo teacher's float16 cache at {size} px")
@@ -491,7 +507,7 @@ def run_accuracy(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                     over.append(f"teacher.cache={cache_dir}")
                 elif arm_kind.startswith("cache@"):
                     over.append(f"teacher.cache={acc / f'cache_float16_{arm[6:]}'}")
-                elif arm_kind.startswith("crops"):
+                elif arm_kind.startswith(("crops", "pca")):
                     over.append(f"teacher.cache={acc / f'cache_float16_{arm_kind}'}")
                 elif arm_kind == "int8":
                     over.append(f"teacher.cache={acc / 'cache_int8'}")
@@ -523,7 +539,7 @@ def run_accuracy(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 def acc_arms(args: argparse.Namespace) -> list[str]:
     every = ["online", "cache", "int8", *(f"cache@{s}" for s in args.acc_cache_sizes)]
-    every += [f"crops{k}" for k in args.acc_crops]
+    every += [f"crops{k}" for k in args.acc_crops] + [f"pca{k}" for k in args.acc_pca]
     if args.acc_variant:  # an ablation: the variant's overrides on both an online and a cached arm
         name = args.acc_variant.split("=", 1)[0]
         every += [f"online~{name}", f"cache~{name}"]
@@ -732,8 +748,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--acc-int8-size", action="store_true", help="also write an int8 cache of the demo teacher")
     p.add_argument("--acc-cache-sizes", type=int, nargs="*", default=[], help="extra cache arms, teacher at S px")
     p.add_argument("--acc-crops", type=int, nargs="*", default=[], help="extra cache arms with K fixed crops (5 or 9)")
+    p.add_argument("--acc-pca", type=int, nargs="*", default=[], help="extra cache arms stored as K PCA coordinates")
     p.add_argument("--acc-crop-side", type=float, default=0.8, help="side of the fixed crops (a fraction)")
-    p.add_argument("--acc-arms", nargs="+", default=None, help="run only these arms (online cache int8 cache@S cropsK)")
+    p.add_argument(
+        "--acc-arms", nargs="+", default=None, help="run only these arms (online cache int8 cache@S cropsK pcaK)"
+    )
     p.add_argument("--acc-variant", default=None, help="NAME=k=v[,k=v]: an ablation run online and cached")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--knn-train", type=int, default=5000)

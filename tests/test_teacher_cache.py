@@ -562,3 +562,58 @@ def test_cli_crops_option(tiny_teacher_dir: Path, tmp_path: Path, capsys: pytest
     assert json.loads((tmp_path / "c" / "cache.json").read_text())["crops"][4] == [0.2, 0.2, 0.8, 0.8]
     with pytest.raises(SystemExit):
         main(["teacher", "cache", "--out", str(tmp_path / "d"), "--crops", "4", *_overrides(tiny_teacher_dir)])
+
+
+# ------------------------------------------------------------------------------ PCA coordinates (--pca)
+
+
+def test_pca_cache_stores_coordinates_and_reads_back_the_projection(tiny_teacher_dir: Path, tmp_path: Path) -> None:
+    """--pca 8 of 48 dims: chunks hold 8 coordinates per token; reading maps them back to 48 dims, equal to the
+    full-width cache projected onto the stored basis (up to float16 rounding)."""
+    cfg = load_config(None, _overrides(tiny_teacher_dir, "maskdistill"))
+    write_cache(cfg, tmp_path / "full", chunk_size=8)
+    report = write_cache(cfg, tmp_path / "pca", chunk_size=8, pca=8, pca_fit=12)
+    assert report.pca_dim == 8 and report.pca_explained is not None and 0.3 < report.pca_explained <= 1.0
+    assert load_file(str(tmp_path / "pca" / "chunk-00000.safetensors"))["tokens"].shape == (8, 4, 4, 8)
+    assert json.loads((tmp_path / "pca" / "cache.json").read_text())["pca"] == {"dim": 8, "fit_images": 12}
+    basis = load_file(str(tmp_path / "pca" / "pca.safetensors"))
+    comps = basis["components"]
+    torch.testing.assert_close(comps @ comps.T, torch.eye(8), atol=1e-4, rtol=0)  # orthonormal directions
+    index = torch.tensor([0, 9, 19])
+    full, glob_full, _ = TeacherCache(tmp_path / "full").read(index)
+    got, glob, _ = TeacherCache(tmp_path / "pca").read(index)
+    assert got.shape == full.shape == (3, 48, 4, 4) and torch.equal(glob, glob_full)  # global tokens kept whole
+    tokens = full.permute(0, 2, 3, 1)
+    want = ((tokens - basis["mean"]) @ comps.T) @ comps + basis["mean"]
+    torch.testing.assert_close(got.permute(0, 2, 3, 1), want, atol=2e-2, rtol=2e-2)
+    err = (got - full).norm() / (full - basis["mean"].view(1, -1, 1, 1)).norm()
+    assert float(err) ** 2 <= 1 - report.pca_explained + 0.1  # the variance left out, about
+
+
+def test_pca_with_crops_and_int8_trains(tiny_teacher_dir: Path, tmp_path: Path) -> None:
+    cfg = load_config(None, _overrides(tiny_teacher_dir, "milan"))
+    write_cache(cfg, tmp_path / "c", dtype="int8", chunk_size=8, crops=5, crop_side=0.6, pca=16)
+    chunk = load_file(str(tmp_path / "c" / "chunk-00000.safetensors"))
+    assert chunk["crop_tokens"].shape == (8, 5, 4, 4, 16) and chunk["crop_scale"].shape == (8, 5, 4, 4)
+    over = _overrides(tiny_teacher_dir, "milan", f"teacher.cache={tmp_path / 'c'}", "trainer.max_steps=2")
+    assert torch.isfinite(torch.tensor(pretrain(load_config(None, over), tmp_path / "run").final_loss))
+
+
+def test_pca_errors_and_the_shared_basis(tiny_teacher_dir: Path, tmp_path: Path) -> None:
+    from semmim.teachers.cache_writer import shared_pca
+
+    cfg = load_config(None, _overrides(tiny_teacher_dir, "maskdistill"))
+    with pytest.raises(ConfigError, match="--pca keeps 1 to 47 of the teacher's 48 dims, got 48"):
+        write_cache(cfg, tmp_path / "x", pca=48)
+    write_cache(cfg, tmp_path / "c", chunk_size=8, pca=4)
+    with pytest.raises(ConfigError, match="holds a cache of another pca"):
+        write_cache(cfg, tmp_path / "c", chunk_size=8, pca=6)
+
+    def refit() -> tuple[dict[str, Tensor], float]:
+        raise AssertionError("a basis already in the cache was fitted again")
+
+    basis, _ = shared_pca(tmp_path / "c", refit)  # another rank, or a rerun: the basis on disk
+    assert basis["components"].shape == (4, 48)
+    (tmp_path / "c" / "pca.safetensors").unlink()
+    with pytest.raises(ConfigError, match=r"its basis pca\.safetensors is missing"):
+        TeacherCache(tmp_path / "c")

@@ -34,6 +34,8 @@ def cmd_teacher_cache(args: argparse.Namespace) -> int:
         attn=True if args.attn else None,
         crops=args.crops,
         crop_side=args.crop_side,
+        pca=args.pca,
+        pca_fit=args.pca_fit,
     )
     print(json.dumps(report.as_dict()))
     return 0
@@ -89,6 +91,14 @@ def add_teacher_parser(sub: Any) -> None:
     c.add_argument(
         "--crop-side", type=float, default=0.8, help="the crops' width and height, a fraction of the image's"
     )
+    c.add_argument(
+        "--pca",
+        type=int,
+        default=None,
+        help="store the map tokens as coordinates on this many principal directions (fitted on --pca-fit images, "
+        "saved as pca.safetensors); training maps them back to the teacher's width. Unset: the full width",
+    )
+    c.add_argument("--pca-fit", type=int, default=4096, help="images the PCA is fitted on, spread over the data")
     c.add_argument("--device", default=None, help="where the teacher runs; unset = cuda if available, else cpu")
     c.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.limit=5000 teacher.path=RUN_DIR")
     c.set_defaults(func=cmd_teacher_cache)

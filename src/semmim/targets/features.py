@@ -122,7 +122,7 @@ class TeacherFeatureTarget(nn.Module):
         if stored is None:
             stored = self.cache.stored(geometry.index, geometry.crop)
         stored = {k: v.to(device) for k, v in stored.items()}
-        maps, glob, attn_map = stored_maps(stored, need_attn)
+        maps, glob, attn_map = stored_maps(stored, need_attn, pca=self.cache.pca)
         out_hw = self.cache.teacher_grid if self.grid == "native" else tuple(grid)
         out_hw = (int(out_hw[0]), int(out_hw[1]))
         attn_hw = (int(grid[0]), int(grid[1]))
@@ -131,7 +131,7 @@ class TeacherFeatureTarget(nn.Module):
         cut = None if attn_map is None else crop_maps(attn_map, boxes, flips, attn_hw)
         if "teacher_view_box" in stored:  # fixed crops stored: the nearest view's global token, and its map inside it
             views = stored["teacher_view_box"].float()
-            vmaps, glob, vattn = stored_maps(stored, need_attn, prefix="teacher_view_")
+            vmaps, glob, vattn = stored_maps(stored, need_attn, prefix="teacher_view_", pca=self.cache.pca)
             rel = relative_boxes(boxes, views)
             patches = torch.where(
                 view_cells(boxes, views, flips, out_hw), crop_maps(vmaps, rel, flips, out_hw), patches

@@ -27,11 +27,17 @@ from; with them it is the one of the nearest stored view. The crops cost ``K`` m
 times the storage; at demo scale they close most of MILAN's accuracy gap to the online teacher
 (benchmarks/results/teacher_cache).
 
+With ``--pca k`` the map tokens (``tokens``, ``crop_tokens``) hold ``k`` coordinates instead of ``D`` values: their
+projection on the ``k`` principal directions of the teacher's map tokens, fitted once (on ``--pca-fit`` images spread
+over the data) and saved as ``pca.safetensors`` (``mean`` (D,), ``components`` (k, D), the share of variance kept in
+its metadata); reading maps them back (``coords @ components + mean``), so targets keep the teacher's width. Global
+tokens are stored whole.
+
 ``cache.json`` records ``format``/``version``, the dataset identity (:func:`dataset_identity`), the teacher
 (its config section, description and :func:`semmim.tokenizers.codebook.teacher_fingerprint`), the image size the
 maps were computed at, the map size ``(h, w)``, the teacher's own grid at its input size, ``dtype``, ``dim`` (D),
-``has_attn``, the crop boxes (``crops``, normalised ``(x0, y0, x1, y1)``; absent or empty: none) and the index range
-of every chunk.
+``has_attn``, the crop boxes (``crops``, normalised ``(x0, y0, x1, y1)``; absent or empty: none), ``pca`` (``dim`` and
+``fit_images``, or none) and the index range of every chunk.
 
 At train time the engine checks the cache against the data and the teacher (:func:`check_cache_for_run`), makes
 the training items carry their crop box and flip (``SeededDataset.geometry``) and their stored maps, read in the
@@ -57,6 +63,7 @@ CACHE_FORMAT = "semmim-teacher-cache"
 CACHE_VERSION = 1
 CACHE_DTYPES = ("float16", "int8")
 META_FILE = "cache.json"
+PCA_FILE = "pca.safetensors"
 TEACHER_KEYS = ("name", "model", "pretrained", "path", "image_size", "mean", "std", "input_norm", "tokens", "kwargs")
 """The ``teacher`` config keys that decide its tokens (``cache`` itself is not one of them)."""
 
@@ -314,12 +321,15 @@ def crop_batch_of(batch: Any) -> CropBatch | None:
 
 
 def stored_maps(
-    stored: dict[str, Tensor], attn: bool, prefix: str = "teacher_"
+    stored: dict[str, Tensor], attn: bool, prefix: str = "teacher_", pca: dict[str, Tensor] | None = None
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Collated ``teacher_*`` item fields -> what :meth:`TeacherCache.read` returns (float32, on their device);
-    ``prefix="teacher_view_"``: the same of the items' nearest stored views."""
+    ``prefix="teacher_view_"``: the same of the items' nearest stored views. ``pca``: the cache's basis
+    (:attr:`TeacherCache.pca`), mapping stored coordinates back to the teacher's width."""
     tok = stored[f"{prefix}tokens"]
     tok = dequantize_int8(tok, stored[f"{prefix}scale"]) if tok.dtype == torch.int8 else tok.float()
+    if pca is not None:
+        tok = tok @ pca["components"].to(tok.device) + pca["mean"].to(tok.device)
     a = stored[f"{prefix}attn"].float().unsqueeze(1) if attn else None
     return tok.permute(0, 3, 1, 2).contiguous(), stored[f"{prefix}global"].float(), a
 
@@ -365,6 +375,8 @@ class TeacherCache:
         self.chunk_size = int(self.meta["chunk_size"])
         self.crops = torch.tensor(self.meta.get("crops") or [], dtype=torch.float32).view(-1, 4)
         """(K, 4) the fixed crop boxes stored besides the full image (K = 0: none)."""
+        self.pca: dict[str, Tensor] | None = None
+        """``{"mean": (D,), "components": (k, D)}`` when the maps are stored as PCA coordinates (``--pca k``)."""
         missing = [c["file"] for c in self.meta["chunks"] if not (self.root / c["file"]).is_file()]
         if missing:
             shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
@@ -372,6 +384,15 @@ class TeacherCache:
                 f"teacher.cache={root} is incomplete: {len(missing)} of {len(self.meta['chunks'])} chunks missing "
                 f"({shown}); rerun `semmim teacher cache` (done chunks are skipped)"
             )
+        if self.meta.get("pca"):
+            from safetensors.torch import load_file
+
+            if not (self.root / PCA_FILE).is_file():
+                raise ConfigError(
+                    f"teacher.cache={root} stores PCA coordinates but its basis {PCA_FILE} is missing; rebuild the "
+                    "cache with `semmim teacher cache`"
+                )
+            self.pca = load_file(str(self.root / PCA_FILE))
         self._open: dict[int, Any] = {}
 
     def _chunk(self, c: int) -> Any:
@@ -427,7 +448,7 @@ class TeacherCache:
             (N, D, h, w) float32 token maps, (N, D) float32 global tokens, and (N, 1, h, w) float32 CLS
             attention maps when ``attn`` (else ``None``).
         """
-        return stored_maps(self.stored(index), attn)
+        return stored_maps(self.stored(index), attn, pca=self.pca)
 
 
 # ------------------------------------------------------------------------------------ checks

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
@@ -27,6 +28,7 @@ from semmim.teachers.cache import (
     CACHE_FORMAT,
     CACHE_VERSION,
     META_FILE,
+    PCA_FILE,
     chunk_name,
     chunk_ranges,
     crop_boxes,
@@ -52,6 +54,8 @@ class CacheReport:
     dtype: str
     has_attn: bool
     crops: int
+    pca_dim: int | None
+    pca_explained: float | None
     bytes: int
     seconds: float
 
@@ -115,13 +119,67 @@ def _save_atomic(tensors: dict[str, Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def fit_pca(
+    tm: nn.Module, dataset: Any, dim: int, fit_images: int, batch_size: int, device: Any, workers: int
+) -> tuple[dict[str, Tensor], float]:
+    """Principal directions of the teacher's map tokens over ``fit_images`` images spread evenly over ``dataset``
+    (full views only): ``{"mean": (D,), "components": (dim, D)}`` float32 and the share of variance they keep.
+
+    The covariance is accumulated in float64 (D x D), so any number of images fits in memory.
+    """
+    n = len(dataset)
+    idx = sorted({int(i) for i in np.rint(np.linspace(0, n - 1, num=min(n, max(1, int(fit_images)))))})
+    total = None
+    outer = None
+    count = 0
+    for batch in DataLoader(Subset(dataset, idx), batch_size=batch_size, num_workers=workers):
+        x = batch["image"]
+        x = x[:, 0] if x.dim() == 5 else x  # the full image of each (full + crops) stack
+        tok = tm(x.to(device), None).tokens[:, 1:]
+        flat = tok.reshape(-1, tok.shape[-1]).double().cpu()
+        total = flat.sum(0) if total is None else total + flat.sum(0)
+        outer = flat.T @ flat if outer is None else outer + flat.T @ flat
+        count += flat.shape[0]
+    assert total is not None and outer is not None
+    mean = total / count
+    cov = outer / count - torch.outer(mean, mean)
+    values, vectors = torch.linalg.eigh(cov)  # ascending
+    top = torch.argsort(values, descending=True)[:dim]
+    explained = float(values[top].clamp_min(0).sum() / values.clamp_min(0).sum().clamp_min(1e-30))
+    return {"mean": mean.float(), "components": vectors[:, top].T.contiguous().float()}, explained
+
+
+def shared_pca(root: Path, fit: Any) -> tuple[dict[str, Tensor], float]:
+    """The cache's PCA basis: the one in ``root`` (another rank's or an earlier run's), else ``fit()`` saved there.
+
+    The file is published with a hard link, which fails when it exists, so every writer of a cache projects with
+    the same basis even when several fit one at once.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = root / PCA_FILE
+    if not path.is_file():
+        basis, explained = fit()
+        tmp = path.with_name(f".{PCA_FILE}.{os.getpid()}.tmp")
+        save_file(basis, str(tmp), metadata={"explained": repr(explained)})
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, float(f.metadata()["explained"])  # noqa: SIM118
+
+
 def _write_meta(meta: dict[str, Any], out: Path) -> None:
     """Write ``cache.json`` (atomically), or check that the one there describes the same cache."""
     path = out / META_FILE
     text = json.dumps(meta, indent=1, sort_keys=True)
     if path.is_file():
         old = json.loads(path.read_text())
-        keys = ("dataset", "teacher", "size", "map_hw", "dim", "dtype", "has_attn", "chunk_size", "crops")
+        keys = ("dataset", "teacher", "size", "map_hw", "dim", "dtype", "has_attn", "chunk_size", "crops", "pca")
         diff = [k for k in keys if json.dumps(old.get(k), sort_keys=True) != json.dumps(meta.get(k), sort_keys=True)]
         if diff:
             raise ConfigError(
@@ -149,6 +207,8 @@ def write_cache(
     attn: bool | None = None,
     crops: int = 0,
     crop_side: float = 0.8,
+    pca: int | None = None,
+    pca_fit: int = 4096,
 ) -> CacheReport:
     """Run ``cfg``'s teacher over its training data once and store the token maps in ``out``.
 
@@ -166,6 +226,9 @@ def write_cache(
         crops: also store the teacher's maps of fixed crops of every image: 0 (none), 5 (the four corners and the
             centre) or 9 (a 3 x 3 grid); training views then take their target from the nearest stored view.
         crop_side: the crops' width and height, as a fraction of the image's.
+        pca: store the map tokens as their coordinates on this many principal directions (fitted on ``pca_fit``
+            images spread over the data, saved as ``pca.safetensors``); training maps them back to the teacher's
+            width. ``None``: the full width.
 
     Returns:
         :class:`CacheReport`.
@@ -206,6 +269,10 @@ def write_cache(
     out1 = tm(torch.zeros(1, tm.in_chans, s, s, device=device), None)
     map_hw = list(tm.native_grid)
     dim = int(out1.tokens.shape[-1])
+    if pca is not None and not 1 <= int(pca) < dim:
+        raise ConfigError(f"--pca keeps 1 to {dim - 1} of the teacher's {dim} dims, got {pca}")
+    if pca_fit < 1:
+        raise ConfigError(f"--pca-fit must be >= 1 image, got {pca_fit}")
     # the training run's dataset (generated data depends on model.img_size), each image then resized whole to s
     dataset: Any = build_dataset(cfg.data, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans, train=False)
     dataset.transform = FullResize(s, boxes)
@@ -228,6 +295,7 @@ def write_cache(
         "dtype": dtype,
         "has_attn": need_attn,
         "crops": boxes,
+        "pca": None if pca is None else {"dim": int(pca), "fit_images": min(n, int(pca_fit))},
         "chunk_size": int(chunk_size),
         "chunks": [{"file": chunk_name(c), "start": a, "stop": b} for c, (a, b) in enumerate(ranges)],
     }
@@ -235,6 +303,12 @@ def write_cache(
     root.mkdir(parents=True, exist_ok=True)
     _write_meta(meta, root)
     bs = int(batch_size or cfg.data.batch_size)
+    basis: dict[str, Tensor] | None = None
+    explained = None
+    if pca is not None:
+        basis, explained = shared_pca(
+            root, lambda: fit_pca(tm, dataset, int(pca), pca_fit, bs, device, cfg.data.num_workers)
+        )
     written = skipped = 0
     for c in range(r, len(ranges), w):
         path = root / chunk_name(c)
@@ -258,6 +332,8 @@ def write_cache(
         if boxes:
             parts["crop_global"] = globals_[:, 1:]
         tensors: dict[str, Tensor] = {k: v.half() for k, v in parts.items()}
+        if basis is not None:  # coordinates on the principal directions
+            tokens = (tokens - basis["mean"]) @ basis["components"].T
         for name, t in [("", tokens[:, 0]), *([("crop_", tokens[:, 1:])] if boxes else [])]:
             if dtype == "int8":
                 tensors[f"{name}tokens"], tensors[f"{name}scale"] = quantize_int8(t)
@@ -282,6 +358,8 @@ def write_cache(
         dtype=dtype,
         has_attn=need_attn,
         crops=len(boxes),
+        pca_dim=None if pca is None else int(pca),
+        pca_explained=explained,
         bytes=total,
         seconds=round(time.perf_counter() - t0, 1),
     )
