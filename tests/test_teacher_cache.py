@@ -562,6 +562,15 @@ def test_cli_crops_option(tiny_teacher_dir: Path, tmp_path: Path, capsys: pytest
     assert json.loads((tmp_path / "c" / "cache.json").read_text())["crops"][4] == [0.2, 0.2, 0.8, 0.8]
     with pytest.raises(SystemExit):
         main(["teacher", "cache", "--out", str(tmp_path / "d"), "--crops", "4", *_overrides(tiny_teacher_dir)])
+    assert "invalid choice: 4" in capsys.readouterr().err
+    for extra, match in [
+        (["--crop-side", "0.6"], "--crop-side 0.6 sizes the fixed crops, but none are stored: add --crops 5 or 9"),
+        (["--pca-fit", "100"], "--pca-fit 100 fits the PCA of --pca, which is unset"),
+    ]:
+        assert main(["teacher", "cache", "--out", str(tmp_path / "e"), *extra, *_overrides(tiny_teacher_dir)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert match in err and "\n" not in err
+        assert not (tmp_path / "e").exists()  # refused before any work
 
 
 # ------------------------------------------------------------------------------ PCA coordinates (--pca)

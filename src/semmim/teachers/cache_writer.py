@@ -206,9 +206,9 @@ def write_cache(
     device: torch.device | str = "cpu",
     attn: bool | None = None,
     crops: int = 0,
-    crop_side: float = 0.8,
+    crop_side: float | None = None,
     pca: int | None = None,
-    pca_fit: int = 4096,
+    pca_fit: int | None = None,
 ) -> CacheReport:
     """Run ``cfg``'s teacher over its training data once and store the token maps in ``out``.
 
@@ -225,10 +225,10 @@ def write_cache(
         attn: store the CLS attention maps; ``None`` = when the run's masker needs them (semantic masking).
         crops: also store the teacher's maps of fixed crops of every image: 0 (none), 5 (the four corners and the
             centre) or 9 (a 3 x 3 grid); training views then take their target from the nearest stored view.
-        crop_side: the crops' width and height, as a fraction of the image's.
+        crop_side: the crops' width and height, as a fraction of the image's (``None``: 0.8; only with crops).
         pca: store the map tokens as their coordinates on this many principal directions (fitted on ``pca_fit``
-            images spread over the data, saved as ``pca.safetensors``); training maps them back to the teacher's
-            width. ``None``: the full width.
+            images spread over the data, default 4096; saved as ``pca.safetensors``); training maps them back to
+            the teacher's width. ``None``: the full width.
 
     Returns:
         :class:`CacheReport`.
@@ -241,7 +241,12 @@ def write_cache(
         raise ConfigError(f"--dtype must be one of {', '.join(CACHE_DTYPES)}, got {dtype!r}")
     if chunk_size < 1:
         raise ConfigError(f"--chunk-size must be >= 1, got {chunk_size}")
-    boxes = crop_boxes(int(crops), float(crop_side))
+    if crop_side is not None and not crops:
+        raise ConfigError(f"--crop-side {crop_side} sizes the fixed crops, but none are stored: add --crops 5 or 9")
+    if pca_fit is not None and pca is None:
+        raise ConfigError(f"--pca-fit {pca_fit} fits the PCA of --pca, which is unset: add --pca K or drop it")
+    boxes = crop_boxes(int(crops), 0.8 if crop_side is None else float(crop_side))
+    pca_fit = 4096 if pca_fit is None else int(pca_fit)
     if cfg.data.name == "webdataset":
         raise ConfigError("a teacher cache is indexed by dataset index: data.name=webdataset streams have none")
     r, w = rank_and_world(rank, world)
