@@ -542,7 +542,7 @@ def acc_arms(args: argparse.Namespace) -> list[str]:
     every += [f"crops{k}" for k in args.acc_crops] + [f"pca{k}" for k in args.acc_pca]
     if args.acc_variant:  # an ablation: the variant's overrides on both an online and a cached arm
         name = args.acc_variant.split("=", 1)[0]
-        every += [f"online~{name}", f"cache~{name}"]
+        every += [f"online~{name}", f"cache~{name}", *(f"crops{k}~{name}" for k in args.acc_crops)]
     return [a for a in every if args.acc_arms is None or a in args.acc_arms]
 
 

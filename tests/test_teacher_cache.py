@@ -626,3 +626,107 @@ def test_pca_errors_and_the_shared_basis(tiny_teacher_dir: Path, tmp_path: Path)
     (tmp_path / "c" / "pca.safetensors").unlink()
     with pytest.raises(ConfigError, match=r"its basis pca\.safetensors is missing"):
         TeacherCache(tmp_path / "c")
+
+
+# ------------------------------------------------------------------------------ stored random crops (exact targets)
+
+
+def _stored_mode_items(cache: Path, over: list[str], n: int) -> tuple[object, list[dict[str, Tensor]], TeacherCache]:
+    """The training dataset as the engine sets it up for teacher.cache_crops=stored, and its first ``n`` items."""
+    from semmim.data.loader import build_dataset
+
+    cfg = load_config(None, [*over, f"teacher.cache={cache}", "teacher.cache_crops=stored"])
+    ds = build_dataset(cfg.data, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans, train=True, seed=0)
+    reader = TeacherCache(cache)
+    ds.geometry = True  # type: ignore[union-attr]
+    ds.extras = reader.item  # type: ignore[union-attr]
+    ds.crop_source = reader.stored_crop  # type: ignore[union-attr]
+    return cfg, [ds[i] for i in range(n)], reader  # type: ignore[index]
+
+
+def _check_exact(cfg: object, items: list[dict[str, Tensor]], reader: TeacherCache) -> None:
+    """Every view is one of its image's stored crops, and its target (maskdistill: LayerNorm of the tokens) is the
+    teacher's output for the view itself, up to float16 storage; flipped views get the mirrored map."""
+    from semmim.methods import build_method
+    from semmim.methods.base import build_teacher
+
+    target = build_method(cfg).target  # type: ignore[arg-type]
+    teacher = build_teacher(cfg)  # type: ignore[arg-type]
+    batch = torch.utils.data.default_collate(items)
+    for i, item in enumerate(items):
+        c, row = divmod(i, reader.chunk_size)
+        stored = load_file(str(reader.root / f"chunk-{c:05d}.safetensors"))["crop_box"][row]
+        assert bool(torch.isclose(stored, item["crop"], atol=1e-6).all(dim=1).any()), (i, item["crop"], stored)
+        assert torch.equal(item["teacher_view_box"], item["crop"])
+    got = target(batch["image"], (4, 4), geometry=_geo(batch)).tokens
+    views = torch.where(batch["flip"].view(-1, 1, 1, 1), batch["image"].flip(-1), batch["image"])  # as stored
+    online = teacher(views, None).tokens
+    h = w = 4
+    grid = online[:, 1:].reshape(-1, h, w, online.shape[-1])
+    grid = torch.where(batch["flip"].view(-1, 1, 1, 1), grid.flip(2), grid).reshape(-1, h * w, online.shape[-1])
+    want = _ln(torch.cat([online[:, :1], grid], 1))
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    assert {bool(f) for f in batch["flip"]} == {True, False}
+
+
+def test_stored_random_crops_give_exact_targets(tiny_teacher_dir: Path, tmp_path: Path) -> None:
+    over = _overrides(tiny_teacher_dir, "maskdistill")
+    report = write_cache(load_config(None, over), tmp_path / "c", chunk_size=8, random_crops=3)
+    assert report.crops == 3
+    chunk = load_file(str(tmp_path / "c" / "chunk-00000.safetensors"))
+    assert chunk["crop_box"].shape == (8, 3, 4) and chunk["crop_tokens"].shape == (8, 3, 4, 4, 48)
+    assert json.loads((tmp_path / "c" / "cache.json").read_text())["random_crops"] == {"count": 3, "scale": [0.2, 1.0]}
+    again = write_cache(load_config(None, over), tmp_path / "c2", chunk_size=8, random_crops=3)  # the same draws
+    assert again.written == 3 and torch.equal(
+        load_file(str(tmp_path / "c2" / "chunk-00000.safetensors"))["crop_box"], chunk["crop_box"]
+    )
+    cfg, items, reader = _stored_mode_items(tmp_path / "c", over, 12)
+    _check_exact(cfg, items, reader)
+
+
+def test_stored_random_crops_with_tensor_decoding(tiny_teacher_dir: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    torch.manual_seed(0)
+    (tmp_path / "imgs").mkdir()
+    for i in range(10):
+        arr = (torch.rand(20 + i, 24, 3) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(tmp_path / "imgs" / f"{i}.png")
+    data = [f"data.root={tmp_path / 'imgs'}", "data.name=imagefolder", "data.decode=torchvision", "data.batch_size=4"]
+    over = [o for o in _overrides(tiny_teacher_dir, "maskdistill", *data) if not o.startswith("data.limit")]
+    write_cache(load_config(None, over), tmp_path / "c", chunk_size=4, random_crops=4)
+    cfg, items, reader = _stored_mode_items(tmp_path / "c", over, 10)
+    for item in items:  # uint8 views, as the tensor pipeline gives them; the teacher takes [0, 1]
+        item["image"] = item["image"].float() / 255 if item["image"].dtype == torch.uint8 else item["image"]
+    _check_exact(cfg, items, reader)
+
+
+def test_stored_crops_train_and_resume_exactly(tiny_teacher_dir: Path, tmp_path: Path) -> None:
+    over = _overrides(tiny_teacher_dir, "milan")
+    write_cache(load_config(None, over), tmp_path / "c", chunk_size=8, random_crops=2)
+    run = [*over, f"teacher.cache={tmp_path / 'c'}", "teacher.cache_crops=stored", "trainer.max_steps=6"]
+    cfg = load_config(None, [*run, "trainer.ckpt_every_n_steps=1"])
+    pretrain(cfg, tmp_path / "ref")
+    with pytest.raises(Crash):
+        pretrain(cfg, tmp_path / "run", on_step=_crash_at(4))
+    pretrain(cfg, tmp_path / "run", resume=True)
+    a, b = (load_file(str(d / "encoder.safetensors")) for d in (tmp_path / "ref", tmp_path / "run"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stored_crop_errors(tiny_teacher_dir: Path, caches: dict[str, Path], tmp_path: Path) -> None:
+    over = _overrides(tiny_teacher_dir, "milan")
+    for extra, match in [
+        (["teacher.cache_crops=stored"], "teacher.cache_crops=stored is read only with teacher.cache=DIR"),
+        ([f"teacher.cache={caches['milan']}", "teacher.cache_crops=exact"], "must be nearest or stored, got 'exact'"),
+    ]:
+        with pytest.raises(ConfigError, match=match) as err:
+            load_config(None, [*over, *extra])
+        assert "\n" not in str(err.value)
+    stored = [f"teacher.cache={caches['milan']}", "teacher.cache_crops=stored"]
+    _one_line_error([*over, *stored], "has none: rewrite it with `semmim teacher cache --random-crops K`", tmp_path)
+    write_cache(load_config(None, over), tmp_path / "c", chunk_size=8, random_crops=2)
+    scale = [f"teacher.cache={tmp_path / 'c'}", "teacher.cache_crops=stored", "data.crop_scale=[0.5,1.0]"]
+    _one_line_error([*over, *scale], r"drawn with data.crop_scale=\[0.2, 1.0\], but this run has", tmp_path)
+    with pytest.raises(ConfigError, match="--crops 5 and --random-crops 2 both choose the stored crops"):
+        write_cache(load_config(None, over), tmp_path / "d", crops=5, random_crops=2)

@@ -236,6 +236,11 @@ class TeacherConfig:
     """A directory written by ``semmim teacher cache``: the targets are cut from the teacher's stored token maps of
     the full images (RoIAlign to each view's crop box, then its flip) and no teacher runs during training (methods
     milan and maskdistill with method.target=teacher_features)."""
+    cache_crops: str = "nearest"
+    """With teacher.cache: nearest = every view is a fresh random resized crop, its target cut from the stored view
+    nearest it (approximate); stored = every view is one of the random crops stored with the cache (``semmim teacher
+    cache --random-crops K``), drawn at random each time, so its target is that crop's own teacher output (exact up
+    to the flip and the storage precision; each image then has only K crops over the whole run)."""
 
 
 @dataclass
@@ -831,6 +836,13 @@ def validate(cfg: Config) -> None:
             f"method.num_masks={cfg.method.num_masks} is supported by {', '.join(multi)}, not by '{cfg.method.name}'"
         )
     check_loader_kwargs(cfg.teacher.kwargs, "teacher.kwargs")  # unsafe loader options first, whatever else is wrong
+    if cfg.teacher.cache_crops not in ("nearest", "stored"):
+        raise ConfigError(f"teacher.cache_crops must be nearest or stored, got {cfg.teacher.cache_crops!r}")
+    if cfg.teacher.cache_crops != "nearest" and cfg.teacher.cache is None:
+        raise ConfigError(
+            f"teacher.cache_crops={cfg.teacher.cache_crops} is read only with teacher.cache=DIR (a cache written with "
+            "--random-crops K): set teacher.cache or remove teacher.cache_crops"
+        )
     method_cls.check_config(cfg)
     _unused_sections(cfg)
     _check_data(cfg)

@@ -16,7 +16,7 @@ def cmd_teacher_cache(args: argparse.Namespace) -> int:
     from semmim.config import ConfigError, find_config, load_config
     from semmim.teachers.cache_writer import write_cache
 
-    overrides = [*args.overrides, "teacher.cache=null"]  # the config may already point at the cache
+    overrides = [*args.overrides, "teacher.cache=null", "teacher.cache_crops=nearest"]  # it may point at the cache
     cfg = load_config(find_config(args.config) if args.config is not None else None, overrides)
     if cfg.teacher.name in (None, "none"):
         raise ConfigError("semmim teacher cache runs the config's teacher: set teacher.name (and its weights)")
@@ -36,6 +36,7 @@ def cmd_teacher_cache(args: argparse.Namespace) -> int:
         crop_side=args.crop_side,
         pca=args.pca,
         pca_fit=args.pca_fit,
+        random_crops=args.random_crops,
     )
     print(json.dumps(report.as_dict()))
     return 0
@@ -90,6 +91,14 @@ def add_teacher_parser(sub: Any) -> None:
     )
     c.add_argument(
         "--crop-side", type=float, default=None, help="the crops' width and height, a fraction of the image's (0.8)"
+    )
+    c.add_argument(
+        "--random-crops",
+        type=int,
+        default=0,
+        help="instead of --crops, store K random resized crops per image, drawn as training draws them "
+        "(data.crop_scale), with their boxes; train with teacher.cache_crops=stored to use exactly these crops, so "
+        "each view's target is its own teacher output (each image then has only K crops over the whole run)",
     )
     c.add_argument(
         "--pca",

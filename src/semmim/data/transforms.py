@@ -36,24 +36,33 @@ def crop_box(top: int, left: int, h: int, w: int, height: int, width: int) -> tu
     return (left / width, top / height, (left + w) / width, (top + h) / height)
 
 
-def transform_geometry(transform: Any, img: Any) -> tuple[torch.Tensor, CropGeometry | None]:
+PixelBox = tuple[int, int, int, int]
+"""A crop in pixels: ``(top, left, height, width)``, as ``RandomResizedCrop.get_params`` draws it."""
+
+
+def transform_geometry(
+    transform: Any, img: Any, box: PixelBox | None = None
+) -> tuple[torch.Tensor, CropGeometry | None]:
     """``transform(img)`` and the view's :class:`CropGeometry` (``None`` for a transform that does not report one).
 
-    A transform reports it with a ``with_geometry(img) -> (tensor, CropGeometry)`` method (the pretraining
-    transforms); the random draws and the image are those of ``transform(img)``.
+    A transform reports it with a ``with_geometry(img, box=None) -> (tensor, CropGeometry)`` method (the pretraining
+    transforms); the random draws and the image are those of ``transform(img)``. ``box``: cut this crop instead of
+    drawing one (the flip is still drawn).
     """
     with_geometry = getattr(transform, "with_geometry", None)
     if callable(with_geometry):
-        out, geometry = with_geometry(img)
+        out, geometry = with_geometry(img, box=box)
         return out, geometry
+    if box is not None:
+        raise TypeError(f"the transform {transform!r} cannot cut a given crop box")
     return transform(img), None
 
 
 class _ResizedCropWithBox(T.RandomResizedCrop):
     """torchvision's RandomResizedCrop (the same draw and resize) that also returns its normalised box."""
 
-    def crop_with_box(self, img: Any) -> tuple[Any, tuple[float, float, float, float]]:
-        top, left, h, w = self.get_params(img, self.scale, self.ratio)
+    def crop_with_box(self, img: Any, box: PixelBox | None = None) -> tuple[Any, tuple[float, float, float, float]]:
+        top, left, h, w = self.get_params(img, self.scale, self.ratio) if box is None else box
         height, width = TF.get_image_size(img)[::-1]
         out = TF.resized_crop(img, top, left, h, w, self.size, self.interpolation, antialias=self.antialias)
         return out, crop_box(top, left, h, w, height, width)
@@ -74,18 +83,18 @@ class PretrainCompose(T.Compose):
     Calling it gives exactly the image ``with_geometry`` gives (same ops, same random draws, same order).
     """
 
-    def with_geometry(self, img: Any) -> tuple[torch.Tensor, CropGeometry]:
-        """PIL image -> ((C, H, W) tensor, :class:`CropGeometry`)."""
-        box: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
+    def with_geometry(self, img: Any, box: PixelBox | None = None) -> tuple[torch.Tensor, CropGeometry]:
+        """PIL image -> ((C, H, W) tensor, :class:`CropGeometry`); ``box``: cut it rather than draw one."""
+        cut: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
         flip = False
         for t in self.transforms:
             if isinstance(t, _ResizedCropWithBox):
-                img, box = t.crop_with_box(img)
+                img, cut = t.crop_with_box(img, box)
             elif isinstance(t, _FlipWithFlag):
                 img, flip = t.flip_with_flag(img)
             else:
                 img = t(img)
-        return img, CropGeometry(box, flip)
+        return img, CropGeometry(cut, flip)
 
     def __call__(self, img: Any) -> Any:
         return self.with_geometry(img)[0]

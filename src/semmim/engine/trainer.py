@@ -594,6 +594,8 @@ class PretrainRecipe:
                 cache = check_cache_for_run(cfg, dataset, self.teacher)
             dataset.geometry = True  # type: ignore[union-attr]  # items carry their crop box and flip
             dataset.extras = cache.item  # type: ignore[union-attr]  # and their stored maps, read in the workers
+            if cfg.teacher.cache_crops == "stored":  # the views are the cache's stored crops
+                dataset.crop_source = cache.stored_crop  # type: ignore[union-attr]
         self.dataset = dataset
         self.streaming = isinstance(dataset, IterableDataset)
         self.sampler: StatefulDistributedSampler | None = None

@@ -375,6 +375,11 @@ class TeacherCache:
         self.chunk_size = int(self.meta["chunk_size"])
         self.crops = torch.tensor(self.meta.get("crops") or [], dtype=torch.float32).view(-1, 4)
         """(K, 4) the fixed crop boxes stored besides the full image (K = 0: none)."""
+        random = self.meta.get("random_crops") or {}
+        self.random_crops = int(random.get("count", 0))
+        """Random resized crops stored per image, each with its own box (``crop_box`` in the chunks; 0: none)."""
+        self.random_scale = [float(v) for v in random.get("scale", [])]
+        """The ``data.crop_scale`` those crops were drawn with."""
         self.pca: dict[str, Tensor] | None = None
         """``{"mean": (D,), "components": (k, D)}`` when the maps are stored as PCA coordinates (``--pca k``)."""
         missing = [c["file"] for c in self.meta["chunks"] if not (self.root / c["file"]).is_file()]
@@ -425,9 +430,10 @@ class TeacherCache:
             out["teacher_scale"] = f.get_slice("scale")[row]
         if self.has_attn:
             out["teacher_attn"] = f.get_slice("attn")[row]
-        if len(self.crops) and crop is not None:
-            v = best_view(torch.as_tensor(crop), self.crops)
-            box = [0.0, 0.0, 1.0, 1.0] if v == 0 else self.crops[v - 1].tolist()
+        if (len(self.crops) or self.random_crops) and crop is not None:
+            boxes = self.crops if len(self.crops) else f.get_slice("crop_box")[row]
+            v = best_view(torch.as_tensor(crop), boxes)
+            box = [0.0, 0.0, 1.0, 1.0] if v == 0 else boxes[v - 1].tolist()
             out["teacher_view_box"] = torch.tensor(box, dtype=torch.float32)
             for key in ("tokens", "scale", "global", "attn"):
                 if f"teacher_{key}" in out:
@@ -435,6 +441,21 @@ class TeacherCache:
                         out[f"teacher_{key}"] if v == 0 else f.get_slice(f"crop_{key}")[row, v - 1]
                     )
         return out
+
+    def stored_crop(self, index: int, img: Any) -> tuple[int, int, int, int]:
+        """One of image ``index``'s stored random crops, drawn with ``torch``'s generator (the item's seeded context),
+        in pixels of ``img`` (a PIL image or a (C, H, W) tensor): ``(top, left, height, width)``, what
+        ``SeededDataset.crop_source`` gives the training transform under ``teacher.cache_crops=stored``."""
+        if not self.random_crops:
+            raise ValueError(
+                f"teacher.cache={self.root} stores no random crops (semmim teacher cache --random-crops K)"
+            )
+        c, row = divmod(int(index), self.chunk_size)
+        k = int(torch.randint(self.random_crops, (1,)).item())
+        x0, y0, x1, y1 = self._chunk(c).get_slice("crop_box")[row, k].tolist()
+        height, width = (int(img.shape[-2]), int(img.shape[-1])) if isinstance(img, Tensor) else img.size[::-1]
+        top, left = round(y0 * height), round(x0 * width)
+        return top, left, round(y1 * height) - top, round(x1 * width) - left
 
     def stored(self, index: Tensor, crop: Tensor | None = None) -> dict[str, Tensor]:
         """:meth:`item` of dataset indices ``index`` (N,) (and their crop boxes (N, 4)), collated."""
@@ -527,6 +548,18 @@ def check_cache_for_run(cfg: Any, dataset: Any, teacher: Any = None) -> TeacherC
 
         fingerprint = teacher_fingerprint(teacher)
     check_cache_teacher(meta, cfg.teacher, where, fingerprint)
+    if getattr(cfg.teacher, "cache_crops", "nearest") == "stored":
+        if not cache.random_crops:
+            raise ConfigError(
+                f"teacher.cache_crops=stored trains on the random crops stored with the cache, but teacher.cache="
+                f"{where} has none: rewrite it with `semmim teacher cache --random-crops K`, or use "
+                "teacher.cache_crops=nearest"
+            )
+        if [float(v) for v in cfg.data.crop_scale] != cache.random_scale:
+            raise ConfigError(
+                f"teacher.cache={where} stores crops drawn with data.crop_scale={cache.random_scale}, but this run has "
+                f"data.crop_scale={list(cfg.data.crop_scale)}: set it to the cache's, or rewrite the cache"
+            )
     if masker_needs_attention(cfg) and not cache.has_attn:
         raise ConfigError(
             f"teacher.cache={where} holds no CLS attention maps, which method.masker={cfg.method.masker['name']} "

@@ -71,9 +71,17 @@ class FullResize:
     resamples fractional boxes exactly).
     """
 
-    def __init__(self, size: int, crops: list[list[float]] | None = None) -> None:
+    def __init__(
+        self,
+        size: int,
+        crops: list[list[float]] | None = None,
+        random_crops: int = 0,
+        scale: tuple[float, float] = (0.2, 1.0),
+    ) -> None:
         self.size = int(size)
         self.crops = [list(map(float, b)) for b in crops or []]
+        self.random_crops = int(random_crops)
+        self.scale = (float(scale[0]), float(scale[1]))
 
     def __call__(self, img: Any) -> Tensor:
         from PIL import Image
@@ -100,6 +108,53 @@ class FullResize:
                 pil_to_tensor01(img.resize((s, s), Image.Resampling.BICUBIC, box=(x0 * w, y0 * h, x1 * w, y1 * h)))
             )
         return torch.stack(views)
+
+    def random_views(self, img: Any) -> tuple[Tensor, Tensor]:
+        """The full image and ``random_crops`` random resized crops, drawn as the training transform draws them (from
+        ``torch``'s generator: call it in a seeded context) and cut as it cuts them, stacked (1 + K, C, s, s), with
+        their (K, 4) normalised boxes."""
+        import torchvision.transforms.functional as TF
+        from torchvision import transforms as T
+        from torchvision.transforms import InterpolationMode
+
+        from semmim.data.datasets import pil_to_tensor01
+        from semmim.data.tensor_transforms import resize_uint8
+        from semmim.data.transforms import crop_box
+
+        s = self.size
+        full = self.__class__(s)(img)
+        views, boxes = [full], []
+        height, width = TF.get_image_size(img)[::-1]
+        for _ in range(self.random_crops):
+            top, left, h, w = T.RandomResizedCrop.get_params(img, list(self.scale), [3.0 / 4.0, 4.0 / 3.0])
+            boxes.append(crop_box(top, left, h, w, height, width))
+            if isinstance(img, Tensor):  # as TensorPretrainTransform cuts it
+                views.append(resize_uint8(img[:, top : top + h, left : left + w], (s, s)).float().div_(255.0))
+            else:  # as the PIL pretraining transform cuts it
+                cut = TF.resized_crop(img, top, left, h, w, [s, s], InterpolationMode.BICUBIC, antialias=True)
+                views.append(pil_to_tensor01(cut))
+        return torch.stack(views), torch.tensor(boxes, dtype=torch.float32)
+
+
+class RandomViews(torch.utils.data.Dataset):
+    """Item ``i`` of a :class:`semmim.data.SeededDataset` as :meth:`FullResize.random_views`, drawn in a seeded
+    context of the item, so every writer and every rerun draws the same crops: ``{"image", "crop_box"}``. Its epoch
+    is -1, a stream no training epoch draws from: a run with ``teacher.cache_crops=nearest`` does not meet these
+    crops by chance."""
+
+    def __init__(self, dataset: Any, views: FullResize) -> None:
+        self.dataset, self.views = dataset, views
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        from semmim.data.seeding import seeded
+
+        img, _ = self.dataset.dataset.load(index)
+        with seeded(self.dataset.seed, -1, index):
+            image, boxes = self.views.random_views(img)
+        return {"image": image, "crop_box": boxes}
 
 
 def rank_and_world(rank: int | None, world: int | None) -> tuple[int, int]:
@@ -173,14 +228,31 @@ def shared_pca(root: Path, fit: Any) -> tuple[dict[str, Tensor], float]:
         return {k: f.get_tensor(k) for k in f.keys()}, float(f.metadata()["explained"])  # noqa: SIM118
 
 
+META_KEYS = (
+    "dataset",
+    "teacher",
+    "size",
+    "map_hw",
+    "dim",
+    "dtype",
+    "has_attn",
+    "chunk_size",
+    "crops",
+    "random_crops",
+    "pca",
+)
+"""What a rerun into an existing cache directory must ask for as it did."""
+
+
 def _write_meta(meta: dict[str, Any], out: Path) -> None:
     """Write ``cache.json`` (atomically), or check that the one there describes the same cache."""
     path = out / META_FILE
     text = json.dumps(meta, indent=1, sort_keys=True)
     if path.is_file():
         old = json.loads(path.read_text())
-        keys = ("dataset", "teacher", "size", "map_hw", "dim", "dtype", "has_attn", "chunk_size", "crops", "pca")
-        diff = [k for k in keys if json.dumps(old.get(k), sort_keys=True) != json.dumps(meta.get(k), sort_keys=True)]
+        diff = [
+            k for k in META_KEYS if json.dumps(old.get(k), sort_keys=True) != json.dumps(meta.get(k), sort_keys=True)
+        ]
         if diff:
             raise ConfigError(
                 f"--out {out} holds a cache of another {', '.join(diff)}: choose another directory or delete it"
@@ -209,6 +281,7 @@ def write_cache(
     crop_side: float | None = None,
     pca: int | None = None,
     pca_fit: int | None = None,
+    random_crops: int = 0,
 ) -> CacheReport:
     """Run ``cfg``'s teacher over its training data once and store the token maps in ``out``.
 
@@ -226,6 +299,9 @@ def write_cache(
         crops: also store the teacher's maps of fixed crops of every image: 0 (none), 5 (the four corners and the
             centre) or 9 (a 3 x 3 grid); training views then take their target from the nearest stored view.
         crop_side: the crops' width and height, as a fraction of the image's (``None``: 0.8; only with crops).
+        random_crops: instead of fixed crops, store this many random resized crops per image, drawn as the run's
+            training transform draws them (``data.crop_scale``, aspect 3/4-4/3), with their boxes: a run with
+            ``teacher.cache_crops=stored`` then trains on exactly these crops.
         pca: store the map tokens as their coordinates on this many principal directions (fitted on ``pca_fit``
             images spread over the data, default 4096; saved as ``pca.safetensors``); training maps them back to
             the teacher's width. ``None``: the full width.
@@ -245,6 +321,10 @@ def write_cache(
         raise ConfigError(f"--crop-side {crop_side} sizes the fixed crops, but none are stored: add --crops 5 or 9")
     if pca_fit is not None and pca is None:
         raise ConfigError(f"--pca-fit {pca_fit} fits the PCA of --pca, which is unset: add --pca K or drop it")
+    if random_crops and crops:
+        raise ConfigError(f"--crops {crops} and --random-crops {random_crops} both choose the stored crops: keep one")
+    if random_crops < 0:
+        raise ConfigError(f"--random-crops must be >= 0, got {random_crops}")
     boxes = crop_boxes(int(crops), 0.8 if crop_side is None else float(crop_side))
     pca_fit = 4096 if pca_fit is None else int(pca_fit)
     if cfg.data.name == "webdataset":
@@ -280,7 +360,9 @@ def write_cache(
         raise ConfigError(f"--pca-fit must be >= 1 image, got {pca_fit}")
     # the training run's dataset (generated data depends on model.img_size), each image then resized whole to s
     dataset: Any = build_dataset(cfg.data, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans, train=False)
-    dataset.transform = FullResize(s, boxes)
+    scale = (float(cfg.data.crop_scale[0]), float(cfg.data.crop_scale[1]))
+    dataset.transform = FullResize(s, boxes, random_crops, scale)
+    source = RandomViews(dataset, dataset.transform) if random_crops else dataset  # what the teacher runs on
     n = len(dataset)
     ranges = chunk_ranges(n, chunk_size)
     meta = {
@@ -300,6 +382,7 @@ def write_cache(
         "dtype": dtype,
         "has_attn": need_attn,
         "crops": boxes,
+        "random_crops": {"count": int(random_crops), "scale": list(scale)} if random_crops else None,
         "pca": None if pca is None else {"dim": int(pca), "fit_images": min(n, int(pca_fit))},
         "chunk_size": int(chunk_size),
         "chunks": [{"file": chunk_name(c), "start": a, "stop": b} for c, (a, b) in enumerate(ranges)],
@@ -322,10 +405,14 @@ def write_cache(
             continue
         a, b = ranges[c]
         toks, globs, attns = [], [], []
-        loader = DataLoader(Subset(dataset, range(a, b)), batch_size=bs, num_workers=cfg.data.num_workers)
-        views = 1 + len(boxes)
+        loader = DataLoader(Subset(source, range(a, b)), batch_size=bs, num_workers=cfg.data.num_workers)
+        views = 1 + len(boxes) + int(random_crops)
+        stored_boxes = []
         for batch in loader:
-            x = batch["image"].to(device).reshape(-1, *batch["image"].shape[-3:])  # (B * views, C, s, s)
+            image = batch["image"]
+            if random_crops:
+                stored_boxes.append(batch["crop_box"])
+            x = image.to(device).reshape(-1, *image.shape[-3:])  # (B * views, C, s, s)
             k = x.shape[0] // views
             res = tm(x, None, need_attn=need_attn)
             toks.append(res.tokens[:, 1:].reshape(k, views, map_hw[0], map_hw[1], dim).cpu())
@@ -334,12 +421,12 @@ def write_cache(
                 attns.append(res.cls_attn.reshape(k, views, map_hw[0], map_hw[1]).cpu())
         tokens, globals_ = torch.cat(toks), torch.cat(globs)
         parts: dict[str, Tensor] = {"global": globals_[:, 0]}
-        if boxes:
+        if views > 1:
             parts["crop_global"] = globals_[:, 1:]
         tensors: dict[str, Tensor] = {k: v.half() for k, v in parts.items()}
         if basis is not None:  # coordinates on the principal directions
             tokens = (tokens - basis["mean"]) @ basis["components"].T
-        for name, t in [("", tokens[:, 0]), *([("crop_", tokens[:, 1:])] if boxes else [])]:
+        for name, t in [("", tokens[:, 0]), *([("crop_", tokens[:, 1:])] if views > 1 else [])]:
             if dtype == "int8":
                 tensors[f"{name}tokens"], tensors[f"{name}scale"] = quantize_int8(t)
             else:
@@ -347,8 +434,10 @@ def write_cache(
         if need_attn:
             maps = torch.cat(attns)
             tensors["attn"] = maps[:, 0].half()
-            if boxes:
+            if views > 1:
                 tensors["crop_attn"] = maps[:, 1:].half()
+        if random_crops:
+            tensors["crop_box"] = torch.cat(stored_boxes).float()
         _save_atomic(tensors, path)
         written += 1
     total = sum(p.stat().st_size for p in root.glob("chunk-*.safetensors"))
@@ -362,7 +451,7 @@ def write_cache(
         dim=dim,
         dtype=dtype,
         has_attn=need_attn,
-        crops=len(boxes),
+        crops=len(boxes) + int(random_crops),
         pca_dim=None if pca is None else int(pca),
         pca_explained=explained,
         bytes=total,
