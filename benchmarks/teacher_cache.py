@@ -21,21 +21,24 @@ separate processes; ``results.json`` and ``results.md`` are rebuilt from whateve
 * ``size``: bytes per image of the cache (chunk files / images) in float16 and int8, per configuration (and the
   demo teacher's).
 * ``accuracy``: the Fashion-MNIST demo configs (configs/demo/milan.yaml, configs/demo/maskdistill.yaml) with the
-  demo's ``clip`` teacher (``--teacher-run``, default runs/demo/teacher of ``semmim demo``), online vs from a
-  float16 cache of it (28 px, its 4x4 map), same steps, batch and seeds; scored by weighted kNN top-1 (k=20,
-  T=0.07, CLS). Finished runs are reused (``run.json``).
+  demo's ``clip`` teacher (``--teacher-run``, default runs/demo/teacher of ``semmim demo``), online vs from caches
+  of it, same steps, batch and seeds; scored by weighted kNN top-1 (k=20, T=0.07, CLS). Arms: ``online``; ``cache``
+  (float16, the full image at 28 px, its 4x4 map) and ``int8``; ``cache@S`` (the full image at S px);
+  ``cropsK`` (``--crops K``: fixed crops, nearest view); ``pcaK`` (``--pca K``); ``randomK`` / ``storedK``
+  (``--random-crops K`` with ``teacher.cache_crops=nearest`` / ``stored``); ``ARM~NAME``: an ablation
+  (``--acc-variant NAME=overrides``) run online and cached. Finished runs are reused (``run.json``), so arms and
+  seeds can run as separate processes into one ``--out``.
 
     OMP_NUM_THREADS=1 nice -n 10 PYTHONPATH=src python benchmarks/teacher_cache.py --parts speed size \\
-        --configs vit cnn --images 16 --batch-size 4 --rounds 5 --steps 2 --warmup 1 \\
+        --configs vit cnn --images 16 --batch-size 4 --rounds 7 --steps 3 --warmup 2 \\
         --cnn-images 256 --cnn-batch-size 32 --cnn-steps 5
     OMP_NUM_THREADS=1 nice -n 10 PYTHONPATH=src python benchmarks/teacher_cache.py --parts accuracy \\
-        --teacher-run runs/demo/teacher --acc-steps 120 --acc-batch-size 128 --acc-limit 20000 --acc-int8-size \\
-        --seeds 0 1 --knn-train 5000 --knn-test 2000
+        --teacher-run runs/demo/teacher --acc-steps 120 --acc-batch-size 128 --acc-limit 20000 \\
+        --seeds 0 1 --knn-train 5000 --knn-test 2000 --acc-crops 9 --acc-random-crops 8 --acc-pca 32
 
-Cost on 2 shared CPU cores, one torch thread (measured): the speed command ~5 min (ViT-B teacher caches of 16 images
-~15 s each, ViT rounds 15-40 s); the accuracy command ~25 min (cache of 20,000 images ~30-55 s, each run 1-3.5 min
-with its kNN evaluation). ``--acc-cache-sizes 56 --acc-arms cache@56`` and ``--acc-variant gw0=method.global_weight=0
---acc-arms online~gw0 cache~gw0`` add the resolution and global-token arms of results.md (~3 and ~6 min for MILAN).
+Cost on 2 shared CPU cores, one torch thread (measured): the speed command ~6 min (ViT-B teacher caches of 16 images
+~10 s each, ViT rounds 15-20 s); each accuracy run 1-2 min with its kNN evaluation; the caches of 20,000 images take
+15 s (full image), 1-3 min (5 or 9 fixed crops, 8 random crops).
 """
 
 from __future__ import annotations
@@ -289,8 +292,9 @@ def cache_size(
     attn: bool | None = None,
     size: int | None = None,
     crops: int = 0,
-    crop_side: float = 0.8,
+    crop_side: float | None = None,
     pca: int | None = None,
+    random_crops: int = 0,
 ) -> dict[str, Any]:
     """Write (or reuse) a cache of ``cfg``'s training images; returns its report and bytes per image."""
     from semmim.teachers.cache_writer import write_cache
@@ -307,6 +311,7 @@ def cache_size(
         crops=crops,
         crop_side=crop_side,
         pca=pca,
+        random_crops=random_crops,
     )
     r = report.as_dict()
     r["bytes_per_image"] = r["bytes"] / max(1, r["images"])
@@ -478,6 +483,12 @@ def run_accuracy(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             d = acc / f"cache_float16_crops{k}"
             z = sizes[f"float16+crops{k}"] = cache_size(cfg0, None, d, "float16", True, None, k, args.acc_crop_side)
             log(f"  {z['bytes_per_image']:.0f} B/image, {z['write_s']:.1f} s")
+    for k in args.acc_random_crops:  # k random crops per image: nearest view (randomK) or trained on (storedK)
+        if f"random{k}" in arms or f"stored{k}" in arms:
+            log(f"accuracy: writing the demo teacher's float16 cache with {k} random crops per image")
+            d = acc / f"cache_float16_random{k}"
+            z = sizes[f"float16+random{k}"] = cache_size(cfg0, None, d, "float16", True, random_crops=k)
+            log(f"  {z['bytes_per_image']:.0f} B/image, {z['write_s']:.1f} s")
     for k in args.acc_pca:  # the maps stored as k PCA coordinates
         if f"pca{k}" in arms:
             log(f"accuracy: writing the demo teacher's float16 cache as {k} PCA coordinates")
@@ -497,6 +508,8 @@ def run_accuracy(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                 if done.is_file():
                     runs.append(json.loads(done.read_text()))
                     continue
+                if args.acc_collect:  # only gather what finished
+                    continue
                 over = [*base, f"trainer.seed={seed}"]
                 if "~" in arm:
                     over += args.acc_variant.split("=", 1)[1].split(",")
@@ -507,7 +520,12 @@ def run_accuracy(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                     over.append(f"teacher.cache={cache_dir}")
                 elif arm_kind.startswith("cache@"):
                     over.append(f"teacher.cache={acc / f'cache_float16_{arm[6:]}'}")
-                elif arm_kind.startswith(("crops", "pca")):
+                elif arm_kind.startswith("stored"):
+                    over += [
+                        f"teacher.cache={acc / f'cache_float16_random{arm_kind[6:]}'}",
+                        "teacher.cache_crops=stored",
+                    ]
+                elif arm_kind.startswith(("crops", "pca", "random")):
                     over.append(f"teacher.cache={acc / f'cache_float16_{arm_kind}'}")
                 elif arm_kind == "int8":
                     over.append(f"teacher.cache={acc / 'cache_int8'}")
@@ -540,6 +558,7 @@ def run_accuracy(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 def acc_arms(args: argparse.Namespace) -> list[str]:
     every = ["online", "cache", "int8", *(f"cache@{s}" for s in args.acc_cache_sizes)]
     every += [f"crops{k}" for k in args.acc_crops] + [f"pca{k}" for k in args.acc_pca]
+    every += [f"{kind}{k}" for k in args.acc_random_crops for kind in ("random", "stored")]
     if args.acc_variant:  # an ablation: the variant's overrides on both an online and a cached arm
         name = args.acc_variant.split("=", 1)[0]
         every += [f"online~{name}", f"cache~{name}", *(f"crops{k}~{name}" for k in args.acc_crops)]
@@ -588,6 +607,20 @@ def accuracy_dict(args: argparse.Namespace, runs: list[dict[str, Any]], sizes: d
 
 
 # ---------------------------------------------------------------------------------------------- report
+def demo_cache_label(key: str) -> str:
+    """The size table's words for a demo cache (``float16``, ``int8``, ``float16@56``, ``float16+crops9``)."""
+    dtype, _, extra = key.partition("+")
+    dtype, _, px = dtype.partition("@")
+    words = f"{px or 28} px, {dtype}"
+    if extra.startswith("crops"):
+        words += f", + {extra[5:]} fixed crops"
+    elif extra.startswith("random"):
+        words += f", + {extra[6:]} random crops"
+    elif extra.startswith("pca"):
+        words += f", PCA {extra[3:]} dims"
+    return words
+
+
 def write_report(out: Path) -> None:
     parts = {
         p: json.loads((out / f"{p}.json").read_text()) for p in ("speed", "accuracy") if (out / f"{p}.json").is_file()
@@ -675,10 +708,10 @@ def write_report(out: Path) -> None:
             )
         if "accuracy" in parts:
             for d, z in parts["accuracy"]["sizes"].items():
-                px = d.split("@")[1] if "@" in d else "28"
                 f16 = d.startswith("float16")
                 lines.append(
-                    f"| demo (Fashion-MNIST, clip teacher at {px} px) | milan + maskdistill | {z['map_hw'][0]} x "
+                    f"| demo (Fashion-MNIST, clip teacher: {demo_cache_label(d)}) | milan + maskdistill | "
+                    f"{z['map_hw'][0]} x "
                     f"{z['map_hw'][1]} x {z['dim']} | {'yes' if z['has_attn'] else 'no'} | "
                     f"{z['bytes_per_image'] / 1024 if f16 else '–':{'.2f' if f16 else ''}} | "
                     f"{'–' if f16 else format(z['bytes_per_image'] / 1024, '.2f')} |"
@@ -700,8 +733,12 @@ def write_report(out: Path) -> None:
             + (f" on the first {a['limit']} training images" if a["limit"] else "")
             + f"; the cache arm reads a float16 cache of the same teacher (28 px, its 4x4 map + CLS attention). "
             f"Weighted kNN top-1 (k=20, T=0.07, CLS token), {a['knn_train']} train / {a['knn_test']} test images. "
-            "Δ = cache - online, same seed. Arms: `cache@S`: a cache of the teacher run on the full image resized to S "
-            "px (a finer stored map); `cache~NAME` vs `online~NAME`: both with the overrides of the ablation NAME "
+            "Δ = cache - online, same seed. Arms: `int8`: the same cache in int8; `cache@S`: a cache of the teacher "
+            "run on the full image resized to S px (a finer stored map); `cropsK`: `--crops K` (fixed crops of side "
+            "0.8 also stored; each view takes the nearest stored view); `randomK`: `--random-crops K` (K random crops "
+            "per image stored; nearest view); `storedK`: the same cache with `teacher.cache_crops=stored` (the views "
+            "are the stored crops: exact targets, K crops per image); `pcaK`: `--pca K` (map tokens as K PCA "
+            "coordinates); `ARM~NAME` vs `online~NAME`: both with the overrides of the ablation NAME "
             "(`--acc-variant`)." + (f" Note: {a['note']}." if a.get("note") else ""),
             "",
             "| method | cache arm | seeds | online (same overrides) kNN top-1 (%) | cache kNN top-1 (%) | Δ per seed "
@@ -748,11 +785,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--acc-int8-size", action="store_true", help="also write an int8 cache of the demo teacher")
     p.add_argument("--acc-cache-sizes", type=int, nargs="*", default=[], help="extra cache arms, teacher at S px")
     p.add_argument("--acc-crops", type=int, nargs="*", default=[], help="extra cache arms with K fixed crops (5 or 9)")
+    p.add_argument(
+        "--acc-random-crops",
+        type=int,
+        nargs="*",
+        default=[],
+        help="extra arms randomK/storedK: K random crops per image",
+    )
     p.add_argument("--acc-pca", type=int, nargs="*", default=[], help="extra cache arms stored as K PCA coordinates")
     p.add_argument("--acc-crop-side", type=float, default=0.8, help="side of the fixed crops (a fraction)")
     p.add_argument(
-        "--acc-arms", nargs="+", default=None, help="run only these arms (online cache int8 cache@S cropsK pcaK)"
+        "--acc-arms",
+        nargs="+",
+        default=None,
+        help="run only these arms (online cache int8 cache@S cropsK pcaK randomK storedK)",
     )
+    p.add_argument("--acc-collect", action="store_true", help="train nothing: report the finished runs in --out")
     p.add_argument("--acc-variant", default=None, help="NAME=k=v[,k=v]: an ablation run online and cached")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--knn-train", type=int, default=5000)

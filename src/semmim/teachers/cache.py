@@ -27,6 +27,15 @@ from; with them it is the one of the nearest stored view. The crops cost ``K`` m
 times the storage; at demo scale they close most of MILAN's accuracy gap to the online teacher
 (benchmarks/results/teacher_cache).
 
+With ``--random-crops K`` the teacher instead runs on ``K`` random resized crops of every image, drawn as the
+training transform draws them (``data.crop_scale``, aspect 3/4-4/3) from a seeded stream of their own, and the
+chunks also hold their boxes, ``crop_box`` (k, K, 4). Training views then either take the nearest of them, as above
+(``teacher.cache_crops=nearest``), or are those very crops (``teacher.cache_crops=stored``: each view is one of its
+image's ``K`` crops, drawn at random, :meth:`TeacherCache.stored_crop`), so that a view's target is the teacher's
+own output for it, exact up to the flip (the stored map is mirrored, the teacher did not see the mirrored view) and
+the storage precision, at the price of ``K`` crops per image over the whole run (FKD, Shen & Xing 2021,
+arXiv:2112.01528, stores region-level soft labels the same way).
+
 With ``--pca k`` the map tokens (``tokens``, ``crop_tokens``) hold ``k`` coordinates instead of ``D`` values: their
 projection on the ``k`` principal directions of the teacher's map tokens, fitted once (on ``--pca-fit`` images spread
 over the data) and saved as ``pca.safetensors`` (``mean`` (D,), ``components`` (k, D), the share of variance kept in
