@@ -587,6 +587,7 @@ def accuracy_dict(args: argparse.Namespace, runs: list[dict[str, Any]], sizes: d
                     "online_mean": statistics.mean(on),
                     "cache_mean": statistics.mean(ca),
                     "delta_mean": statistics.mean(diffs),
+                    "delta_sem": statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None,
                     "delta_per_seed": diffs,
                     "reference": ref,
                     "online_s": statistics.mean(by[ref][s]["seconds"] for s in seeds),
@@ -742,7 +743,7 @@ def write_report(out: Path) -> None:
             "(`--acc-variant`)." + (f" Note: {a['note']}." if a.get("note") else ""),
             "",
             "| method | cache arm | seeds | online (same overrides) kNN top-1 (%) | cache kNN top-1 (%) | Δ per seed "
-            "| mean Δ | train s online / cache |",
+            "| mean Δ ± s.e. | train s online / cache |",
             "|---|---|---|---|---|---|---:|---|",
         ]
         for r in a["summary"]:
@@ -750,8 +751,9 @@ def write_report(out: Path) -> None:
                 f"| {r['method']} | {r.get('arm', 'cache')} | {', '.join(map(str, r['seeds']))} | "
                 f"{' / '.join(f'{v:.2f}' for v in r['online_knn'])} (mean {r['online_mean']:.2f}) | "
                 f"{' / '.join(f'{v:.2f}' for v in r['cache_knn'])} (mean {r['cache_mean']:.2f}) | "
-                f"{', '.join(f'{d:+.2f}' for d in r['delta_per_seed'])} | {r['delta_mean']:+.2f} | "
-                f"{r['online_s']:.0f} / {r['cache_s']:.0f} |"
+                f"{', '.join(f'{d:+.2f}' for d in r['delta_per_seed'])} | {r['delta_mean']:+.2f}"
+                + (f" ± {r['delta_sem']:.2f}" if r.get("delta_sem") is not None else "")
+                + f" | {r['online_s']:.0f} / {r['cache_s']:.0f} |"
             )
         lines.append("")
     (out / "results.md").write_text("\n".join(lines) + "\n")

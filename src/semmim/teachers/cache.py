@@ -45,7 +45,8 @@ tokens are stored whole.
 ``cache.json`` records ``format``/``version``, the dataset identity (:func:`dataset_identity`), the teacher
 (its config section, description and :func:`semmim.tokenizers.codebook.teacher_fingerprint`), the image size the
 maps were computed at, the map size ``(h, w)``, the teacher's own grid at its input size, ``dtype``, ``dim`` (D),
-``has_attn``, the crop boxes (``crops``, normalised ``(x0, y0, x1, y1)``; absent or empty: none), ``pca`` (``dim`` and
+``has_attn``, the fixed crop boxes (``crops``, normalised ``(x0, y0, x1, y1)``; absent or empty: none), the random
+crops (``random_crops``: ``count`` and the ``scale`` they were drawn with, or none), ``pca`` (``dim`` and
 ``fit_images``, or none) and the index range of every chunk.
 
 At train time the engine checks the cache against the data and the teacher (:func:`check_cache_for_run`), makes
@@ -295,7 +296,7 @@ ITEM_KEYS = (
     "teacher_view_box",
 )
 """Item fields :meth:`TeacherCache.item` adds (the stored maps, read in the loader's workers); the ``teacher_view_*``
-ones (the stored view nearest the item's crop: :func:`best_view`) only for a cache with fixed crops."""
+ones (the stored view nearest the item's crop: :func:`best_view`) only for a cache with crops (fixed or random)."""
 
 
 @dataclass
@@ -309,7 +310,7 @@ class CropBatch:
         flip: (N,) bool.
         stored: the items' ``teacher_*`` fields as collated: ``teacher_tokens`` (N, h, w, D) float16 or int8,
             ``teacher_scale`` (N, h, w) (int8 only), ``teacher_global`` (N, D), ``teacher_attn`` (N, h, w), and for
-            a cache with fixed crops the same of each item's nearest stored view (``teacher_view_*``) with its box
+            a cache with crops the same of each item's nearest stored view (``teacher_view_*``) with its box
             ``teacher_view_box`` (N, 4).
     """
 
@@ -427,8 +428,9 @@ class TeacherCache:
         """The stored maps of one image as item fields (:data:`ITEM_KEYS`), as stored (float16 / int8): what a
         dataset adds to its items so the loader's workers read the cache (``SeededDataset.extras``).
 
-        With fixed crops in the cache and the item's ``crop`` box (4,), also the ``teacher_view_*`` fields of the
-        stored view nearest that box (:func:`best_view`; the full image's own maps again when it is the nearest).
+        With crops in the cache (fixed or random) and the item's ``crop`` box (4,), also the ``teacher_view_*``
+        fields of the stored view nearest that box (:func:`best_view`; the full image's own maps again when it is
+        the nearest).
         """
         if not 0 <= index < self.num_images:
             raise IndexError(f"index {index} is outside the cache's {self.num_images} images")
