@@ -541,6 +541,8 @@ def run_accuracy(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                     "arm": arm,
                     "seed": seed,
                     "knn_top1": float(knn),
+                    "knn_train": args.knn_train,
+                    "knn_test": args.knn_test,
                     "final_loss": result.final_loss,
                     "seconds": seconds,
                     "images_per_s": result.images_per_s,
