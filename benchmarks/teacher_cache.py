@@ -557,6 +557,91 @@ def run_accuracy(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     return accuracy_dict(args, runs, sizes)
 
 
+# ---------------------------------------------------------------------------------------------- fidelity
+FIDELITY_CACHES = {  # name: (cache directory under DIR/accuracy, teacher.cache_crops)
+    "cache": ("cache_float16", "nearest"),
+    "int8": ("cache_int8", "nearest"),
+    "pca32": ("cache_float16_pca32", "nearest"),
+    "crops5": ("cache_float16_crops5", "nearest"),
+    "crops9": ("cache_float16_crops9", "nearest"),
+    "random8": ("cache_float16_random8", "nearest"),
+    "stored8": ("cache_float16_random8", "stored"),
+}
+
+
+def run_fidelity(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """How close each cache's targets are to the online teacher's for the same training views (no training).
+
+    For ``--fid-images`` training items of the demo MILAN config (random resized crop + flip, seed 0), the raw
+    teacher tokens on its own 4x4 grid (no conditioning) and the CLS attention on the student's 7x7 grid, from the
+    teacher run on each view and from each cache written by the accuracy part (missing caches are skipped):
+    cosine similarity of patch tokens and of global tokens (also after subtracting the online batch mean, as MILAN's
+    ``center`` conditioning does), and the overlap of the 25% most attended patches (what semantic masking keeps).
+    """
+    from torch.utils.data import default_collate
+
+    from semmim.config import find_config, load_config
+    from semmim.data.loader import build_dataset
+    from semmim.methods.base import build_teacher
+    from semmim.targets.features import TeacherFeatureTarget
+    from semmim.teachers.cache import TeacherCache, crop_batch_of
+
+    teacher_run = str(Path(args.teacher_run).resolve())
+    cfg = load_config(
+        find_config("demo/milan"),
+        ["teacher.name=timm", f"teacher.path={teacher_run}", f"data.limit={args.acc_limit or 20000}"],
+    )
+    online_target = TeacherFeatureTarget(build_teacher(cfg), grid="native")
+    grid = (cfg.model.img_size // cfg.model.patch_size,) * 2
+    rows = []
+    for name, (folder, mode) in FIDELITY_CACHES.items():
+        path = out / "accuracy" / folder
+        if not (path / "cache.json").is_file():
+            continue
+        cache = TeacherCache(path)
+        ds = build_dataset(cfg.data, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans, train=True, seed=0)
+        ds.geometry = True  # type: ignore[union-attr]
+        ds.extras = cache.item  # type: ignore[union-attr]
+        if mode == "stored":
+            ds.crop_source = cache.stored_crop  # type: ignore[union-attr]
+        step = max(1, len(ds) // args.fid_images)
+        batch = default_collate([ds[i] for i in range(0, step * args.fid_images, step)])  # type: ignore[index]
+        images = batch["image"].float()
+        on = online_target(images, grid, need_attn=True)
+        cached = TeacherFeatureTarget(None, grid="native", teacher_cache=str(path))(
+            images, grid, need_attn=True, geometry=crop_batch_of(batch)
+        )
+        a, b = on.tokens, cached.tokens
+        mean = a.mean(dim=(0, 1), keepdim=True)
+        k = max(1, on.cls_attn.shape[1] // 4)  # type: ignore[union-attr]
+        top_on = on.cls_attn.topk(k, dim=1).indices  # type: ignore[union-attr]
+        top_ca = cached.cls_attn.topk(k, dim=1).indices  # type: ignore[union-attr]
+        overlap = (top_on[:, :, None] == top_ca[:, None, :]).any(-1).float().mean()
+        kept = ~batch["flip"].bool()  # views the teacher saw unmirrored: the stored map needs no flip
+        patch_cos = torch.nn.functional.cosine_similarity(a[:, 1:], b[:, 1:], dim=-1)
+        rows.append(
+            {
+                "cache": name,
+                "crops": mode,
+                "images": int(images.shape[0]),
+                "patch_cos": float(patch_cos.mean()),
+                "patch_cos_unflipped": float(patch_cos[kept].mean()),
+                "patch_cos_centred": float(
+                    torch.nn.functional.cosine_similarity(a[:, 1:] - mean, b[:, 1:] - mean, dim=-1).mean()
+                ),
+                "global_cos": float(torch.nn.functional.cosine_similarity(a[:, 0], b[:, 0], dim=-1).mean()),
+                "global_cos_centred": float(
+                    torch.nn.functional.cosine_similarity(
+                        a[:, 0] - a[:, 0].mean(0), b[:, 0] - a[:, 0].mean(0), dim=-1
+                    ).mean()
+                ),
+                "attn_top25_overlap": float(overlap),
+            }
+        )
+        log(f"fidelity {json.dumps(rows[-1])}")
+    return {"teacher_run": args.teacher_run, "rows": rows}
+
+
 def acc_arms(args: argparse.Namespace) -> list[str]:
     every = ["online", "cache", "int8", *(f"cache@{s}" for s in args.acc_cache_sizes)]
     every += [f"crops{k}" for k in args.acc_crops] + [f"pca{k}" for k in args.acc_pca]
@@ -626,7 +711,9 @@ def demo_cache_label(key: str) -> str:
 
 def write_report(out: Path) -> None:
     parts = {
-        p: json.loads((out / f"{p}.json").read_text()) for p in ("speed", "accuracy") if (out / f"{p}.json").is_file()
+        p: json.loads((out / f"{p}.json").read_text())
+        for p in ("speed", "accuracy", "fidelity")
+        if (out / f"{p}.json").is_file()
     }
     (out / "results.json").write_text(json.dumps(parts, indent=2))
     lines = ["# Online teacher vs cached teacher maps (issue #16)", ""]
@@ -758,6 +845,34 @@ def write_report(out: Path) -> None:
                 + f" | {r['online_s']:.0f} / {r['cache_s']:.0f} |"
             )
         lines.append("")
+    if "fidelity" in parts:
+        f = parts["fidelity"]
+        lines += [
+            "## Target fidelity: cached vs online targets of the same views",
+            "",
+            "Produced by:",
+            "",
+            "```",
+            f.get("command", ""),
+            "```",
+            "",
+            "The demo MILAN config's training views (random resized crop 0.4-1 + flip, seed 0), the raw teacher tokens "
+            "on its own 4x4 grid and its CLS attention on the student's 7x7 grid, from the teacher run on each view "
+            "and from each cache of the accuracy part. Cosine similarity per token (centred: after subtracting the "
+            "online batch mean, as MILAN's `center` conditioning does) and the overlap of the 25% most attended "
+            "patches (what semantic-aware masking keeps visible). 1.0 = the online targets.",
+            "",
+            "| cache | views | images | patch cos | patch cos, unflipped views | patch cos, centred | global cos "
+            "| global cos, centred | top-25% attention overlap |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in f["rows"]:
+            lines.append(
+                f"| {r['cache']} | {r['crops']} | {r['images']} | {r['patch_cos']:.3f} "
+                f"| {r['patch_cos_unflipped']:.3f} | {r['patch_cos_centred']:.3f} "
+                f"| {r['global_cos']:.3f} | {r['global_cos_centred']:.3f} | {r['attn_top25_overlap']:.3f} |"
+            )
+        lines.append("")
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
@@ -765,7 +880,10 @@ def write_report(out: Path) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/results/teacher_cache")
-    p.add_argument("--parts", nargs="+", default=["speed", "size", "accuracy"], choices=["speed", "size", "accuracy"])
+    p.add_argument(
+        "--parts", nargs="+", default=["speed", "size", "accuracy"], choices=["speed", "size", "accuracy", "fidelity"]
+    )
+    p.add_argument("--fid-images", type=int, default=512, help="training views the fidelity part compares")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--images", type=int, default=32, help="synthetic training images of the speed runs (cached)")
@@ -826,6 +944,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         res = run_speed(args, out)
         res.update({"command": cmd, "machine": machine(), "args": vars(args)})
         (out / "speed.json").write_text(json.dumps(res, indent=2))
+        write_report(out)
+    if "fidelity" in args.parts:
+        res = run_fidelity(args, out)
+        res.update({"command": cmd, "machine": machine()})
+        (out / "fidelity.json").write_text(json.dumps(res, indent=2))
         write_report(out)
     if "accuracy" in args.parts:
         res = run_accuracy(args, out)
