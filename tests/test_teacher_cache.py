@@ -645,8 +645,8 @@ def _stored_mode_items(cache: Path, over: list[str], n: int) -> tuple[object, li
 
 
 def _check_exact(cfg: object, items: list[dict[str, Tensor]], reader: TeacherCache) -> None:
-    """Every view is one of its image's stored crops, and its target (maskdistill: LayerNorm of the tokens) is the
-    teacher's output for the view itself, up to float16 storage; flipped views get the mirrored map."""
+    """Every view is one of its image's stored crops with its stored flip, and its target (maskdistill: LayerNorm of
+    the tokens) is the teacher's output for the view itself, mirrored or not, up to float16 storage."""
     from semmim.methods import build_method
     from semmim.methods.base import build_teacher
 
@@ -655,16 +655,13 @@ def _check_exact(cfg: object, items: list[dict[str, Tensor]], reader: TeacherCac
     batch = torch.utils.data.default_collate(items)
     for i, item in enumerate(items):
         c, row = divmod(i, reader.chunk_size)
-        stored = load_file(str(reader.root / f"chunk-{c:05d}.safetensors"))["crop_box"][row]
-        assert bool(torch.isclose(stored, item["crop"], atol=1e-6).all(dim=1).any()), (i, item["crop"], stored)
+        chunk = load_file(str(reader.root / f"chunk-{c:05d}.safetensors"))
+        match = torch.isclose(chunk["crop_box"][row], item["crop"], atol=1e-6).all(dim=1)
+        assert bool(match.any()), (i, item["crop"], chunk["crop_box"][row])
+        assert bool(item["flip"]) == bool(chunk["crop_flip"][row][match][0])
         assert torch.equal(item["teacher_view_box"], item["crop"])
     got = target(batch["image"], (4, 4), geometry=_geo(batch)).tokens
-    views = torch.where(batch["flip"].view(-1, 1, 1, 1), batch["image"].flip(-1), batch["image"])  # as stored
-    online = teacher(views, None).tokens
-    h = w = 4
-    grid = online[:, 1:].reshape(-1, h, w, online.shape[-1])
-    grid = torch.where(batch["flip"].view(-1, 1, 1, 1), grid.flip(2), grid).reshape(-1, h * w, online.shape[-1])
-    want = _ln(torch.cat([online[:, :1], grid], 1))
+    want = _ln(teacher(batch["image"], None).tokens)  # the teacher on the very views the student sees
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
     assert {bool(f) for f in batch["flip"]} == {True, False}
 
@@ -675,7 +672,9 @@ def test_stored_random_crops_give_exact_targets(tiny_teacher_dir: Path, tmp_path
     assert report.crops == 3
     chunk = load_file(str(tmp_path / "c" / "chunk-00000.safetensors"))
     assert chunk["crop_box"].shape == (8, 3, 4) and chunk["crop_tokens"].shape == (8, 3, 4, 4, 48)
-    assert json.loads((tmp_path / "c" / "cache.json").read_text())["random_crops"] == {"count": 3, "scale": [0.2, 1.0]}
+    assert chunk["crop_flip"].dtype == torch.bool and chunk["crop_flip"].shape == (8, 3)
+    meta = json.loads((tmp_path / "c" / "cache.json").read_text())
+    assert meta["random_crops"] == {"count": 3, "scale": [0.2, 1.0], "hflip": True}
     again = write_cache(load_config(None, over), tmp_path / "c2", chunk_size=8, random_crops=3)  # the same draws
     assert again.written == 3 and torch.equal(
         load_file(str(tmp_path / "c2" / "chunk-00000.safetensors"))["crop_box"], chunk["crop_box"]
@@ -728,5 +727,7 @@ def test_stored_crop_errors(tiny_teacher_dir: Path, caches: dict[str, Path], tmp
     write_cache(load_config(None, over), tmp_path / "c", chunk_size=8, random_crops=2)
     scale = [f"teacher.cache={tmp_path / 'c'}", "teacher.cache_crops=stored", "data.crop_scale=[0.5,1.0]"]
     _one_line_error([*over, *scale], r"drawn with data.crop_scale=\[0.2, 1.0\], but this run has", tmp_path)
+    flips = [f"teacher.cache={tmp_path / 'c'}", "teacher.cache_crops=stored", "data.hflip=false"]
+    _one_line_error([*over, *flips], "drawn with data.hflip=true, but this run has data.hflip=false", tmp_path)
     with pytest.raises(ConfigError, match="--crops 5 and --random-crops 2 both choose the stored crops"):
         write_cache(load_config(None, over), tmp_path / "d", crops=5, random_crops=2)

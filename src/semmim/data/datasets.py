@@ -717,10 +717,10 @@ class SeededDataset(Dataset[Sample]):
         self.extras: Callable[[int, torch.Tensor | None], dict[str, Any]] | None = None
         """More item fields by index and crop box (``None`` without :attr:`geometry`): a cached teacher's stored maps
         (``TeacherCache.item``), read in the workers."""
-        self.crop_source: Callable[[int, Any], tuple[int, int, int, int]] | None = None
-        """With :attr:`geometry`: the crop of item ``index`` of image ``img`` in pixels (top, left, height, width),
-        drawn inside the item's seeded context, instead of the transform's own draw (``teacher.cache_crops=stored``:
-        ``TeacherCache.stored_crop``)."""
+        self.crop_source: Callable[[int, Any], tuple[tuple[int, int, int, int], bool | None]] | None = None
+        """With :attr:`geometry`: the crop of item ``index`` of image ``img`` in pixels (top, left, height, width)
+        and its flip (``None``: drawn), drawn inside the item's seeded context, instead of the transform's own draws
+        (``teacher.cache_crops=stored``: ``TeacherCache.stored_crop``)."""
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch (also forwarded to the wrapped dataset when it has ``set_epoch``)."""
@@ -752,8 +752,8 @@ class SeededDataset(Dataset[Sample]):
         geometry = None
         with seeded(self.seed, self.epoch, index):
             if self.geometry and self.transform is not None:
-                box = None if self.crop_source is None else self.crop_source(index, img)
-                image, geometry = transform_geometry(self.transform, img, box)
+                box, flip = (None, None) if self.crop_source is None else self.crop_source(index, img)
+                image, geometry = transform_geometry(self.transform, img, box, flip)
             else:
                 image = apply_transform(self.transform, img)
         skipped, bad = bad_of_last_load(self.dataset)

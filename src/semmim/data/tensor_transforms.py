@@ -114,13 +114,14 @@ class TensorPretrainTransform:
         return self.with_geometry(img)[0]
 
     def with_geometry(
-        self, img: torch.Tensor, box: tuple[int, int, int, int] | None = None
+        self, img: torch.Tensor, box: tuple[int, int, int, int] | None = None, flip: bool | None = None
     ) -> tuple[torch.Tensor, CropGeometry]:
         """uint8 (C, H, W) -> (the view, its :class:`semmim.data.transforms.CropGeometry`: normalised box, flip);
-        ``box`` (top, left, height, width): cut it rather than draw one."""
+        ``box`` (top, left, height, width) and ``flip``: take them rather than draw them."""
         _check_uint8(img)
         top, left, h, w = T.RandomResizedCrop.get_params(img, list(self.scale), list(_RATIO)) if box is None else box
-        flip = self.hflip and bool(torch.rand(1) < 0.5)  # the draw RandomHorizontalFlip makes
+        if flip is None:
+            flip = self.hflip and bool(torch.rand(1) < 0.5)  # the draw RandomHorizontalFlip makes
         cut = img[:, top : top + h, left : left + w]
         out = _finish(resize_uint8(cut, (self.img_size, self.img_size), self.interpolation, hflip=flip), self.uint8)
         return out, CropGeometry(crop_box(top, left, h, w, int(img.shape[-2]), int(img.shape[-1])), flip)

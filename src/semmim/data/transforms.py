@@ -41,20 +41,20 @@ PixelBox = tuple[int, int, int, int]
 
 
 def transform_geometry(
-    transform: Any, img: Any, box: PixelBox | None = None
+    transform: Any, img: Any, box: PixelBox | None = None, flip: bool | None = None
 ) -> tuple[torch.Tensor, CropGeometry | None]:
     """``transform(img)`` and the view's :class:`CropGeometry` (``None`` for a transform that does not report one).
 
     A transform reports it with a ``with_geometry(img, box=None) -> (tensor, CropGeometry)`` method (the pretraining
     transforms); the random draws and the image are those of ``transform(img)``. ``box``: cut this crop instead of
-    drawing one (the flip is still drawn).
+    drawing one; ``flip``: mirror the view or not instead of drawing it (``None``: drawn).
     """
     with_geometry = getattr(transform, "with_geometry", None)
     if callable(with_geometry):
-        out, geometry = with_geometry(img, box=box)
+        out, geometry = with_geometry(img, box=box, flip=flip)
         return out, geometry
-    if box is not None:
-        raise TypeError(f"the transform {transform!r} cannot cut a given crop box")
+    if box is not None or flip is not None:
+        raise TypeError(f"the transform {transform!r} cannot cut a given crop box or flip")
     return transform(img), None
 
 
@@ -71,7 +71,9 @@ class _ResizedCropWithBox(T.RandomResizedCrop):
 class _FlipWithFlag(T.RandomHorizontalFlip):
     """torchvision's RandomHorizontalFlip (the same draw) that also says whether it flipped."""
 
-    def flip_with_flag(self, img: Any) -> tuple[Any, bool]:
+    def flip_with_flag(self, img: Any, flip: bool | None = None) -> tuple[Any, bool]:
+        if flip is not None:  # given (a cached teacher's stored view), not drawn
+            return (TF.hflip(img), True) if flip else (img, False)
         if torch.rand(1) < self.p:
             return TF.hflip(img), True
         return img, False
@@ -83,18 +85,21 @@ class PretrainCompose(T.Compose):
     Calling it gives exactly the image ``with_geometry`` gives (same ops, same random draws, same order).
     """
 
-    def with_geometry(self, img: Any, box: PixelBox | None = None) -> tuple[torch.Tensor, CropGeometry]:
-        """PIL image -> ((C, H, W) tensor, :class:`CropGeometry`); ``box``: cut it rather than draw one."""
+    def with_geometry(
+        self, img: Any, box: PixelBox | None = None, flip: bool | None = None
+    ) -> tuple[torch.Tensor, CropGeometry]:
+        """PIL image -> ((C, H, W) tensor, :class:`CropGeometry`); ``box``, ``flip``: take them rather than draw
+        them (a given flip needs the transform's flip step, ``data.hflip``)."""
         cut: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
-        flip = False
+        flipped = False
         for t in self.transforms:
             if isinstance(t, _ResizedCropWithBox):
                 img, cut = t.crop_with_box(img, box)
             elif isinstance(t, _FlipWithFlag):
-                img, flip = t.flip_with_flag(img)
+                img, flipped = t.flip_with_flag(img, flip)
             else:
                 img = t(img)
-        return img, CropGeometry(cut, flip)
+        return img, CropGeometry(cut, flipped)
 
     def __call__(self, img: Any) -> Any:
         return self.with_geometry(img)[0]

@@ -29,11 +29,12 @@ times the storage; at demo scale they close most of MILAN's accuracy gap to the 
 
 With ``--random-crops K`` the teacher instead runs on ``K`` random resized crops of every image, drawn as the
 training transform draws them (``data.crop_scale``, aspect 3/4-4/3) from a seeded stream of their own, and the
-chunks also hold their boxes, ``crop_box`` (k, K, 4). Training views then either take the nearest of them, as above
-(``teacher.cache_crops=nearest``), or are those very crops (``teacher.cache_crops=stored``: each view is one of its
-image's ``K`` crops, drawn at random, :meth:`TeacherCache.stored_crop`), so that a view's target is the teacher's
-own output for it, exact up to the flip (the stored map is mirrored, the teacher did not see the mirrored view) and
-the storage precision, at the price of ``K`` crops per image over the whole run (FKD, Shen & Xing 2021,
+chunks also hold their boxes, ``crop_box`` (k, K, 4), and flips, ``crop_flip`` (k, K) (each crop mirrored at random
+before the teacher sees it when ``data.hflip``; its map is stored mirrored back, in the image's orientation). Training
+views then either take the nearest of them, as above (``teacher.cache_crops=nearest``), or are those very crops
+(``teacher.cache_crops=stored``: each view is one of its image's ``K`` crops with its flip, drawn at random,
+:meth:`TeacherCache.stored_crop`), so that a view's target is the teacher's own output for it, exact up to the storage
+precision, at the price of ``K`` views per image over the whole run (FKD, Shen & Xing 2021,
 arXiv:2112.01528, stores region-level soft labels the same way).
 
 With ``--pca k`` the map tokens (``tokens``, ``crop_tokens``) hold ``k`` coordinates instead of ``D`` values: their
@@ -390,6 +391,8 @@ class TeacherCache:
         """Random resized crops stored per image, each with its own box (``crop_box`` in the chunks; 0: none)."""
         self.random_scale = [float(v) for v in random.get("scale", [])]
         """The ``data.crop_scale`` those crops were drawn with."""
+        self.random_hflip = bool(random.get("hflip", False))
+        """Whether each of those crops was mirrored at random (``data.hflip``) before the teacher saw it."""
         self.pca: dict[str, Tensor] | None = None
         """``{"mean": (D,), "components": (k, D)}`` when the maps are stored as PCA coordinates (``--pca k``)."""
         missing = [c["file"] for c in self.meta["chunks"] if not (self.root / c["file"]).is_file()]
@@ -453,20 +456,23 @@ class TeacherCache:
                     )
         return out
 
-    def stored_crop(self, index: int, img: Any) -> tuple[int, int, int, int]:
+    def stored_crop(self, index: int, img: Any) -> tuple[tuple[int, int, int, int], bool | None]:
         """One of image ``index``'s stored random crops, drawn with ``torch``'s generator (the item's seeded context),
-        in pixels of ``img`` (a PIL image or a (C, H, W) tensor): ``(top, left, height, width)``, what
-        ``SeededDataset.crop_source`` gives the training transform under ``teacher.cache_crops=stored``."""
+        in pixels of ``img`` (a PIL image or a (C, H, W) tensor): ``(top, left, height, width)``, and whether the
+        teacher saw it mirrored (the view is then mirrored too); what ``SeededDataset.crop_source`` gives the training
+        transform under ``teacher.cache_crops=stored``."""
         if not self.random_crops:
             raise ValueError(
                 f"teacher.cache={self.root} stores no random crops (semmim teacher cache --random-crops K)"
             )
         c, row = divmod(int(index), self.chunk_size)
         k = int(torch.randint(self.random_crops, (1,)).item())
-        x0, y0, x1, y1 = self._chunk(c).get_slice("crop_box")[row, k].tolist()
+        f = self._chunk(c)
+        x0, y0, x1, y1 = f.get_slice("crop_box")[row, k].tolist()
         height, width = (int(img.shape[-2]), int(img.shape[-1])) if isinstance(img, Tensor) else img.size[::-1]
         top, left = round(y0 * height), round(x0 * width)
-        return top, left, round(y1 * height) - top, round(x1 * width) - left
+        flip = bool(f.get_slice("crop_flip")[row, k].item())
+        return (top, left, round(y1 * height) - top, round(x1 * width) - left), flip
 
     def stored(self, index: Tensor, crop: Tensor | None = None) -> dict[str, Tensor]:
         """:meth:`item` of dataset indices ``index`` (N,) (and their crop boxes (N, 4)), collated."""
@@ -565,6 +571,11 @@ def check_cache_for_run(cfg: Any, dataset: Any, teacher: Any = None) -> TeacherC
                 f"teacher.cache_crops=stored trains on the random crops stored with the cache, but teacher.cache="
                 f"{where} has none: rewrite it with `semmim teacher cache --random-crops K`, or use "
                 "teacher.cache_crops=nearest"
+            )
+        if bool(cfg.data.hflip) != cache.random_hflip:
+            raise ConfigError(
+                f"teacher.cache={where} stores crops drawn with data.hflip={str(cache.random_hflip).lower()}, but this "
+                f"run has data.hflip={str(bool(cfg.data.hflip)).lower()}: set it to the cache's, or rewrite the cache"
             )
         if [float(v) for v in cfg.data.crop_scale] != cache.random_scale:
             raise ConfigError(

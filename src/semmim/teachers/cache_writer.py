@@ -77,11 +77,13 @@ class FullResize:
         crops: list[list[float]] | None = None,
         random_crops: int = 0,
         scale: tuple[float, float] = (0.2, 1.0),
+        hflip: bool = False,
     ) -> None:
         self.size = int(size)
         self.crops = [list(map(float, b)) for b in crops or []]
         self.random_crops = int(random_crops)
         self.scale = (float(scale[0]), float(scale[1]))
+        self.hflip = bool(hflip)
 
     def __call__(self, img: Any) -> Tensor:
         from PIL import Image
@@ -109,10 +111,10 @@ class FullResize:
             )
         return torch.stack(views)
 
-    def random_views(self, img: Any) -> tuple[Tensor, Tensor]:
+    def random_views(self, img: Any) -> tuple[Tensor, Tensor, Tensor]:
         """The full image and ``random_crops`` random resized crops, drawn as the training transform draws them (from
-        ``torch``'s generator: call it in a seeded context) and cut as it cuts them, stacked (1 + K, C, s, s), with
-        their (K, 4) normalised boxes."""
+        ``torch``'s generator: call it in a seeded context; mirrored at random with ``hflip``) and cut as it cuts
+        them, stacked (1 + K, C, s, s), with their (K, 4) normalised boxes and (K,) flips."""
         import torchvision.transforms.functional as TF
         from torchvision import transforms as T
         from torchvision.transforms import InterpolationMode
@@ -123,17 +125,20 @@ class FullResize:
 
         s = self.size
         full = self.__class__(s)(img)
-        views, boxes = [full], []
+        views, boxes, flips = [full], [], []
         height, width = TF.get_image_size(img)[::-1]
         for _ in range(self.random_crops):
             top, left, h, w = T.RandomResizedCrop.get_params(img, list(self.scale), [3.0 / 4.0, 4.0 / 3.0])
             boxes.append(crop_box(top, left, h, w, height, width))
+            flip = self.hflip and bool(torch.rand(1) < 0.5)  # the training transforms' flip draw
+            flips.append(flip)
             if isinstance(img, Tensor):  # as TensorPretrainTransform cuts it
-                views.append(resize_uint8(img[:, top : top + h, left : left + w], (s, s)).float().div_(255.0))
+                cut = resize_uint8(img[:, top : top + h, left : left + w], (s, s), hflip=flip)
+                views.append(cut.float().div_(255.0))
             else:  # as the PIL pretraining transform cuts it
-                cut = TF.resized_crop(img, top, left, h, w, [s, s], InterpolationMode.BICUBIC, antialias=True)
-                views.append(pil_to_tensor01(cut))
-        return torch.stack(views), torch.tensor(boxes, dtype=torch.float32)
+                crop = TF.resized_crop(img, top, left, h, w, [s, s], InterpolationMode.BICUBIC, antialias=True)
+                views.append(pil_to_tensor01(TF.hflip(crop) if flip else crop))
+        return torch.stack(views), torch.tensor(boxes, dtype=torch.float32), torch.tensor(flips, dtype=torch.bool)
 
 
 class RandomViews(torch.utils.data.Dataset):
@@ -153,8 +158,8 @@ class RandomViews(torch.utils.data.Dataset):
 
         img, _ = self.dataset.dataset.load(index)
         with seeded(self.dataset.seed, -1, index):
-            image, boxes = self.views.random_views(img)
-        return {"image": image, "crop_box": boxes}
+            image, boxes, flips = self.views.random_views(img)
+        return {"image": image, "crop_box": boxes, "crop_flip": flips}
 
 
 def rank_and_world(rank: int | None, world: int | None) -> tuple[int, int]:
@@ -361,7 +366,7 @@ def write_cache(
     # the training run's dataset (generated data depends on model.img_size), each image then resized whole to s
     dataset: Any = build_dataset(cfg.data, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans, train=False)
     scale = (float(cfg.data.crop_scale[0]), float(cfg.data.crop_scale[1]))
-    dataset.transform = FullResize(s, boxes, random_crops, scale)
+    dataset.transform = FullResize(s, boxes, random_crops, scale, bool(cfg.data.hflip))
     source = RandomViews(dataset, dataset.transform) if random_crops else dataset  # what the teacher runs on
     n = len(dataset)
     ranges = chunk_ranges(n, chunk_size)
@@ -382,7 +387,9 @@ def write_cache(
         "dtype": dtype,
         "has_attn": need_attn,
         "crops": boxes,
-        "random_crops": {"count": int(random_crops), "scale": list(scale)} if random_crops else None,
+        "random_crops": {"count": int(random_crops), "scale": list(scale), "hflip": bool(cfg.data.hflip)}
+        if random_crops
+        else None,
         "pca": None if pca is None else {"dim": int(pca), "fit_images": min(n, int(pca_fit))},
         "chunk_size": int(chunk_size),
         "chunks": [{"file": chunk_name(c), "start": a, "stop": b} for c, (a, b) in enumerate(ranges)],
@@ -407,11 +414,12 @@ def write_cache(
         toks, globs, attns = [], [], []
         loader = DataLoader(Subset(source, range(a, b)), batch_size=bs, num_workers=cfg.data.num_workers)
         views = 1 + len(boxes) + int(random_crops)
-        stored_boxes = []
+        stored_boxes, stored_flips = [], []
         for batch in loader:
             image = batch["image"]
             if random_crops:
                 stored_boxes.append(batch["crop_box"])
+                stored_flips.append(batch["crop_flip"])
             x = image.to(device).reshape(-1, *image.shape[-3:])  # (B * views, C, s, s)
             k = x.shape[0] // views
             res = tm(x, None, need_attn=need_attn)
@@ -420,6 +428,12 @@ def write_cache(
             if need_attn:
                 attns.append(res.cls_attn.reshape(k, views, map_hw[0], map_hw[1]).cpu())
         tokens, globals_ = torch.cat(toks), torch.cat(globs)
+        flipped = torch.cat(stored_flips) if random_crops else None  # (k, K): those crops' maps back to the image's
+        if flipped is not None:  # orientation (the full image, view 0, is never mirrored)
+            mirror = torch.cat([torch.zeros_like(flipped[:, :1]), flipped], 1).view(flipped.shape[0], views, 1, 1)
+            tokens = torch.where(mirror.unsqueeze(-1), tokens.flip(3), tokens)
+            if need_attn:
+                attns = [torch.where(mirror, torch.cat(attns).flip(3), torch.cat(attns))]
         parts: dict[str, Tensor] = {"global": globals_[:, 0]}
         if views > 1:
             parts["crop_global"] = globals_[:, 1:]
@@ -436,8 +450,9 @@ def write_cache(
             tensors["attn"] = maps[:, 0].half()
             if views > 1:
                 tensors["crop_attn"] = maps[:, 1:].half()
-        if random_crops:
+        if flipped is not None:
             tensors["crop_box"] = torch.cat(stored_boxes).float()
+            tensors["crop_flip"] = flipped
         _save_atomic(tensors, path)
         written += 1
     total = sum(p.stat().st_size for p in root.glob("chunk-*.safetensors"))
