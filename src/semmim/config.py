@@ -239,8 +239,8 @@ class TeacherConfig:
     cache_crops: str = "nearest"
     """With teacher.cache: nearest = every view is a fresh random resized crop, its target cut from the stored view
     nearest it (approximate); stored = every view is one of the random crops stored with the cache (``semmim teacher
-    cache --random-crops K``), drawn at random each time, so its target is that crop's own teacher output (exact up
-    to the flip and the storage precision; each image then has only K crops over the whole run)."""
+    cache --random-crops K``) with its flip, drawn at random each time, so its target is that view's own teacher
+    output (exact up to the storage precision; each image then has only K views over the whole run)."""
 
 
 @dataclass

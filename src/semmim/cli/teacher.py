@@ -97,8 +97,9 @@ def add_teacher_parser(sub: Any) -> None:
         type=int,
         default=0,
         help="instead of --crops, store K random resized crops per image, drawn as training draws them "
-        "(data.crop_scale), with their boxes; train with teacher.cache_crops=stored to use exactly these crops, so "
-        "each view's target is its own teacher output (each image then has only K crops over the whole run)",
+        "(data.crop_scale, data.hflip), with their boxes and flips; train with teacher.cache_crops=stored to use "
+        "exactly these views, so each view's target is its own teacher output (each image then has only K views "
+        "over the whole run), or with the default teacher.cache_crops=nearest to use them as nearest views",
     )
     c.add_argument(
         "--pca",

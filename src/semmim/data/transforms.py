@@ -45,9 +45,9 @@ def transform_geometry(
 ) -> tuple[torch.Tensor, CropGeometry | None]:
     """``transform(img)`` and the view's :class:`CropGeometry` (``None`` for a transform that does not report one).
 
-    A transform reports it with a ``with_geometry(img, box=None) -> (tensor, CropGeometry)`` method (the pretraining
-    transforms); the random draws and the image are those of ``transform(img)``. ``box``: cut this crop instead of
-    drawing one; ``flip``: mirror the view or not instead of drawing it (``None``: drawn).
+    A transform reports it with a ``with_geometry(img, box=None, flip=None) -> (tensor, CropGeometry)`` method (the
+    pretraining transforms); the random draws and the image are those of ``transform(img)``. ``box``: cut this crop
+    instead of drawing one; ``flip``: mirror the view or not instead of drawing it (``None``: drawn).
     """
     with_geometry = getattr(transform, "with_geometry", None)
     if callable(with_geometry):

@@ -129,7 +129,7 @@ class TeacherFeatureTarget(nn.Module):
         boxes, flips = geometry.crop.to(device), geometry.flip.to(device)
         patches = crop_maps(maps, boxes, flips, out_hw)
         cut = None if attn_map is None else crop_maps(attn_map, boxes, flips, attn_hw)
-        if "teacher_view_box" in stored:  # fixed crops stored: the nearest view's global token, and its map inside it
+        if "teacher_view_box" in stored:  # crops stored: the nearest view's global token, and its map inside it
             views = stored["teacher_view_box"].float()
             vmaps, glob, vattn = stored_maps(stored, need_attn, prefix="teacher_view_", pca=self.cache.pca)
             rel = relative_boxes(boxes, views)
