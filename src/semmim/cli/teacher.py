@@ -90,7 +90,10 @@ def add_teacher_parser(sub: Any) -> None:
         "the crop more closely, for K more teacher passes and K times the storage",
     )
     c.add_argument(
-        "--crop-side", type=float, default=None, help="the crops' width and height, a fraction of the image's (0.8)"
+        "--crop-side",
+        type=float,
+        default=None,
+        help="the crops' width and height, a fraction of the image's; unset = 0.8",
     )
     c.add_argument(
         "--random-crops",
@@ -108,7 +111,9 @@ def add_teacher_parser(sub: Any) -> None:
         help="store the map tokens as coordinates on this many principal directions (fitted on --pca-fit images, "
         "saved as pca.safetensors); training maps them back to the teacher's width. Unset: the full width",
     )
-    c.add_argument("--pca-fit", type=int, default=None, help="images the PCA is fitted on, spread over the data (4096)")
+    c.add_argument(
+        "--pca-fit", type=int, default=None, help="images the PCA is fitted on, spread over the data; unset = 4096"
+    )
     c.add_argument("--device", default=None, help="where the teacher runs; unset = cuda if available, else cpu")
     c.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.limit=5000 teacher.path=RUN_DIR")
     c.set_defaults(func=cmd_teacher_cache)
