@@ -72,7 +72,7 @@ def log(msg: str) -> None:
 def machine() -> str:
     return (
         f"{os.cpu_count()} CPU cores ({platform.platform()}), torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread(s), shared with other jobs"
+        f"{torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.2f} at the start"
     )
 
 
