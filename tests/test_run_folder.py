@@ -117,6 +117,22 @@ def test_overwrite_replaces_the_run_and_its_eval_and_tensorboard(finished: Path,
     assert (out / "notes.txt").read_text() == "mine"  # not ours: kept
 
 
+def test_overwrite_keeps_the_run_when_the_new_one_cannot_start(finished: Path, tmp_path: Path) -> None:
+    """--overwrite with a wrong data.root (or any setting that fails its checks): the error, and the earlier run
+    is still all there; nothing is deleted before the new run has built its data and model."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    bad = _cfg("data.name=imagefolder", f"data.root={tmp_path / 'no-such-folder'}")
+    with pytest.raises((FileNotFoundError, ConfigError)):
+        pretrain(bad, out, overwrite=True)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+    assert pretrain(_cfg("trainer.max_steps=2"), out, overwrite=True).steps == 2  # then replaced as asked
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+
+
 def test_cli_overwrite_and_resume_conflict(tmp_path: Path) -> None:
     res = subprocess.run(
         [SEMMIM, "pretrain", "--out", str(tmp_path), "--config", "demo/mae", "--resume", "--overwrite"],

@@ -414,6 +414,7 @@ def pretrain(
     lock.acquire()
     try:
         changes: dict[str, tuple[Any, Any]] = {}
+        replace = False
         if resume:
             saved = out / rundir.CONFIG
             if saved.is_file():
@@ -424,9 +425,11 @@ def pretrain(
                     if now["method"].get(key) is None:
                         now["method"][key] = before["method"].get(key)
                 changes = rundir.resume_changes(before, now)
-        else:
-            rundir.prepare_new_run(out, overwrite)
-        return PretrainRecipe(cfg, out, resume=resume, teacher=teacher, on_step=on_step, changes=changes).run()
+        else:  # a previous run is deleted only once the new one has passed its checks (data, model, teacher)
+            replace = rundir.check_new_run(out, overwrite)
+        recipe = PretrainRecipe(cfg, out, resume=resume, teacher=teacher, on_step=on_step, changes=changes)
+        recipe.replace_previous = replace
+        return recipe.run()
     finally:
         lock.release()
 
@@ -498,6 +501,8 @@ class PretrainRecipe:
         self.teacher = teacher
         self.on_step = on_step
         self.changes = dict(changes or {})
+        self.replace_previous = False
+        """A new run over an earlier one (``--overwrite``): rank 0 deletes it after the data and model are built."""
         self.ckpt_path = rundir.ckpt_path(self.out)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.position: ResumePosition | None = None  # a resume's data position, applied when the loop starts
@@ -524,6 +529,9 @@ class PretrainRecipe:
         self.setup_data()
         self.setup_model()
         self.setup_optimizer()
+        if self.replace_previous and self.is_main:  # every check that can fail has passed: nothing is lost
+            rundir.delete_previous_run(self.out)
+            (self.out / CKPT_DIR).mkdir(exist_ok=True)
         if self.resume:
             self.load_checkpoint()
         self.setup_monitor()

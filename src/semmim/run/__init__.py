@@ -33,7 +33,15 @@ from semmim.run.files import (
     TENSORBOARD,
     ckpt_path,
 )
-from semmim.run.folder import RunFolderError, RunLock, holds_run, prepare_new_run, resume_changes
+from semmim.run.folder import (
+    RunFolderError,
+    RunLock,
+    check_new_run,
+    delete_previous_run,
+    holds_run,
+    prepare_new_run,
+    resume_changes,
+)
 from semmim.run.load import Run, load_run
 
 __all__ = [
@@ -52,7 +60,9 @@ __all__ = [
     "Run",
     "RunFolderError",
     "RunLock",
+    "check_new_run",
     "ckpt_path",
+    "delete_previous_run",
     "holds_run",
     "load_run",
     "prepare_new_run",

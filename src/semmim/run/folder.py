@@ -41,20 +41,36 @@ def _run_summary(out: Path) -> str:
     return f" ({', '.join(bits)})" if bits else ""
 
 
-def prepare_new_run(out: Path, overwrite: bool) -> None:
-    """Refuse to start a new run in a folder holding another one, unless ``overwrite`` deletes it.
+def check_new_run(out: Path, overwrite: bool) -> bool:
+    """Refuse to start a new run in a folder holding another one, unless ``overwrite``; returns whether a previous
+    run is there to be replaced (:func:`delete_previous_run`, once the new run has passed its checks).
 
     Raises:
         RunFolderError: ``out`` holds a run and ``overwrite`` is false.
     """
     if not holds_run(out):
-        return
+        return False
     if not overwrite:
         raise RunFolderError(
             f"{out} already holds a run{_run_summary(out)}: continue it with --resume (resume=True), or replace it "
             "with --overwrite (overwrite=True), which deletes its checkpoints, metrics, TensorBoard logs, eval "
             "results and export"
         )
+    return True
+
+
+def prepare_new_run(out: Path, overwrite: bool) -> None:
+    """:func:`check_new_run`, then delete the previous run at once (:func:`delete_previous_run`).
+
+    Raises:
+        RunFolderError: ``out`` holds a run and ``overwrite`` is false.
+    """
+    if check_new_run(out, overwrite):
+        delete_previous_run(out)
+
+
+def delete_previous_run(out: Path) -> None:
+    """Delete what a run writes in ``out`` (:data:`semmim.run.files.RUN_FILES`); other files stay."""
     for name in RUN_FILES:
         p = out / name
         if p.is_dir() and not p.is_symlink():
