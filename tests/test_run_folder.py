@@ -133,6 +133,16 @@ def test_overwrite_keeps_the_run_when_the_new_one_cannot_start(finished: Path, t
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
 
 
+def test_a_training_checkpoint_is_not_taken_for_an_encoder(finished: Path) -> None:
+    from semmim.eval.common import load_encoder
+
+    ckpt = finished / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    with pytest.raises(ValueError, match="is a training checkpoint, not an exported encoder: give the run directory"):
+        load_encoder(ckpt)
+    assert load_encoder(finished)[0] is not None  # the run directory itself
+
+
 def test_cli_overwrite_and_resume_conflict(tmp_path: Path) -> None:
     res = subprocess.run(
         [SEMMIM, "pretrain", "--out", str(tmp_path), "--config", "demo/mae", "--resume", "--overwrite"],

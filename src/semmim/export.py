@@ -35,7 +35,16 @@ def resolve_run_file(path: str | os.PathLike[str], filename: str = ENCODER_FILE)
         raise FileNotFoundError(
             f"weights not found: {p} (give a semmim run directory holding {filename}, or the file itself)"
         )
+    if p.suffix in TRAINING_CHECKPOINT_SUFFIXES:
+        raise ValueError(
+            f"{p} is a training checkpoint, not an exported encoder: give the run directory, whose {filename} is "
+            "written when the run finishes (`semmim pretrain --resume` finishes a stopped one)"
+        )
     return p
+
+
+TRAINING_CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
+"""Files :func:`resolve_run_file` refuses with a clear message: training checkpoints, not exported weights."""
 
 
 def resolve_encoder_file(path: str | os.PathLike[str]) -> Path:
