@@ -112,32 +112,23 @@ class FullResize:
         return torch.stack(views)
 
     def random_views(self, img: Any) -> tuple[Tensor, Tensor, Tensor]:
-        """The full image and ``random_crops`` random resized crops, drawn as the training transform draws them (from
-        ``torch``'s generator: call it in a seeded context; mirrored at random with ``hflip``) and cut as it cuts
-        them, stacked (1 + K, C, s, s), with their (K, 4) normalised boxes and (K,) flips."""
-        import torchvision.transforms.functional as TF
-        from torchvision import transforms as T
-        from torchvision.transforms import InterpolationMode
-
-        from semmim.data.datasets import pil_to_tensor01
-        from semmim.data.tensor_transforms import resize_uint8
-        from semmim.data.transforms import crop_box
+        """The full image and ``random_crops`` views of the training transform itself at this size (random resized
+        crop, a flip with ``hflip``; the PIL or the uint8-tensor one, as ``img`` is; call it in a seeded context),
+        stacked (1 + K, C, s, s), with their (K, 4) normalised boxes and (K,) flips."""
+        from semmim.data.tensor_transforms import TensorPretrainTransform
+        from semmim.data.transforms import pretrain_transform
 
         s = self.size
-        full = self.__class__(s)(img)
-        views, boxes, flips = [full], [], []
-        height, width = TF.get_image_size(img)[::-1]
+        if isinstance(img, Tensor):
+            training: Any = TensorPretrainTransform(s, crop_scale=self.scale, hflip=self.hflip)
+        else:
+            training = pretrain_transform(s, crop_scale=self.scale, hflip=self.hflip)
+        views, boxes, flips = [self.__class__(s)(img)], [], []
         for _ in range(self.random_crops):
-            top, left, h, w = T.RandomResizedCrop.get_params(img, list(self.scale), [3.0 / 4.0, 4.0 / 3.0])
-            boxes.append(crop_box(top, left, h, w, height, width))
-            flip = self.hflip and bool(torch.rand(1) < 0.5)  # the training transforms' flip draw
-            flips.append(flip)
-            if isinstance(img, Tensor):  # as TensorPretrainTransform cuts it
-                cut = resize_uint8(img[:, top : top + h, left : left + w], (s, s), hflip=flip)
-                views.append(cut.float().div_(255.0))
-            else:  # as the PIL pretraining transform cuts it
-                crop = TF.resized_crop(img, top, left, h, w, [s, s], InterpolationMode.BICUBIC, antialias=True)
-                views.append(pil_to_tensor01(TF.hflip(crop) if flip else crop))
+            view, geometry = training.with_geometry(img)
+            views.append(view)
+            boxes.append(geometry.box)
+            flips.append(geometry.flip)
         return torch.stack(views), torch.tensor(boxes, dtype=torch.float32), torch.tensor(flips, dtype=torch.bool)
 
 
