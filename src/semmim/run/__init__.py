@@ -14,7 +14,8 @@ A run directory holds one run::
     RUN/.semmim.lock              present while a process writes the run (pid, host, start time)
 
 Only one process writes a run directory at a time (:class:`RunLock`); a new run is not started in a
-folder that holds another one unless asked to replace it (:func:`prepare_new_run`), and a resume may
+folder that holds another one unless asked to replace it (:func:`check_new_run`; the old run is deleted
+by :func:`delete_previous_run` once the new one has passed its checks), and a resume may
 change only the keys in :data:`RESUME_MAY_CHANGE` (:func:`resume_changes`).
 """
 
@@ -39,7 +40,6 @@ from semmim.run.folder import (
     check_new_run,
     delete_previous_run,
     holds_run,
-    prepare_new_run,
     resume_changes,
 )
 from semmim.run.load import Run, load_run
@@ -65,6 +65,5 @@ __all__ = [
     "delete_previous_run",
     "holds_run",
     "load_run",
-    "prepare_new_run",
     "resume_changes",
 ]

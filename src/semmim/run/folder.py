@@ -59,16 +59,6 @@ def check_new_run(out: Path, overwrite: bool) -> bool:
     return True
 
 
-def prepare_new_run(out: Path, overwrite: bool) -> None:
-    """:func:`check_new_run`, then delete the previous run at once (:func:`delete_previous_run`).
-
-    Raises:
-        RunFolderError: ``out`` holds a run and ``overwrite`` is false.
-    """
-    if check_new_run(out, overwrite):
-        delete_previous_run(out)
-
-
 def delete_previous_run(out: Path) -> None:
     """Delete what a run writes in ``out`` (:data:`semmim.run.files.RUN_FILES`); other files stay."""
     for name in RUN_FILES:
